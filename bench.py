@@ -1,0 +1,127 @@
+"""Benchmarks. Every number is measured in this run; ratios compare paths timed side by side.
+
+python bench.py moe [--device=cuda] [--dtype=bf16] [--compile] [--json]
+    one MoE layer, forward + backward, tokens/s for E in {8, 32, 128} at fixed top-k, beside
+    (a) a naive masked per-expert loop and (b) a dense SwiGLU with the same active parameters.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+import emo
+
+
+def naive_moe(moe, x):
+    """The nanoMoE / HF-Mixtral baseline: for each expert, find its tokens with a mask and run them."""
+    idx, gates, _ = moe.route(x)
+    y = torch.zeros_like(x)
+    for e in range(moe.n_experts):
+        token, slot = torch.where(idx == e)
+        gate, up = (x[token] @ moe.w_in[e]).chunk(2, dim=-1)
+        out = (torch.nn.functional.silu(gate) * up) @ moe.w_out[e]
+        y.index_add_(0, token, out * gates[token, slot].unsqueeze(-1))
+    return y
+
+
+def seconds_per_call(fn, x, repeats, device):
+    """Median wall time of fn(x) forward + backward, after two warm-up calls."""
+    times = []
+    for i in range(repeats + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn(x).float().square().mean().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_moe(args):
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    rows = []
+    for n_experts in (8, 32, 128):
+        cfg = emo.Config(d_model=args.d_model, d_expert=args.d_expert, n_experts=n_experts, top_k=args.top_k,
+                         n_shared=0, n_head=4, n_layer=1)
+        torch.manual_seed(0)
+        moe = emo.MoE(cfg).to(device)
+        dense = emo.SwiGLU(args.d_model, args.top_k * args.d_expert).to(device)  # same active parameters
+        x = torch.randn(args.tokens, args.d_model, device=device, requires_grad=True)
+
+        def grouped(x):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                return moe(x.unsqueeze(0))[0]
+
+        def loop(x):
+            moe.use_grouped_mm = False
+            try:
+                return grouped(x)
+            finally:
+                moe.use_grouped_mm = True
+
+        def naive(x):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                return naive_moe(moe, x)
+
+        def dense_ffn(x):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                return dense(x)
+
+        paths = {"grouped": grouped, "loop": loop, "naive": naive, "dense": dense_ffn}
+        if args.compile:
+            paths["grouped+compile"] = torch.compile(grouped, dynamic=False)
+            paths["dense+compile"] = torch.compile(dense_ffn, dynamic=False)
+        tps = {name: args.tokens / seconds_per_call(fn, x, args.repeats, device) for name, fn in paths.items()}
+        rows.append({"experts": n_experts, "tokens_per_s": tps,
+                     "grouped_vs_dense": tps["grouped"] / tps["dense"],
+                     "grouped_vs_naive": tps["grouped"] / tps["naive"]})
+    return rows
+
+
+def machine(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def print_moe(rows, args):
+    print(f"MoE layer fwd+bwd, {args.tokens} tokens, d_model={args.d_model}, d_expert={args.d_expert}, "
+          f"top_k={args.top_k}, {args.dtype}, {machine(torch.device(args.device))}, torch {torch.__version__}")
+    names = list(rows[0]["tokens_per_s"])
+    print(f"{'E':>5} " + " ".join(f"{n + ' tok/s':>22}" for n in names) + f" {'grouped/dense':>14} {'grouped/naive':>14}")
+    for r in rows:
+        cells = " ".join(f"{r['tokens_per_s'][n]:>22,.0f}" for n in names)
+        print(f"{r['experts']:>5} {cells} {r['grouped_vs_dense']:>13.2f}x {r['grouped_vs_naive']:>13.2f}x")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["moe"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd grouped and dense paths")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--d_model", type=int, default=256)
+    parser.add_argument("--d_expert", type=int, default=256)
+    parser.add_argument("--top_k", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    args = parser.parse_args()
+    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    emo.keep_freed_memory()
+    rows = bench_moe(args)
+    if args.json:
+        print(json.dumps({"args": vars(args), "machine": machine(torch.device(args.device)), "rows": rows}, indent=1))
+    else:
+        print_moe(rows, args)
+
+
+if __name__ == "__main__":
+    main()

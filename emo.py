@@ -1,0 +1,513 @@
+"""emo: progressive Mixture-of-Experts training, the whole method in one file.
+
+Read top to bottom, in the order the papers introduce the ideas:
+  1. Config                  every model setting, validated on construction
+  2. Attention               RMSNorm, RoPE, causal self-attention
+  3. Router                  sigmoid scores + selection-only bias, or softmax + load-balancing loss
+  4. Dropless grouped MoE    sort (token, slot) pairs by expert, one grouped matmul per projection
+  5. Transformer             the decoder, its loss, sampling, parameter and FLOP accounting
+  6. Load balancing          the bias update the trainer calls after every optimizer step
+  7. Expert growth           EMO-progressive's stage transition: grow_experts, grow_optimizer
+  8. Scaling law             the joint MoE law, its fit, and the stage-budget solver plan_stages
+
+Papers: EMO-progressive (arXiv 2605.13247) grows the expert pool E in stages at fixed top-k;
+EMO-modular (arXiv 2605.06663) routes each document inside a pool of experts.
+"""
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------------------
+# 1. Config
+# ---------------------------------------------------------------------------------------------
+
+ROUTERS = ("sigmoid", "softmax")
+
+
+@dataclass
+class Config:
+    vocab_size: int = 50304  # GPT-2's 50257 tokens, padded to a multiple of 64 for fast matmuls
+    seq_len: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    n_experts: int = 8  # E: routed experts per MoE layer (this is what grows)
+    top_k: int = 2  # k: routed experts per token (never changes, so compute per token is fixed)
+    d_expert: int = 128  # hidden size of one SwiGLU expert
+    n_shared: int = 1  # always-on shared experts
+    router: str = "sigmoid"  # "sigmoid" (DeepSeek-V3, EMO-progressive) or "softmax" (OLMoE, EMO-modular)
+    bias_rate: float = 1e-3  # sigmoid router: gamma, the balancing bias step per optimizer step
+    lb_coef: float = 0.01  # softmax router: weight of the load-balancing loss
+    z_coef: float = 1e-3  # softmax router: weight of the router z-loss
+    rope_theta: float = 10000.0
+    phase_in_steps: int = 100  # silent growth: steps for a new expert's offset to climb one unit of score
+
+    def __post_init__(self):
+        for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model", "n_experts", "top_k",
+                     "d_expert", "phase_in_steps"):
+            _require(self, name, _is_int(getattr(self, name)) and getattr(self, name) >= 1,
+                     "a positive integer")
+        _require(self, "n_shared", _is_int(self.n_shared) and self.n_shared >= 0, "an integer >= 0")
+        _require(self, "router", self.router in ROUTERS, f"one of {', '.join(ROUTERS)}")
+        for name in ("bias_rate", "lb_coef", "z_coef"):
+            _require(self, name, _is_number(getattr(self, name)) and getattr(self, name) >= 0, "a number >= 0")
+        _require(self, "rope_theta", _is_number(self.rope_theta) and self.rope_theta > 0, "a number > 0")
+        _require(self, "top_k", self.top_k <= self.n_experts, f"at most n_experts={self.n_experts}")
+        _require(self, "d_model", self.d_model % self.n_head == 0, f"a multiple of n_head={self.n_head}")
+        _require(self, "d_model", (self.d_model // self.n_head) % 2 == 0,
+                 f"such that the head size d_model/n_head is even (RoPE rotates pairs)")
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _require(cfg, name, ok, allowed):
+    if not ok:
+        raise ValueError(f"Config.{name}={getattr(cfg, name)!r} is not allowed: must be {allowed}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Attention: RMSNorm (torch's), rotary position embeddings, causal self-attention
+# ---------------------------------------------------------------------------------------------
+
+
+def rope_tables(seq_len, head_dim, theta):
+    """cos/sin of the rotation angle t * theta^(-2i/head_dim) for every position t and pair i (RoFormer eq. 34)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angle = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    return angle.cos(), angle.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each (x1, x2) pair of x [B, H, T, head_dim] by its position's angle."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    """A dense SwiGLU feed-forward, W_out(silu(W_gate x) * W_up x); gate and up fused in one matmul."""
+
+    def __init__(self, d_model, hidden):
+        super().__init__()
+        self.w_in = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.w_out = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x):
+        gate, up = self.w_in(x).chunk(2, dim=-1)
+        return self.w_out(F.silu(gate) * up)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3 + 4. The MoE layer: router and dropless grouped dispatch
+# ---------------------------------------------------------------------------------------------
+
+
+def grouped_mm_supported(x):
+    """Where torch._grouped_mm runs: CPU (fp32, bf16) and CUDA bf16 on sm80+; elsewhere we loop over experts."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+
+
+def expert_matmul(x, w, counts, grouped):
+    """Row block e of x (counts[e] rows, sorted by expert) times expert e's weight w[e] [d_in, d_out]."""
+    if grouped:
+        offs = counts.cumsum(0).to(torch.int32)  # end offset of each expert's rows
+        return torch._grouped_mm(x, w, offs=offs)
+    # fallback: one matmul per expert on its contiguous slice (the host needs the counts to split)
+    return torch.cat([xe @ we for xe, we in zip(x.split(counts.tolist()), w)])
+
+
+def count_tokens(idx, n_experts):
+    """Tokens per expert; scatter_add_ rather than bincount, which breaks torch.compile graphs."""
+    flat = idx.flatten()
+    return torch.zeros(n_experts, dtype=torch.int64, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def all_reduce_sum(t):
+    """Sum t over data-parallel ranks (no-op when not distributed): balancing must see the global batch."""
+    if dist.is_available() and dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+class MoE(nn.Module):
+    """n_experts routed SwiGLU experts (stacked 3-D weights) + n_shared always-on experts."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
+        w_in, w_out, router = self.fresh_experts(cfg.n_experts)
+        # stored [E, d_in, d_out] so tokens multiply them as x @ w[e]: on CPU this layout runs the grouped
+        # backward 2x faster at E=128 than nn.Linear's [d_out, d_in] transposed (bench.py moe)
+        self.w_in = nn.Parameter(w_in)  # [E, d_model, 2*d_expert]: gate and up projections, fused
+        self.w_out = nn.Parameter(w_out)  # [E, d_expert, d_model]
+        self.router = nn.Parameter(router)  # [E, d_model]: one router row per expert
+        # n shared experts, all on with weight 1, are exactly one SwiGLU of n times the hidden size
+        self.shared = SwiGLU(cfg.d_model, cfg.n_shared * cfg.d_expert) if cfg.n_shared else None
+        # sigmoid router: the balancing bias decides which experts are chosen, never their weight
+        self.register_buffer("bias", torch.zeros(cfg.n_experts))
+        # silent growth: a non-positive selection offset that keeps new experts unchosen until it reaches 0
+        self.register_buffer("ramp", torch.zeros(cfg.n_experts))
+        # tokens per expert since the last balancing update (summed over micro-batches)
+        self.register_buffer("expert_counts", torch.zeros(cfg.n_experts, dtype=torch.int64))
+        self.use_grouped_mm = True  # tests and benchmarks switch it off to compare with the loop
+        self.last_expert_idx = None  # [B, T, k] routing decision of the last forward
+
+    def fresh_experts(self, n):
+        """Weights for n experts in the model's normal init (see Transformer.init_weights for the stds)."""
+        cfg = self.cfg
+        out_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        return (torch.randn(n, cfg.d_model, 2 * cfg.d_expert) * 0.02,
+                torch.randn(n, cfg.d_expert, cfg.d_model) * out_std,
+                torch.randn(n, cfg.d_model) * 0.02)
+
+    def forward(self, x):
+        B, T, d = x.shape
+        x = x.reshape(B * T, d)
+        idx, gates, aux = self.route(x)
+        y = self.dispatch(x, idx, gates)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        self.last_expert_idx = idx.detach().view(B, T, self.top_k)
+        return y.view(B, T, d), aux
+
+    def route(self, x):
+        """Choose top_k experts per token; returns indices [N, k], gates [N, k], aux losses (lb, z)."""
+        # routing in fp32 even under bf16 autocast: bf16 scores tie often and make top-k arbitrary
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.router.float())
+        zero = logits.new_zeros(())
+        if self.cfg.router == "sigmoid":
+            # DeepSeek-V3: s = sigmoid(z); chosen by s + b (aux-loss-free balancing); gates = s / sum of chosen s
+            scores = logits.sigmoid()
+            idx = (scores + self.bias + self.ramp).topk(self.top_k, dim=-1).indices
+            gates = scores.gather(1, idx)
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+            aux = (zero, zero)
+        else:
+            # OLMoE: p = softmax(z); gates = top-k of p, not renormalised
+            probs = logits.softmax(dim=-1)
+            gates, idx = probs.topk(self.top_k, dim=-1)
+            aux = (self.balance_loss(idx, probs), torch.logsumexp(logits, dim=-1).square().mean())
+        with torch.no_grad():
+            self.expert_counts += count_tokens(idx, self.n_experts)
+        return idx, gates, aux
+
+    def balance_loss(self, idx, probs):
+        """Switch LB loss E * sum_i f_i * P_i (Fedus et al. eq. 4); = 1 at uniform routing.
+        f_i: share of the (token, slot) assignments that go to expert i, counted over the global batch;
+        P_i: mean router probability of expert i on this rank (the part that carries the gradient)."""
+        counts = all_reduce_sum(count_tokens(idx, self.n_experts)).float()
+        f = counts / counts.sum()
+        return self.n_experts * (f * probs.mean(dim=0)).sum()
+
+    def dispatch(self, x, idx, gates):
+        """Dropless grouped MoE: every (token, slot) pair is computed, none dropped, no capacity factor."""
+        N, k = idx.shape
+        order = idx.flatten().argsort(stable=True)  # (token, slot) pairs grouped by expert
+        token = order // k  # which token each sorted pair came from
+        counts = count_tokens(idx, self.n_experts)
+        # grouped_mm is not autocast-aware: cast activations and weights to the autocast dtype ourselves
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        xs = x.index_select(0, token).to(dtype)  # backward is index_add_, cheaper than x[token]'s
+        grouped = self.use_grouped_mm and grouped_mm_supported(xs)
+        h = expert_matmul(xs, self.w_in.to(dtype), counts, grouped)
+        gate, up = h.chunk(2, dim=-1)
+        ys = expert_matmul(F.silu(gate) * up, self.w_out.to(dtype), counts, grouped)
+        ys = ys * gates.flatten()[order].unsqueeze(-1).to(ys.dtype)
+        # scatter-add back in the residual's dtype: a token's k expert outputs are summed in full precision
+        return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Transformer
+# ---------------------------------------------------------------------------------------------
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(cfg.d_model)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.RMSNorm(cfg.d_model)
+        self.moe = MoE(cfg)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.norm1(x), cos, sin)
+        y, aux = self.moe(self.norm2(x))
+        return x + y, aux
+
+
+class Transformer(nn.Module):
+    """GPT-style decoder with an MoE feed-forward in every layer; input embedding tied to the LM head."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = nn.RMSNorm(cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight
+        cos, sin = rope_tables(cfg.seq_len, cfg.d_model // cfg.n_head, cfg.rope_theta)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.init_weights()
+        self.last_losses = {}
+
+    def init_weights(self):
+        # GPT-2 init: every matrix N(0, 0.02); projections that write into the residual stream (attention
+        # out, expert and shared down) get 0.02/sqrt(2*n_layer) so the residual's variance stays O(1) with
+        # depth. Routed experts were drawn in MoE.fresh_experts with the same rule (growth reuses it).
+        out_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                std = out_std if name.endswith(("attn.proj", "shared.w_out")) else 0.02
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def moe_layers(self):
+        return [block.moe for block in self.blocks]
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        if T > self.config.seq_len:
+            raise ValueError(f"sequence length {T} exceeds Config.seq_len={self.config.seq_len}")
+        x = self.wte(idx)
+        cos, sin = self.cos[:T], self.sin[:T]
+        lb = z = 0.0
+        for block in self.blocks:
+            x, (layer_lb, layer_z) = block(x, cos, sin)
+            lb, z = lb + layer_lb, z + layer_z
+        logits = self.lm_head(self.norm(x))
+        if targets is None:
+            return logits, None
+        ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        lb, z = lb / self.config.n_layer, z / self.config.n_layer  # averaged over layers
+        loss = ce + self.config.lb_coef * lb + self.config.z_coef * z
+        self.last_losses = {"ce": ce.detach(), "lb": lb.detach(), "z": z.detach()}
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Sample max_new_tokens after idx [B, T]; temperature 0 is greedy."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.seq_len:])
+            logits = logits[:, -1, :].float()
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = logits.topk(min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(logits.softmax(dim=-1), 1)
+            idx = torch.cat([idx, nxt], dim=1)
+        return idx
+
+    def num_params(self, active=False):
+        """Total parameters, or active ones: all but the (E - k) routed experts a token does not use."""
+        return count_params(self.config)[1 if active else 0]
+
+    def flops_per_token(self):
+        return flops_per_token(self.config)
+
+
+def count_params(cfg):
+    """(total, active) parameters of Transformer(cfg), from the shapes alone (so plan.py can size 10B models)."""
+    d, h, E, k = cfg.d_model, cfg.d_expert, cfg.n_experts, cfg.top_k
+    expert = 3 * d * h  # one SwiGLU expert: gate, up, down
+    per_layer = 4 * d * d + 2 * d + cfg.n_shared * expert + E * d  # attention, 2 norms, shared, router
+    total = cfg.vocab_size * d + d + cfg.n_layer * (per_layer + E * expert)  # tied embedding, final norm
+    active = total - cfg.n_layer * (E - k) * expert
+    return total, active
+
+
+def flops_per_token(cfg):
+    """Training FLOPs per token: 6 * N_active (Kaplan et al. 2020) + attention scores 12 * n_layer * d * T."""
+    return 6 * count_params(cfg)[1] + 12 * cfg.n_layer * cfg.d_model * cfg.seq_len
+
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops(device):
+    """Dense bf16 peak FLOP/s of a CUDA device, or None where we do not know it (CPU, other GPUs)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def mfu(tokens_per_second, cfg, device):
+    """Model FLOPs utilisation from active parameters, or None on devices without a known peak."""
+    peak = peak_flops(device)
+    return None if peak is None else tokens_per_second * flops_per_token(cfg) / peak
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Load balancing: one call after every optimizer step
+# ---------------------------------------------------------------------------------------------
+
+
+def unwrap(model):
+    """The Transformer inside DDP (.module) and torch.compile (._orig_mod) wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+@torch.no_grad()
+def update_router_bias(model):
+    """Aux-loss-free balancing (DeepSeek-V3 sec. 2.1.2): b_i += gamma * sign(mean load - load_i).
+
+    Loads are the tokens each expert got since the last call, summed over micro-batches and all ranks
+    (one all-reduce for all layers). Also advances silent growth's ramp. Returns the loads [n_layer, E].
+    """
+    moes = unwrap(model).moe_layers()
+    loads = all_reduce_sum(torch.stack([m.expert_counts for m in moes])).float()
+    for moe, load in zip(moes, loads):
+        if moe.cfg.router == "sigmoid":
+            moe.bias += moe.cfg.bias_rate * torch.sign(load.mean() - load)
+            moe.bias -= moe.bias.mean()  # re-centre: only differences between experts matter
+            moe.ramp.add_(1.0 / moe.cfg.phase_in_steps).clamp_(max=0.0)
+        moe.expert_counts.zero_()
+    return loads
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Expert growth (EMO-progressive): E -> n_experts in every MoE layer, top_k fixed
+# ---------------------------------------------------------------------------------------------
+
+GROWTH_INITS = ("gaussian", "copy", "silent")
+COPY_NOISE = 0.1  # "copy" init: noise std relative to the init std, so copies do not stay twins
+
+
+@torch.no_grad()
+def grow_experts(model, n_experts, init="gaussian"):
+    """Grow every MoE layer from E to n_experts experts, in place; old weights are kept bit for bit.
+
+    gaussian: new experts and router rows get the normal init; the balancing bias is reset to 0 (the paper).
+    copy:     new expert j copies old expert j mod E (and its router row) plus small noise (paper ablation).
+    silent:   function-preserving (ours). New experts get a selection offset below every old expert's, so no
+              token picks them and the output is unchanged; the offset climbs to 0 over ~phase_in_steps
+              optimizer steps and the bias balancing phases them in.
+    Parameters stay the same objects (their .data grows), so an optimizer keeps pointing at them; call
+    grow_optimizer next, and re-wrap DDP / re-compile once. Call it between steps with no autograd graph
+    alive: a live graph keeps each parameter's gradient accumulator, and its old shape, in use.
+    Returns the unwrapped model.
+    """
+    model = unwrap(model)
+    cfg = model.config
+    if not _is_int(n_experts) or n_experts <= cfg.n_experts:
+        raise ValueError(f"grow_experts: n_experts={n_experts!r} must be an integer > the current {cfg.n_experts}")
+    if init not in GROWTH_INITS:
+        raise ValueError(f"grow_experts: init={init!r} must be one of {', '.join(GROWTH_INITS)}")
+    if init == "silent" and cfg.router != "sigmoid":
+        raise ValueError("grow_experts: init='silent' needs router='sigmoid': softmax gates are normalised over "
+                         "all experts, so any new expert changes every output")
+    new_cfg = replace(cfg, n_experts=n_experts)  # validates
+    for moe in model.moe_layers():
+        grow_layer(moe, new_cfg, init)
+    for f in fields(cfg):  # the model's config records the new E (checkpoints rebuild the right shapes)
+        setattr(cfg, f.name, getattr(new_cfg, f.name))
+    return model
+
+
+def grow_layer(moe, cfg, init):
+    """Append cfg.n_experts - E experts to one MoE layer (see grow_experts)."""
+    old, n_new = moe.n_experts, cfg.n_experts - moe.n_experts
+    moe.cfg, moe.n_experts = cfg, cfg.n_experts
+    fresh = moe.fresh_experts(n_new)
+    params = (moe.w_in, moe.w_out, moe.router)
+    if init == "copy":
+        src = torch.arange(n_new) % old
+        fresh = tuple(p.data[src].cpu() + COPY_NOISE * f for p, f in zip(params, fresh))
+    for p, f in zip(params, fresh):
+        p.data = torch.cat([p.data, f.to(p.device, p.dtype)])
+        p.grad = None
+    if init == "silent":
+        # new experts start at the mean bias; their offset puts s + b + ramp below every old expert's
+        # s + b whatever the scores (sigmoid scores lie in (0, 1)), so no token picks them yet
+        new_bias = moe.bias.mean()
+        start = moe.bias.min() - new_bias - 1.0 - 1e-3
+        moe.bias = torch.cat([moe.bias, new_bias.repeat(n_new)])
+        moe.ramp = torch.cat([moe.ramp, start.repeat(n_new)])
+    else:
+        moe.bias = moe.bias.new_zeros(cfg.n_experts)  # the paper resets the bias at every expansion
+        moe.ramp = moe.ramp.new_zeros(cfg.n_experts)
+    moe.expert_counts = torch.cat([moe.expert_counts, moe.expert_counts.new_zeros(n_new)])
+
+
+OPTIMIZER_MODES = ("reset", "keep")
+
+
+def grow_optimizer(optimizer, mode="reset"):
+    """Fit optimizer state to grown parameters. reset: drop all state (the paper's choice).
+    keep: old slices keep their Adam moments, new experts' slices start at zero."""
+    if mode not in OPTIMIZER_MODES:
+        raise ValueError(f"grow_optimizer: mode={mode!r} must be one of {', '.join(OPTIMIZER_MODES)}")
+    if mode == "reset":
+        optimizer.state.clear()
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.dim() and value.shape != p.shape:
+                    padded = torch.zeros_like(p, dtype=value.dtype)
+                    padded[tuple(slice(0, n) for n in value.shape)] = value  # old experts come first
+                    state[key] = padded
+
+
+# ---------------------------------------------------------------------------------------------
+# Runtime
+# ---------------------------------------------------------------------------------------------
+
+
+def keep_freed_memory():
+    """Ask glibc to keep freed memory in the process instead of returning each large block to the OS.
+
+    Training allocates and frees the same large activations every step; by default glibc maps each block
+    over 32 MB fresh and unmaps it on free, so every step pays page faults. On a 2-core CPU that was half
+    the MoE layer's time (bench.py moe: system time 26 s -> 2 s, E=128 tokens/s 1.8x). No-op off glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: serve blocks up to 1 GiB from the heap
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never shrink the heap
+    except (OSError, AttributeError):
+        pass

@@ -1,0 +1,339 @@
+"""emo's test suite: every fast path against a slow, obviously right reference. Run: python -m pytest -q"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import emo
+
+
+def tiny(**overrides):
+    """The test model: d_model 64, 2 layers, 8 experts; overrides change any Config field."""
+    settings = dict(vocab_size=128, seq_len=32, n_layer=2, n_head=4, d_model=64, n_experts=8, top_k=2, d_expert=32)
+    settings.update(overrides)
+    return emo.Config(**settings)
+
+
+def seeded_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return emo.Transformer(tiny(**overrides))
+
+
+# ---------------------------------------------------------------------------------------------
+# The MoE layer against a per-token reference
+# ---------------------------------------------------------------------------------------------
+
+
+def reference_moe(moe, x):
+    """The MoE layer written the slow way: each token routed alone, its k experts run one by one.
+    Returns the output [N, d] and the auxiliary losses (lb, z), built from dense per-token loops."""
+    cfg, E, k = moe.cfg, moe.n_experts, moe.top_k
+    outputs, probs, chosen_all, lse = [], [], [], []
+    for t in range(x.shape[0]):
+        logits = moe.router @ x[t]
+        if cfg.router == "sigmoid":
+            scores = logits.sigmoid()
+            chosen = (scores + moe.bias + moe.ramp).topk(k).indices
+            gates = scores[chosen] / scores[chosen].sum()
+        else:
+            p = logits.softmax(-1)
+            gates, chosen = p.topk(k)
+            probs.append(p)
+            lse.append(torch.logsumexp(logits, -1))
+        y = torch.zeros_like(x[t])
+        for gate, e in zip(gates, chosen):
+            g, u = (x[t] @ moe.w_in[e]).chunk(2)
+            y = y + gate * ((F.silu(g) * u) @ moe.w_out[e])
+        if moe.shared is not None:
+            y = y + moe.shared(x[t])
+        outputs.append(y)
+        chosen_all.extend(chosen.tolist())
+    if cfg.router == "sigmoid":
+        return torch.stack(outputs), (0.0, 0.0)
+    f = torch.tensor([chosen_all.count(e) for e in range(E)], dtype=torch.float32) / len(chosen_all)
+    lb = E * sum(f[e] * torch.stack(probs)[:, e].mean() for e in range(E))
+    z = torch.stack(lse).square().mean()
+    return torch.stack(outputs), (lb, z)
+
+
+def moe_loss(y, aux, weights):
+    return (y * weights).sum() + aux[0] + aux[1]
+
+
+@pytest.mark.parametrize("router", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("n_shared", [0, 1])
+def test_grouped_moe_matches_per_token_reference_in_output_and_every_gradient(router, n_shared):
+    torch.manual_seed(0)
+    moe = emo.MoE(tiny(router=router, n_shared=n_shared))
+    moe.bias.copy_(torch.randn(8) * 0.1)
+    x = torch.randn(1, 3, 64)  # 3 tokens x top-2 reach at most 6 of 8 experts: some get zero tokens
+    weights = torch.randn(3, 64)
+
+    y, aux = moe(x)
+    assert (emo.count_tokens(moe.last_expert_idx, 8) == 0).any()
+    moe_loss(y.view(3, 64), aux, weights).backward()
+    fast = {n: p.grad.clone() for n, p in moe.named_parameters()}
+    moe.zero_grad()
+    y_ref, aux_ref = reference_moe(moe, x.view(3, 64))
+    moe_loss(y_ref, aux_ref, weights).backward()
+
+    torch.testing.assert_close(y.view(3, 64), y_ref)
+    for name, p in moe.named_parameters():
+        torch.testing.assert_close(fast[name], p.grad, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("router", ["sigmoid", "softmax"])
+def test_grouped_matmul_and_per_expert_loop_agree(router):
+    torch.manual_seed(0)
+    moe = emo.MoE(tiny(router=router))
+    x = torch.randn(4, 16, 64, requires_grad=True)
+    outputs = []
+    for grouped in (True, False):
+        moe.use_grouped_mm = grouped
+        y, aux = moe(x)
+        grads = torch.autograd.grad(y.square().sum() + aux[0] + aux[1], [x, *moe.parameters()])
+        outputs.append((y, grads))
+    torch.testing.assert_close(outputs[0], outputs[1])
+
+
+def test_every_token_gets_exactly_top_k_distinct_experts():
+    torch.manual_seed(0)
+    moe = emo.MoE(tiny())
+    moe(torch.randn(2, 16, 64))
+    idx = moe.last_expert_idx
+    assert idx.shape == (2, 16, 2)
+    assert (idx[..., 0] != idx[..., 1]).all()
+    assert moe.expert_counts.sum() == 2 * 16 * 2  # dropless: every (token, slot) pair is counted
+
+
+# ---------------------------------------------------------------------------------------------
+# Balancing
+# ---------------------------------------------------------------------------------------------
+
+
+def load_cv(counts):
+    counts = counts.float()
+    return (counts.std() / counts.mean()).item()
+
+
+def test_bias_balancing_pulls_a_skewed_router_back_toward_balanced_loads():
+    model = seeded_model(bias_rate=0.01)
+    x = torch.randint(0, 128, (4, 32))
+    for moe in model.moe_layers():
+        moe.bias[0] = 0.5  # every token now picks expert 0
+    model(x)
+    skewed = emo.update_router_bias(model)
+    for _ in range(100):
+        model(x)
+        balanced = emo.update_router_bias(model)
+    assert (skewed[:, 0] == 4 * 32).all()
+    for before, after in zip(skewed, balanced):
+        assert load_cv(after) < 0.5 * load_cv(before)
+
+
+def test_softmax_balance_loss_is_one_at_uniform_routing():
+    torch.manual_seed(0)
+    moe = emo.MoE(tiny(router="softmax", n_experts=4, top_k=2))
+    idx = torch.tensor([[0, 1], [2, 3], [1, 0], [3, 2]])  # every expert gets 2 of 8 assignments
+    probs = torch.full((4, 4), 0.25)
+    assert moe.balance_loss(idx, probs).item() == pytest.approx(1.0)
+    skewed = torch.tensor([[0, 1]] * 4)
+    assert moe.balance_loss(skewed, torch.tensor([[0.5, 0.5, 0.0, 0.0]] * 4)).item() == pytest.approx(2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The transformer
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field,value", [
+    ("top_k", 9), ("d_model", 66), ("n_head", 0), ("router", "relu"), ("n_shared", -1), ("d_expert", 1.5),
+    ("vocab_size", True), ("bias_rate", -1.0), ("rope_theta", 0), ("d_model", 68),
+])
+def test_config_rejects_bad_values_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"^Config\.{field}="):
+        tiny(**{field: value})
+
+
+def test_a_sequence_never_sees_other_sequences_or_future_tokens():
+    model = seeded_model()
+    x = torch.randint(0, 128, (3, 32))
+    logits, _ = model(x)
+    alone, _ = model(x[1:2])
+    torch.testing.assert_close(logits[1:2], alone, atol=1e-5, rtol=1e-5)
+    changed = x.clone()
+    changed[:, 20:] = torch.randint(0, 128, (3, 12))
+    logits2, _ = model(changed)
+    torch.testing.assert_close(logits[:, :20], logits2[:, :20], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits[:, 20:], logits2[:, 20:])
+
+
+@pytest.mark.parametrize("router", ["sigmoid", "softmax"])
+def test_a_tiny_model_overfits_a_fixed_batch(router):
+    model = seeded_model(router=router)
+    x = torch.randint(0, 128, (4, 33))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        _, loss = model(x[:, :-1], x[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        emo.update_router_bias(model)
+        losses.append(model.last_losses["ce"].item())
+    assert losses[0] > 4.5 and losses[-1] < 0.4 * losses[0]
+
+
+def test_loss_reports_cross_entropy_and_each_auxiliary_term():
+    model = seeded_model(router="softmax", lb_coef=0.1, z_coef=0.01)
+    x = torch.randint(0, 128, (2, 32))
+    _, loss = model(x, x)
+    terms = model.last_losses
+    assert terms["lb"] > 0.9 and terms["z"] > 0
+    assert loss.item() == pytest.approx((terms["ce"] + 0.1 * terms["lb"] + 0.01 * terms["z"]).item())
+
+
+def test_parameter_counts_from_shapes_match_the_model():
+    model = seeded_model(n_shared=1)
+    total = sum(p.numel() for p in model.parameters())
+    per_expert = 3 * 64 * 32
+    assert model.num_params() == total
+    assert model.num_params(active=True) == total - 2 * (8 - 2) * per_expert
+    assert emo.flops_per_token(model.config) == 6 * model.num_params(active=True) + 12 * 2 * 64 * 32
+    assert emo.peak_flops("cpu") is None and emo.mfu(1e6, model.config, "cpu") is None
+
+
+def test_generate_appends_tokens_and_greedy_is_deterministic():
+    model = seeded_model()
+    prompt = torch.randint(0, 128, (1, 5))
+    a = model.generate(prompt, 40, temperature=0)  # runs past seq_len: the context is cropped
+    b = model.generate(prompt, 40, temperature=0)
+    assert a.shape == (1, 45) and torch.equal(a, b) and torch.equal(a[:, :5], prompt)
+    assert model.generate(prompt, 3, temperature=1.0, top_k=5).shape == (1, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Expert growth
+# ---------------------------------------------------------------------------------------------
+
+
+def expert_params(model):
+    return {n for n, _ in model.named_parameters() if n.endswith(("w_in", "w_out", "router")) and ".moe." in n
+            and "shared" not in n}
+
+
+@pytest.mark.parametrize("init", ["gaussian", "copy", "silent"])
+def test_growth_keeps_every_old_weight_and_adds_exactly_the_new_experts(init):
+    model = seeded_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    total, active = model.num_params(), model.num_params(active=True)
+    emo.grow_experts(model, 13, init=init)  # any size, not only doubling
+    for name, p in model.named_parameters():
+        if name in expert_params(model):
+            assert p.shape[0] == 13 and torch.equal(p[:8], before[name])
+        else:
+            assert torch.equal(p, before[name])
+    per_expert = 3 * 64 * 32 + 64  # SwiGLU weights + one router row
+    assert sum(p.numel() for p in model.parameters()) == total + 2 * 5 * per_expert
+    assert model.num_params(active=True) == active + 2 * 5 * 64  # only router rows: k is unchanged
+    assert model.config.n_experts == 13 and all(m.n_experts == 13 for m in model.moe_layers())
+
+
+def test_silent_growth_leaves_the_logits_unchanged_and_phases_new_experts_in():
+    model = seeded_model(phase_in_steps=10, bias_rate=0.01)
+    x = torch.randint(0, 128, (4, 33))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step():
+        _, loss = model(x[:, :-1], x[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return emo.update_router_bias(model)
+
+    for _ in range(5):
+        step()
+    with torch.no_grad():  # growth happens between steps, with no autograd graph alive
+        before, _ = model(x[:, :-1])
+        emo.grow_experts(model, 16, init="silent")
+        emo.grow_optimizer(opt, "keep")
+        after, _ = model(x[:, :-1])
+    assert torch.equal(before, after)
+    loads = [step() for _ in range(30)]
+    assert (loads[0][:, 8:] == 0).all()  # nobody picks them at first
+    assert (loads[-1][:, 8:].sum(dim=1) > 0).all()  # later every layer uses the new experts
+
+
+def test_silent_growth_is_refused_for_the_softmax_router():
+    with pytest.raises(ValueError, match="silent.*sigmoid"):
+        emo.grow_experts(seeded_model(router="softmax"), 16, init="silent")
+
+
+@pytest.mark.parametrize("init", ["gaussian", "copy"])
+def test_growth_resets_the_router_bias_and_a_training_step_works_right_after(init):
+    model = seeded_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, 128, (2, 33))
+    model(x[:, :-1], x[:, 1:])[1].backward()
+    opt.step()
+    emo.update_router_bias(model)
+    emo.grow_experts(model, 16, init=init)
+    emo.grow_optimizer(opt, "reset")
+    assert all((m.bias == 0).all() for m in model.moe_layers())
+    _, loss = model(x[:, :-1], x[:, 1:])
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss) and model.blocks[0].moe.w_in.grad.shape[0] == 16
+
+
+def test_copy_growth_starts_new_experts_near_their_source():
+    model = seeded_model()
+    old = model.blocks[0].moe.w_in.detach().clone()
+    emo.grow_experts(model, 12, init="copy")
+    new = model.blocks[0].moe.w_in.detach()
+    assert torch.allclose(new[8:], old[:4], atol=0.02) and not torch.equal(new[8:], old[:4])
+
+
+def test_keep_carries_old_adam_moments_and_reset_starts_empty():
+    model = seeded_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, 128, (2, 33))
+    model(x[:, :-1], x[:, 1:])[1].backward()
+    opt.step()
+    w = model.blocks[0].moe.w_in
+    moments = {k: v.clone() for k, v in opt.state[w].items()}
+    emo.grow_experts(model, 16)
+    emo.grow_optimizer(opt, "keep")
+    assert torch.equal(opt.state[w]["exp_avg"][:8], moments["exp_avg"])
+    assert torch.equal(opt.state[w]["exp_avg_sq"][:8], moments["exp_avg_sq"])
+    assert (opt.state[w]["exp_avg"][8:] == 0).all()
+    model(x[:, :-1], x[:, 1:])[1].backward()
+    opt.step()  # the padded state fits the grown parameter
+    emo.grow_optimizer(opt, "reset")
+    assert len(opt.state) == 0
+
+
+def test_a_grown_model_round_trips_through_a_checkpoint():
+    model = seeded_model()
+    emo.grow_experts(model, 16, init="silent")
+    rebuilt = emo.Transformer(emo.Config(**vars(model.config)))
+    rebuilt.load_state_dict(model.state_dict())
+    x = torch.randint(0, 128, (2, 32))
+    torch.testing.assert_close(rebuilt(x)[0], model(x)[0])
+
+
+def test_growth_reaches_through_compile_and_ddp_style_wrappers():
+    model = seeded_model()
+    wrapped = torch.compile(model)  # wraps only; compiles at the first call
+    assert emo.grow_experts(wrapped, 16) is model and model.config.n_experts == 16
+
+
+@pytest.mark.parametrize("size,init,match", [
+    (8, "gaussian", "must be an integer > the current 8"), (4, "gaussian", "must be an integer > the current 8"),
+    (16.0, "gaussian", "n_experts=16.0"), (16, "zeros", "init='zeros' must be one of"),
+])
+def test_growth_to_an_impossible_size_or_init_fails_clearly(size, init, match):
+    with pytest.raises(ValueError, match=match):
+        emo.grow_experts(seeded_model(), size, init=init)
