@@ -128,8 +128,11 @@ class SwiGLU(nn.Module):
 
 
 def grouped_mm_supported(x):
-    """Where torch._grouped_mm runs: CPU (fp32, bf16) and CUDA bf16 on sm80+; elsewhere we loop over experts."""
+    """Where torch._grouped_mm runs: CPU (fp32, bf16) and CUDA bf16 on sm80+, but only bf16 under
+    torch.compile (its fake-tensor rule rejects fp32); elsewhere we loop over experts."""
     if not hasattr(torch, "_grouped_mm"):
+        return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
         return False
     if x.device.type == "cuda":
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
@@ -488,6 +491,188 @@ def grow_optimizer(optimizer, mode="reset"):
                     padded = torch.zeros_like(p, dtype=value.dtype)
                     padded[tuple(slice(0, n) for n in value.shape)] = value  # old experts come first
                     state[key] = padded
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Scaling law and stage budgets (EMO-progressive sec. 3): how many tokens each stage gets
+# ---------------------------------------------------------------------------------------------
+
+LAW_COEFFICIENTS = ("a", "alpha", "delta", "gamma", "b", "beta", "omega", "zeta", "c")
+
+
+@dataclass
+class ScalingLaw:
+    """Joint MoE scaling law (Ludziejewski et al. 2025, arXiv 2502.05172, eq. 7; defaults from their Table 3):
+
+        L(N, D, e) = m(e) * N^mu(e) + n(e) * D^nu(e) + c
+        m = a * E^delta,  mu = alpha + gamma * ln E,  n = b * E^omega,  nu = beta + zeta * ln E
+
+    N: active parameters (embeddings included), D: training tokens, E: the saturated expansion e_hat(e).
+    The law was fitted with top-1 experts, where e is total/active expert parameters; with top-k of E
+    experts we use e = E / k, which is what reproduces EMO-progressive's reported split (notes-scaling.md).
+    Fit range: N <= 2.7B, e in 1..32, D 0.5B..80B. Coefficients may be floats or tensors (for fit).
+    """
+    a: float = 35.91
+    alpha: float = -0.1889
+    delta: float = -0.2285
+    gamma: float = 0.0098
+    b: float = 35.98
+    beta: float = -0.1775
+    omega: float = 0.5529
+    zeta: float = -0.0259
+    c: float = 1.3637
+    e_start: float = 2.0732
+    e_max: float = 290.4521
+
+    def e_hat(self, e):
+        """Saturating transform (Clark et al. 2022): 1/E = 1/(e - 1 + (1/e_start - 1/e_max)^-1) + 1/e_max."""
+        return 1.0 / (1.0 / (e - 1.0 + 1.0 / (1.0 / self.e_start - 1.0 / self.e_max)) + 1.0 / self.e_max)
+
+    def terms(self, e):
+        """(m, mu, n, nu) at expansion e: the law's Table 4 columns."""
+        e = torch.as_tensor(e, dtype=torch.float64)
+        log_e = self.e_hat(e).log()
+        return (self.a * log_e.mul(self.delta).exp(), self.alpha + self.gamma * log_e,
+                self.b * log_e.mul(self.omega).exp(), self.beta + self.zeta * log_e)
+
+    def predict(self, n_active, tokens, e):
+        """Predicted loss as a float64 tensor; arguments broadcast."""
+        m, mu, n, nu = self.terms(e)
+        N, D = (torch.as_tensor(v, dtype=torch.float64) for v in (n_active, tokens))
+        return m * N.log().mul(mu).exp() + n * D.log().mul(nu).exp() + self.c
+
+    def loss(self, n_active, tokens, e):
+        return self.predict(n_active, tokens, e).item()
+
+    def optimal_tokens(self, n_active, e):
+        """D*(e | N): the token count at which N active parameters are compute-optimal at expansion e.
+        Minimising L at fixed F = 6ND gives mu * m * N^mu = nu * n * D^nu (Lagrange), so
+        D* = (mu * m * N^mu / (nu * n))^(1/nu)."""
+        m, mu, n, nu = self.terms(e)
+        return ((mu * m * float(n_active) ** mu / (nu * n)) ** (1.0 / nu)).item()
+
+    def tokens_to_reach(self, loss, n_active, e):
+        """The D at which the law reaches `loss` at expansion e (inf if it never does): used to continue the
+        curve across a growth step as if growth preserved the loss ("effective data", notes-scaling.md)."""
+        m, mu, n, nu = self.terms(e)
+        data_term = loss - self.c - m * float(n_active) ** mu
+        return math.inf if data_term <= 0 else ((data_term / n) ** (1.0 / nu)).item()
+
+    def fit(self, records, free=LAW_COEFFICIENTS, huber_delta=1e-2, inits=6, seed=0):
+        """Refit the coefficients named in `free` to measured runs, as the law's authors did: Huber loss on
+        log L, LBFGS, a/b/c optimised in log space, several starts. e_start and e_max stay fixed.
+        records: dicts with n_active, tokens, experts, top_k and val_loss. Returns a new ScalingLaw."""
+        unknown = set(free) - set(LAW_COEFFICIENTS)
+        if unknown:
+            raise ValueError(f"ScalingLaw.fit: free={sorted(unknown)} are not coefficients; allowed: "
+                             f"{', '.join(LAW_COEFFICIENTS)}")
+        if len(records) <= len(free):
+            raise ValueError(f"ScalingLaw.fit: {len(records)} records cannot fit {len(free)} coefficients; "
+                             f"give more runs or fewer free coefficients")
+        cols = {key: torch.tensor([float(r[key]) for r in records], dtype=torch.float64)
+                for key in ("n_active", "tokens", "experts", "top_k", "val_loss")}
+        e = cols["experts"] / cols["top_k"]
+        log_scale = ("a", "b", "c")
+        start = torch.tensor([math.log(getattr(self, k)) if k in log_scale else getattr(self, k) for k in free],
+                             dtype=torch.float64)
+        generator = torch.Generator().manual_seed(seed)
+
+        def law_from(theta):
+            values = {k: (v.exp() if k in log_scale else v) for k, v in zip(free, theta)}
+            return replace(self, **values)
+
+        def objective(theta):
+            log_pred = law_from(theta).predict(cols["n_active"], cols["tokens"], e).log()
+            return F.huber_loss(log_pred, cols["val_loss"].log(), delta=huber_delta, reduction="sum")
+
+        best_theta, best_obj = start, objective(start).item()
+        for i in range(inits):
+            theta = (start + (0 if i == 0 else 0.05 * torch.randn(len(free), generator=generator,
+                                                                      dtype=torch.float64))).requires_grad_()
+            optimizer = torch.optim.LBFGS([theta], max_iter=500, tolerance_grad=1e-14, tolerance_change=1e-16,
+                                          history_size=50, line_search_fn="strong_wolfe")
+
+            def closure():
+                optimizer.zero_grad()
+                obj = objective(theta)
+                obj.backward()
+                return obj
+
+            optimizer.step(closure)
+            obj = objective(theta.detach()).item()
+            if math.isfinite(obj) and obj < best_obj:
+                best_theta, best_obj = theta.detach(), obj
+        fitted = law_from(best_theta)
+        return replace(fitted, **{k: float(getattr(fitted, k)) for k in free})
+
+
+# Step time grows slowly with E at fixed k (more, smaller GEMMs; router; optimizer). The paper measured
+# 1.08x from E = 8 to 128 at 1.1B active (Fig. 1): time(E) ~ E^rho with rho = ln 1.08 / ln 16.
+STEP_TIME_EXPONENT = math.log(1.08) / math.log(16)
+BYTES_PER_PARAM = 16  # fp32 weights 4 + gradients 4 + Adam moments 8 (bf16 autocast keeps fp32 masters)
+
+
+def step_time_exponent(experts, seconds):
+    """Calibrate rho in time(E) ~ E^rho from measured step times (bench.py step): least squares in log-log."""
+    x = torch.tensor([math.log(E) for E in experts], dtype=torch.float64)
+    y = torch.tensor([math.log(s) for s in seconds], dtype=torch.float64)
+    x, y = x - x.mean(), y - y.mean()
+    return ((x * y).sum() / (x * x).sum()).item()
+
+
+def plan_stages(n_active, total_tokens, experts, top_k, law=None, batch_tokens=None, expert_params=0,
+                step_exponent=STEP_TIME_EXPONENT):
+    """EMO-progressive's stage budgets: for each stage, its E, token range and budget, and costs.
+
+    Rule (our reconstruction, notes-progressive.md): at fixed N the model with expansion e is
+    compute-optimal up to D*(e) tokens (ScalingLaw.optimal_tokens); past it the pool is too small for
+    the data seen, so grow. Stage s ends at the cumulative share D*(e_s) / D*(e_last) of the run:
+        end_s = total_tokens * D*(e_s) / D*(e_last),   tokens_s = end_s - end_{s-1}.
+    With batch_tokens, boundaries are rounded to whole optimizer steps; budgets always sum to the total.
+    expert_params: parameters of one routed expert summed over all layers (for total params and memory).
+    """
+    law = law or ScalingLaw()
+    _check_plan(n_active, total_tokens, experts, top_k, batch_tokens)
+    unit = batch_tokens or 1
+    steps = total_tokens // unit
+    optimal = [law.optimal_tokens(n_active, E / top_k) for E in experts]
+    ends = [round(steps * d / optimal[-1]) * unit for d in optimal[:-1]] + [total_tokens]
+    stages, start, loss = [], 0, None
+    for i, (E, end) in enumerate(zip(experts, ends)):
+        tokens, e = end - start, E / top_k
+        if tokens <= 0:
+            raise ValueError(f"experts={experts}: stage {i + 1} (E={E}) gets no tokens after rounding to "
+                             f"batch_tokens={batch_tokens}; give more total_tokens or fewer stages")
+        # predicted loss at the stage end: continue this E's curve from the loss the last stage reached
+        already = 0 if loss is None else law.tokens_to_reach(loss, n_active, e)
+        loss = law.loss(n_active, already + tokens, e) if math.isfinite(already) else loss
+        total_params = n_active + (E - top_k) * expert_params
+        stages.append(dict(
+            stage=i + 1, experts=E, e=e, start=start, end=end, tokens=tokens, fraction=tokens / total_tokens,
+            steps=tokens // unit if batch_tokens else None, flops=6 * n_active * tokens,
+            params_total=total_params, params_active=n_active, memory_bytes=BYTES_PER_PARAM * total_params,
+            step_time=(E / experts[-1]) ** step_exponent, loss=loss, in_fit_range=e <= 32))
+        start = end
+    return stages
+
+
+def _check_plan(n_active, total_tokens, experts, top_k, batch_tokens):
+    if not _is_number(n_active) or n_active <= 0:
+        raise ValueError(f"n_active={n_active!r} must be a positive number of active parameters")
+    if not _is_int(total_tokens) or total_tokens <= 0:
+        raise ValueError(f"total_tokens={total_tokens!r} must be a positive integer")
+    if not experts or not all(_is_int(E) and E > 0 for E in experts):
+        raise ValueError(f"experts={experts!r} must be a list of positive integers")
+    if any(b <= a for a, b in zip(experts, experts[1:])):
+        raise ValueError(f"experts={experts!r} must be strictly increasing (the pool only grows)")
+    if not _is_int(top_k) or not 1 <= top_k <= experts[0]:
+        raise ValueError(f"top_k={top_k!r} must be an integer from 1 to the first stage's E={experts[0]}")
+    if batch_tokens is not None:
+        if not _is_int(batch_tokens) or batch_tokens <= 0:
+            raise ValueError(f"batch_tokens={batch_tokens!r} must be a positive integer")
+        if total_tokens % batch_tokens:
+            raise ValueError(f"total_tokens={total_tokens} must be a whole number of batches of "
+                             f"batch_tokens={batch_tokens} (e.g. {total_tokens // batch_tokens * batch_tokens})")
 
 
 # ---------------------------------------------------------------------------------------------

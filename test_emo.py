@@ -337,3 +337,111 @@ def test_growth_reaches_through_compile_and_ddp_style_wrappers():
 def test_growth_to_an_impossible_size_or_init_fails_clearly(size, init, match):
     with pytest.raises(ValueError, match=match):
         emo.grow_experts(seeded_model(), size, init=init)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scaling law and stage budgets
+# ---------------------------------------------------------------------------------------------
+
+PAPER_TOKENS = 1_920_000_000_000
+
+
+@pytest.mark.parametrize("e,published", [
+    (1, (30.364, -0.1817, 53.984, -0.1965)), (8, (21.833, -0.1676, 119.913, -0.2338)),
+    (32, (16.542, -0.1557, 234.673, -0.2652)),
+])
+def test_law_reproduces_its_published_table_4(e, published):
+    for ours, theirs in zip(emo.ScalingLaw().terms(e), published):
+        assert float(ours) == pytest.approx(theirs, rel=5e-3)
+
+
+def test_compute_optimal_size_matches_the_laws_table_1():
+    """Their Table 1: F = 1e20 FLOPs at E = 1 is spent best on ~1.7B parameters and ~9.7B tokens."""
+    law, flops = emo.ScalingLaw(), 1e20
+    m, mu, n, nu = (float(t) for t in law.terms(1))
+    n_opt = (nu * n / (mu * m)) ** (1 / (mu + nu)) * (flops / 6) ** (nu / (mu + nu))
+    assert n_opt == pytest.approx(1.7e9, rel=0.05)
+    assert law.optimal_tokens(n_opt, 1) == pytest.approx(flops / (6 * n_opt), rel=1e-6)
+
+
+def test_stage_budgets_reproduce_the_reconstructed_paper_split():
+    stages = emo.plan_stages(0.8e9, PAPER_TOKENS, [8, 16, 32, 64, 128], top_k=8)
+    assert [round(s["end"] / PAPER_TOKENS, 3) for s in stages] == [0.233, 0.33, 0.486, 0.71, 1.0]
+
+
+def test_stage_budgets_sum_to_the_total_in_whole_steps_with_increasing_experts():
+    stages = emo.plan_stages(2e8, 5000 * 65536, [4, 8, 16, 32], top_k=2, batch_tokens=65536, expert_params=1000)
+    assert sum(s["tokens"] for s in stages) == 5000 * 65536
+    assert all(s["tokens"] % 65536 == 0 and s["steps"] == s["tokens"] // 65536 for s in stages)
+    assert [s["experts"] for s in stages] == [4, 8, 16, 32]
+    assert all(a["end"] == b["start"] for a, b in zip(stages, stages[1:]))
+    assert [s["params_total"] for s in stages] == [2e8 + (E - 2) * 1000 for E in (4, 8, 16, 32)]
+    losses = [s["loss"] for s in stages]
+    assert losses == sorted(losses, reverse=True)  # predicted loss falls stage by stage
+
+
+def test_law_never_predicts_higher_loss_from_more_tokens_or_experts_in_its_fit_range():
+    law = emo.ScalingLaw()
+    N = torch.logspace(7, math.log10(2.7e9), 25).view(-1, 1, 1)
+    D = (N * torch.logspace(1, 3, 15).view(1, -1, 1)).clamp(5e8, 8e10)  # 10..1000 tokens per parameter
+    e = torch.linspace(1, 32, 40).view(1, 1, -1)
+    loss = law.predict(N, D, e)
+    assert (loss.diff(dim=2) <= 0).all()  # more experts
+    assert (law.predict(N, D * 1.5, e) < loss).all()  # more tokens
+
+
+def test_fit_recovers_known_coefficients_from_data_generated_by_the_law():
+    true = emo.ScalingLaw(a=30.0, alpha=-0.2, delta=-0.2, gamma=0.012, b=40.0, beta=-0.17, omega=0.5,
+                          zeta=-0.024, c=1.5)
+    records = [dict(n_active=N, tokens=N * r, experts=E, top_k=2, val_loss=true.loss(N, N * r, E / 2))
+               for N in (1e7, 1e8, 1e9) for r in (10, 100, 1000) for E in (2, 4, 16, 64)]
+    fitted = emo.ScalingLaw().fit(records, inits=1)
+    for name in emo.LAW_COEFFICIENTS:
+        assert getattr(fitted, name) == pytest.approx(getattr(true, name), rel=1e-3), name
+
+
+def test_fit_refuses_too_few_records_and_unknown_coefficients():
+    record = dict(n_active=1e8, tokens=1e9, experts=8, top_k=2, val_loss=3.0)
+    with pytest.raises(ValueError, match="3 records cannot fit 9 coefficients"):
+        emo.ScalingLaw().fit([record] * 3)
+    with pytest.raises(ValueError, match="not coefficients"):
+        emo.ScalingLaw().fit([record] * 3, free=("a", "kappa"))
+
+
+def test_step_time_exponent_is_recovered_from_measured_times():
+    experts = [8, 16, 32, 64, 128]
+    assert emo.step_time_exponent(experts, [0.5 * E ** 0.1 for E in experts]) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(experts=[16, 8]), "strictly increasing"), (dict(experts=[8, 8]), "strictly increasing"),
+    (dict(top_k=16), "top_k=16 must be an integer from 1 to the first stage's E=8"),
+    (dict(total_tokens=0), "total_tokens=0 must be a positive integer"),
+    (dict(batch_tokens=3), "whole number of batches"), (dict(n_active=-1), "n_active=-1"),
+    (dict(total_tokens=2 ** 20, batch_tokens=2 ** 18), "gets no tokens"),
+])
+def test_plan_rejects_bad_input_with_one_clear_line(kwargs, match):
+    args = dict(n_active=1e8, total_tokens=2 ** 30, experts=[8, 16, 32, 64], top_k=8, batch_tokens=2 ** 16)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match) as err:
+        emo.plan_stages(**args)
+    assert "\n" not in str(err.value)
+
+
+def test_plan_py_prints_the_paper_run_as_json(capsys):
+    import json
+
+    import plan
+
+    plan.main(["--preset=paper", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert [s["experts"] for s in out["stages"]] == [8, 16, 32, 64, 128]
+    assert sum(s["tokens"] for s in out["stages"]) == out["fixed"]["tokens"]
+    assert abs(out["fixed"]["tokens"] - PAPER_TOKENS) < 8_388_608
+
+
+def test_plan_py_bad_flag_exits_with_one_line(capsys):
+    import plan
+
+    with pytest.raises(SystemExit, match="plan.py: experts=\\[16, 8\\] must be strictly increasing"):
+        plan.main(["--experts=16,8"])

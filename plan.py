@@ -1,0 +1,156 @@
+"""Print EMO-progressive's stage schedule: experts, token budgets, costs and predicted loss per stage,
+beside a fixed-E baseline. The rule and the law live in emo.py (plan_stages, ScalingLaw).
+
+python plan.py                                  # a single-node run (default model, 10B tokens)
+python plan.py --preset=paper                   # the paper's main run: ~1.1B active, 1.92T tokens, 8..128
+python plan.py --n_active=3e8 --total_tokens=2e10 --experts=8,16,32,64 --top_k=8 --batch_tokens=524288
+python plan.py --fit=runs/x/metrics.jsonl       # refit the law from train.py's stage records first
+python plan.py --json                           # the same as JSON
+"""
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import replace
+
+import emo
+
+# The paper's main run (notes-progressive.md): 16 layers, d_model 2048, fine-grained experts of hidden 768,
+# 8 active + 1 shared, seq 8192, 8M-token batches, 1.92T tokens, E = 8 -> 128. Our embedding is tied, so
+# the shape gives ~1.05B active; --n_active sets the 1.1B the paper reports for the law.
+PRESETS = {
+    "paper": dict(n_active=1.1e9, total_tokens=1.92e12,
+                  experts="8,16,32,64,128", top_k=8, batch_tokens=8_388_608, d_model=2048, n_layer=16,
+                  n_head=16, d_expert=768, n_shared=1, seq_len=8192),
+}
+PAPER_SPLIT = {8: 23.5, 16: 9.5, 32: 16.5, 64: 21.8, 128: 28.6}  # % of tokens per stage, as reported
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named run; other flags override its values")
+    p.add_argument("--n_active", type=float, help="active parameters for the law (default: from the model shape)")
+    p.add_argument("--total_tokens", type=float, default=1e10)
+    p.add_argument("--experts", default="8,16,32,64", help="expert count per stage, increasing")
+    p.add_argument("--top_k", type=int, default=8)
+    p.add_argument("--batch_tokens", type=int, default=524_288, help="tokens per optimizer step (0: no rounding)")
+    p.add_argument("--d_model", type=int, default=768)
+    p.add_argument("--n_layer", type=int, default=12)
+    p.add_argument("--n_head", type=int, default=12)
+    p.add_argument("--d_expert", type=int, default=384)
+    p.add_argument("--n_shared", type=int, default=1)
+    p.add_argument("--seq_len", type=int, default=2048)
+    p.add_argument("--vocab_size", type=int, default=50304)
+    p.add_argument("--fit", metavar="JSONL", help="refit the law from train.py's stage records first")
+    p.add_argument("--fit_params", default=",".join(emo.LAW_COEFFICIENTS),
+                   help="coefficients to refit (few runs: fit a few, e.g. a,b,c)")
+    p.add_argument("--step_time_exponent", type=float, default=emo.STEP_TIME_EXPONENT,
+                   help="rho in step time ~ E^rho (default: the paper's 1.08x from E=8 to 128)")
+    p.add_argument("--peak_flops", type=float, default=989e12, help="per GPU, bf16 dense (H100/H200)")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed MFU of the fixed-E run, for GPU-hours")
+    p.add_argument("--json", action="store_true")
+    defaults = vars(p.parse_args([]))
+    args = p.parse_args(argv)
+    if args.preset:  # preset values replace the defaults, flags given explicitly still win
+        explicit = {k for k, v in vars(args).items() if v != defaults[k]}
+        for key, value in PRESETS[args.preset].items():
+            if key not in explicit:
+                setattr(args, key, value)
+    return args
+
+
+def build_plan(args):
+    """Everything plan.py prints, as a dict: the stages, the fixed-E baseline and the savings."""
+    try:
+        experts = [int(E) for E in str(args.experts).split(",")]
+    except ValueError:
+        raise ValueError(f"--experts={args.experts!r} must be comma-separated integers, e.g. 8,16,32") from None
+    if args.total_tokens != int(args.total_tokens):
+        raise ValueError(f"--total_tokens={args.total_tokens} must be a whole number of tokens")
+    if args.batch_tokens and args.total_tokens >= args.batch_tokens:  # plan whole optimizer steps
+        args.total_tokens = int(args.total_tokens) // args.batch_tokens * args.batch_tokens
+    cfg = emo.Config(vocab_size=args.vocab_size, seq_len=args.seq_len, n_layer=args.n_layer, n_head=args.n_head,
+                     d_model=args.d_model, n_experts=experts[-1], top_k=min(args.top_k, experts[-1]),
+                     d_expert=args.d_expert, n_shared=args.n_shared)
+    n_active = args.n_active or emo.count_params(cfg)[1]
+    law = emo.ScalingLaw()
+    if args.fit:
+        law = law.fit(read_stage_records(args.fit), free=args.fit_params.split(","))
+    stages = emo.plan_stages(n_active, int(args.total_tokens), experts, args.top_k, law=law,
+                             batch_tokens=args.batch_tokens or None, expert_params=args.n_layer * 3 * args.d_model
+                             * args.d_expert, step_exponent=args.step_time_exponent)
+    # GPU-hours: the fixed-E run at the assumed MFU; earlier stages are faster by the step-time model
+    flops_per_token = emo.flops_per_token(replace(cfg, seq_len=args.seq_len))
+    hours_fixed = flops_per_token * args.total_tokens / (args.peak_flops * args.mfu) / 3600
+    for s in stages:
+        s["gpu_hours"] = hours_fixed * s["fraction"] * s["step_time"]
+    last = stages[-1]
+    fixed = dict(experts=last["experts"], tokens=int(args.total_tokens), params_total=last["params_total"],
+                 memory_bytes=last["memory_bytes"], gpu_hours=hours_fixed,
+                 loss=law.loss(n_active, args.total_tokens, last["e"]))
+    hours = sum(s["gpu_hours"] for s in stages)
+    return dict(n_active=n_active, law={k: getattr(law, k) for k in emo.LAW_COEFFICIENTS}, stages=stages,
+                fixed=fixed, gpu_hours=hours, gpu_hours_saving=1 - hours / hours_fixed,
+                early_memory_saving=1 - sum(s["memory_bytes"] * s["fraction"] for s in stages) / fixed["memory_bytes"])
+
+
+def read_stage_records(path):
+    """train.py's per-stage summary records (kind == "stage") from a metrics JSONL file."""
+    try:
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"--fit={path}: cannot read JSONL records ({err})") from None
+    stages = [r for r in records if r.get("kind") == "stage"]
+    if not stages:
+        raise ValueError(f"--fit={path}: no stage records (lines with \"kind\": \"stage\") in the file")
+    return stages
+
+
+def human(x):
+    """1.23B-style counts."""
+    for factor, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(x) >= factor:
+            return f"{x / factor:.3g}{suffix}"
+    return f"{x:.3g}"
+
+
+def print_plan(plan, args):
+    stages, fixed = plan["stages"], plan["fixed"]
+    print(f"EMO-progressive plan: N_active={human(plan['n_active'])}, {human(args.total_tokens)} tokens, "
+          f"top_k={args.top_k}, batch={human(args.batch_tokens or 1)} tokens")
+    print(f"{'stage':>5} {'E':>5} {'tokens':>8} {'%':>6} {'steps':>8} {'FLOPs':>9} {'params':>7} "
+          f"{'memory':>9} {'step t':>7} {'GPU-h':>9} {'loss':>7}")
+    rows = [(str(s["stage"]), s) for s in stages] + [("fixed", dict(fixed, fraction=1, steps=None, step_time=1,
+                                                                       flops=sum(s["flops"] for s in stages)))]
+    for label, s in rows:
+        steps = "" if s["steps"] is None else f"{s['steps']:,}"
+        flag = "" if s.get("in_fit_range", True) else "  (e = E/k > 32: outside the law's fit range)"
+        print(f"{label:>5} {s['experts']:>5} {human(s['tokens']):>8} {100 * s['fraction']:>5.1f}% {steps:>8} "
+              f"{s['flops']:>9.2e} {human(s['params_total']):>7} {s['memory_bytes'] / 1e9:>6.1f} GB "
+              f"{s['step_time']:>6.3f}x {s['gpu_hours']:>9.3g} {s['loss']:>7.4f}{flag}")
+    print(f"progressive vs fixed E={fixed['experts']}: {plan['gpu_hours_saving']:.1%} fewer GPU-hours, "
+          f"{plan['early_memory_saving']:.1%} less weight+optimizer memory (token-weighted), predicted final "
+          f"loss {stages[-1]['loss'] - fixed['loss']:+.4f}")
+    print(f"memory: fp32 weights + grads + Adam (16 B/param), activations excluded; step time ~ "
+          f"E^{args.step_time_exponent:.4f}; GPU-hours at {args.mfu:.0%} MFU of {args.peak_flops:.3g} FLOP/s")
+    if [s["experts"] for s in stages] == list(PAPER_SPLIT):
+        print("split, this plan: " + "  ".join(f"E={s['experts']}: {100 * s['fraction']:.1f}%" for s in stages))
+        print("split, the paper: " + "  ".join(f"E={E}: {p}%" for E, p in PAPER_SPLIT.items()))
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        plan = build_plan(args)
+    except ValueError as err:
+        sys.exit(f"plan.py: {err}")
+    if args.json:
+        print(json.dumps(plan, indent=1, default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else v))
+    else:
+        print_plan(plan, args)
+
+
+if __name__ == "__main__":
+    main()
