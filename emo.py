@@ -227,8 +227,9 @@ class MoE(nn.Module):
             probs = logits.softmax(dim=-1)
             gates, idx = probs.topk(self.top_k, dim=-1)
             aux = (self.balance_loss(idx, probs), torch.logsumexp(logits, dim=-1).square().mean())
-        with torch.no_grad():
-            self.expert_counts += count_tokens(idx, self.n_experts)
+        if self.training:  # eval forwards must not move the balancing bias
+            with torch.no_grad():
+                self.expert_counts += count_tokens(idx, self.n_experts)
         return idx, gates, aux
 
     def balance_loss(self, idx, probs):
@@ -431,9 +432,7 @@ def grow_experts(model, n_experts, init="gaussian"):
               token picks them and the output is unchanged; the offset climbs to 0 over ~phase_in_steps
               optimizer steps and the bias balancing phases them in.
     Parameters stay the same objects (their .data grows), so an optimizer keeps pointing at them; call
-    grow_optimizer next, and re-wrap DDP / re-compile once. Call it between steps with no autograd graph
-    alive: a live graph keeps each parameter's gradient accumulator, and its old shape, in use.
-    Returns the unwrapped model.
+    grow_optimizer next, and re-wrap DDP / re-compile once. Returns the unwrapped model.
     """
     model = unwrap(model)
     cfg = model.config
@@ -462,8 +461,13 @@ def grow_layer(moe, cfg, init):
         src = torch.arange(n_new) % old
         fresh = tuple(p.data[src].cpu() + COPY_NOISE * f for p, f in zip(params, fresh))
     for p, f in zip(params, fresh):
-        p.data = torch.cat([p.data, f.to(p.device, p.dtype)])
+        grown = torch.cat([p.data, f.to(p.device, p.dtype)])
         p.grad = None
+        # A live autograd graph (the last step's loss, say) keeps p's gradient accumulator, which remembers
+        # p's old shape and would reject the grown gradient. set_data drops that accumulator only when the
+        # dtype changes, so hop through another dtype on the way.
+        p.data = grown.to(torch.float64 if grown.dtype != torch.float64 else torch.float32)
+        p.data = grown
     if init == "silent":
         # new experts start at the mean bias; their offset puts s + b + ramp below every old expert's
         # s + b whatever the scores (sigmoid scores lie in (0, 1)), so no token picks them yet

@@ -288,6 +288,17 @@ def test_growth_resets_the_router_bias_and_a_training_step_works_right_after(ini
     assert torch.isfinite(loss) and model.blocks[0].moe.w_in.grad.shape[0] == 16
 
 
+def test_growth_works_while_the_last_steps_graph_is_still_referenced():
+    model = seeded_model()
+    x = torch.randint(0, 128, (2, 33))
+    _, loss = model(x[:, :-1], x[:, 1:])
+    loss.backward()  # `loss` keeps its graph (and the parameters' gradient accumulators) alive
+    emo.grow_experts(model, 16)
+    _, loss = model(x[:, :-1], x[:, 1:])
+    loss.backward()
+    assert model.blocks[0].moe.w_in.grad.shape[0] == 16
+
+
 def test_copy_growth_starts_new_experts_near_their_source():
     model = seeded_model()
     old = model.blocks[0].moe.w_in.detach().clone()
