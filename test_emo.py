@@ -584,3 +584,117 @@ def test_a_truncated_or_missing_corpus_is_refused_clearly(two_domain_corpus, tmp
     (two_domain_corpus / "train.bin").write_bytes(data[:-2])
     with pytest.raises(ValueError, match="truncated or from another corpus"):
         emo.Corpus(two_domain_corpus)
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py: progressive runs, exact resume, torchrun
+# ---------------------------------------------------------------------------------------------
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small two-domain corpus, prepared once for the training tests."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = __import__("random").Random(0)
+    words = {"prose": "the cat sat on a mat while rain fell over quiet hills".split(),
+             "code": "def return for in range if else import print x y".split()}
+    for domain, vocab in words.items():
+        (root / "src" / domain).mkdir(parents=True)
+        for i in range(20):
+            (root / "src" / domain / f"{i}.txt").write_text(" ".join(rng.choice(vocab) for _ in range(150)))
+    return prepare.prepare(str(root / "src"), "small", out_root=root / "out", val_fraction=0.2)
+
+
+def tiny_run(corpus, out_dir, *extra):
+    """Flags of a tiny run: 2 stages (E = 2 -> 4), 24 steps of 256 tokens."""
+    return [f"--data={corpus}", f"--out_dir={out_dir}", "--total_tokens=6144", "--seq_len=32",
+            "--batch_size=8", "--n_layer=2", "--d_model=64", "--n_head=4", "--d_expert=32", "--vocab_size=50304",
+            "--warmup_steps=3", "--rewarm_steps=3", "--eval_interval=100", "--eval_batches=2", "--log_interval=100",
+            "--sample_tokens=0", "--stages=2:0.5,4:0.5", "--lr=3e-3", *extra]
+
+
+def records(out_dir, kind):
+    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_a_progressive_run_grows_at_the_planned_step_and_the_loss_falls(corpus, tmp_path):
+    train.main(tiny_run(corpus, tmp_path))
+    steps = records(tmp_path, "step")
+    assert [r["experts"] for r in steps] == [2] * 12 + [4] * 12
+    assert [(g["step"], g["experts"]) for g in records(tmp_path, "growth")] == [(12, 4)]
+    assert steps[-1]["loss"] < 0.7 * steps[0]["loss"]
+    stage_records = records(tmp_path, "stage")
+    assert [(r["experts"], r["tokens"]) for r in stage_records] == [(2, 3072), (4, 6144)]
+    assert stage_records[1]["val_loss"] < stage_records[0]["val_loss"]
+    assert {"latest.pt", "stage1.pt", "stage2.pt", "config.json"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_the_solver_schedule_sets_stage_lengths_when_no_stages_are_given(corpus, tmp_path):
+    args = [a for a in tiny_run(corpus, tmp_path) if not a.startswith("--stages")]
+    train.main(args + ["--experts=2,4,8", "--total_tokens=12288"])
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert [s["experts"] for s in config["stages"]] == [2, 4, 8] and config["stages"][-1]["end"] == 48
+
+
+@pytest.mark.parametrize("stop_at", [7, 12])  # mid-stage, and right at the stage boundary
+def test_a_resumed_run_continues_exactly(corpus, tmp_path, stop_at):
+    train.main(tiny_run(corpus, tmp_path / "a"))
+    train.main(tiny_run(corpus, tmp_path / "b", f"--stop_at={stop_at}"))
+    assert records(tmp_path / "b", "step")[-1]["step"] == stop_at
+    train.main([f"--resume={tmp_path / 'b'}", f"--out_dir={tmp_path / 'b'}"])
+    a, b = records(tmp_path / "a", "step"), records(tmp_path / "b", "step")
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    final_a = torch.load(tmp_path / "a" / "latest.pt", weights_only=False)["model"]
+    final_b = torch.load(tmp_path / "b" / "latest.pt", weights_only=False)["model"]
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def test_torchrun_with_two_cpu_processes_matches_one_process(corpus, tmp_path):
+    train.main(tiny_run(corpus, tmp_path / "one", "--total_tokens=3072", "--stages=2:0.5,4:0.5"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           *tiny_run(corpus, tmp_path / "two", "--total_tokens=3072", "--batch_size=4", "--batch_tokens=256")]
+    done = subprocess.run(cmd, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, two = records(tmp_path / "one", "step"), records(tmp_path / "two", "step")
+    assert len(one) == len(two) == 12
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["load_cv"] == pytest.approx(b["load_cv"], abs=1e-6)  # balancing saw the global counts
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--lr_schedule=linear"], "--lr_schedule='linear' is not allowed"), (["--n_expert=4"], "unknown setting --n_expert"),
+    (["--lr=fast"], "--lr=fast: expected float"), (["--top_k=3", "--experts=2,4"], "top_k=3 is not allowed: must be at most the first stage's E=2"),
+    (["--experts=4,2"], "strictly increasing"), (["--n_experts=4"], "--experts"),
+    (["--batch_tokens=100"], "multiple of batch_size"), (["--seq_len=8192", "--batch_size=1", "--total_tokens=16384"], "longer than the train split"),
+    (["--d_model=66"], "Config.d_model=66"), (["--stages=2:0.5,4:0.4"], "summing to 1"),
+])
+def test_bad_settings_fail_with_one_line_naming_the_setting(corpus, tmp_path, flags, match):
+    args = tiny_run(corpus, tmp_path) + flags
+    if any(f.startswith("--experts") for f in flags):
+        args = [a for a in args if not a.startswith("--stages")]
+    with pytest.raises(SystemExit, match=match):
+        train.main(args)
+    assert not (tmp_path / "metrics.jsonl").exists()  # refused before any training
+
+
+def test_stages_and_experts_together_are_refused(corpus, tmp_path):
+    with pytest.raises(SystemExit, match="not both"):
+        train.main(tiny_run(corpus, tmp_path) + ["--experts=2,4"])
+
+
+def test_resume_refuses_a_different_model_or_a_foreign_file(corpus, tmp_path):
+    train.main(tiny_run(corpus, tmp_path, "--stop_at=2"))
+    with pytest.raises(SystemExit, match="cannot change mid-run: d_model"):
+        train.main([f"--resume={tmp_path}", "--d_model=128"])
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="not a readable checkpoint"):
+        train.main([f"--resume={tmp_path / 'junk.pt'}"])

@@ -73,9 +73,9 @@ SCHEDULES, LR_SCHEDULES = ("progressive", "fixed"), ("wsd", "cosine")
 # settings a resumed run may change; anything else must match the checkpoint
 RESUMABLE = {"resume", "config", "device", "compile", "eval_interval", "eval_batches", "log_interval",
              "sample_tokens", "stop_at", "keep_checkpoints", "out_dir"}
+PER_INVOCATION = {"resume", "config", "stop_at"}  # orders for this command only, never inherited on resume
 # the tiny default model: 2 CPU cores train it through E = 2 -> 4 -> 8 in about 5 minutes
-DEFAULT_MODEL = dict(seq_len=128, n_layer=4, n_head=4, d_model=128, n_experts=2, top_k=2, d_expert=128,
-                     n_shared=1)
+DEFAULT_MODEL = dict(seq_len=128, n_layer=4, n_head=4, d_model=128, top_k=2, d_expert=128, n_shared=1)
 
 
 class SettingError(ValueError):
@@ -104,6 +104,8 @@ def parse(argv):
         raise SettingError(f"unknown setting --{unknown[0]}{hint}; allowed: {', '.join(sorted(known))}")
     if "n_experts" in values:
         raise SettingError("--n_experts is set by the schedule: give the stage list --experts=2,4,8 instead")
+    if values.get("stages") and "experts" in values:
+        raise SettingError("give --stages=E:fraction,... or --experts=E,..., not both (--stages names its E)")
     typed = {key: convert(key, value, known[key]) for key, value in values.items()}
     settings = Settings(**{k: v for k, v in typed.items() if k in Settings.__dataclass_fields__})
     model = {**DEFAULT_MODEL, **{k: v for k, v in typed.items() if k in emo.Config.__dataclass_fields__}}
@@ -162,7 +164,6 @@ def validate(s, cfg, world_size):
     need(s.batch_tokens % micro_tokens == 0, "batch_tokens",
          f"a multiple of batch_size * seq_len * processes = {s.batch_size}*{cfg.seq_len}*{world_size} = {micro_tokens}")
     stages = stage_experts(s)
-    need(cfg.top_k <= stages[0], "experts", f"stages whose first E is at least top_k={cfg.top_k}")
     need(s.total_tokens >= (s.batch_tokens or micro_tokens) * len(stages), "total_tokens",
          f"at least one optimizer step ({s.batch_tokens or micro_tokens} tokens) per stage")
 
@@ -267,7 +268,7 @@ def resumed_settings(state, s, model, given):
         raise SettingError("--resume: these settings differ from the checkpoint's and cannot change mid-run: "
                            + ", ".join(f"{k} (checkpoint {state['config'].get(k, getattr(old, k, None))!r})"
                                        for k in changed))
-    for k in given & RESUMABLE:
+    for k in (given & RESUMABLE) | PER_INVOCATION:
         setattr(old, k, getattr(s, k))
     return old, state["config"]
 
@@ -409,7 +410,14 @@ def run(argv):
     resume_state = load_checkpoint(s.resume) if s.resume else None
     if resume_state:
         s, model_settings = resumed_settings(resume_state, s, model_settings, given)
-    cfg = emo.Config(**{k: v for k, v in model_settings.items()})  # validates the model settings
+    else:  # a new run starts at the first stage's E
+        first = stage_experts(s)[0]
+        top_k = model_settings.get("top_k", emo.Config.top_k)
+        if isinstance(top_k, int) and top_k > first:
+            raise SettingError(f"--top_k={top_k} is not allowed: must be at most the first stage's E={first} "
+                               f"(--{'stages' if s.stages else 'experts'})")
+        model_settings["n_experts"] = first
+    cfg = emo.Config(**model_settings)  # validates the model settings
     world_guess = int(os.environ.get("WORLD_SIZE", "1"))
     validate(s, cfg, world_guess)
     micro_tokens = s.batch_size * cfg.seq_len * world_guess
@@ -417,8 +425,6 @@ def run(argv):
     accum = batch_tokens // micro_tokens
     total_steps = s.total_tokens // batch_tokens
     stages = plan_schedule(s, cfg, total_steps, batch_tokens)
-    if not resume_state:
-        cfg = emo.Config(**{**asdict(cfg), "n_experts": stages[0]["experts"]})
 
     rank, world, device = setup_distributed(s.device)
     master = rank == 0
