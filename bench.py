@@ -3,13 +3,19 @@
 python bench.py moe [--device=cuda] [--dtype=bf16] [--compile] [--json]
     one MoE layer, forward + backward, tokens/s for E in {8, 32, 128} at fixed top-k, beside
     (a) a naive masked per-expert loop and (b) a dense SwiGLU with the same active parameters.
+python bench.py growth [--seeds=0,1] [--json]
+    train.py's tiny model through E = 2 -> 4 -> 8 once per growth init (gaussian / copy / silent):
+    validation loss right before and right after each growth, steps until it is back, adoption of the
+    new experts, and the final loss.
 """
 
 import argparse
 import json
 import platform
+import shutil
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -101,9 +107,59 @@ def print_moe(rows, args):
         print(f"{r['experts']:>5} {cells} {r['grouped_vs_dense']:>13.2f}x {r['grouped_vs_naive']:>13.2f}x")
 
 
+def bench_growth(args):
+    import train
+
+    rows = []
+    for seed in [int(x) for x in args.seeds.split(",")]:
+        for init in ("gaussian", "copy", "silent"):
+            out = Path(args.out_dir) / f"growth-{init}-seed{seed}"
+            shutil.rmtree(out, ignore_errors=True)
+            start = time.time()
+            train.run([f"--out_dir={out}", f"--growth_init={init}", f"--total_tokens={args.total_tokens}",
+                       f"--seed={seed}", f"--phase_in_steps={args.phase_in_steps}", "--eval_interval=5",
+                       "--eval_batches=4", "--log_interval=1000000", "--sample_tokens=0"])
+            records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            rows.append(growth_row(records, init, seed, time.time() - start))
+    return rows
+
+
+def growth_row(records, init, seed, seconds):
+    """Spike, recovery and adoption at each growth, from one run's metrics.jsonl."""
+    evals = [r for r in records if r["kind"] == "eval"]
+    steps = [r for r in records if r["kind"] == "step"]
+    events = []
+    for g in (r for r in records if r["kind"] == "growth"):
+        before = [e["val_loss"] for e in evals if e["step"] == g["step"]][-1]  # the stage-end eval
+        back = next((e["step"] for e in evals if e["step"] > g["step"] and e["val_loss"] <= before), None)
+        fair = (g["experts"] - g["experts_from"]) / g["experts"]  # the new experts' share at balance
+        adopted = next((r["step"] for r in steps if r["step"] > g["step"] and r["new_share"] >= fair / 2), None)
+        events.append(dict(step=g["step"], experts=f"{g['experts_from']}->{g['experts']}", before=before,
+                           after=g["val_loss"], spike=g["val_loss"] - before,
+                           steps_to_recover=None if back is None else back - g["step"],
+                           steps_to_adopt=None if adopted is None else adopted - g["step"]))
+    return dict(init=init, seed=seed, events=events, final_val_loss=evals[-1]["val_loss"], seconds=seconds)
+
+
+def print_growth(rows, args):
+    print(f"growth on train.py's tiny default model, {args.total_tokens:,} tokens, E 2->4->8, top_k 2; "
+          f"silent phase-in {args.phase_in_steps} steps; {machine(torch.device('cpu'))}, torch {torch.__version__}")
+    print(f"{'init':>8} {'seed':>4} {'growth':>7} {'step':>5} {'val before':>10} {'after':>7} {'spike':>8} "
+          f"{'steps to recover':>16} {'steps to adopt':>14}")
+    fmt = lambda v: "never" if v is None else str(v)
+    for r in rows:
+        for e in r["events"]:
+            print(f"{r['init']:>8} {r['seed']:>4} {e['experts']:>7} {e['step']:>5} {e['before']:>10.4f} "
+                  f"{e['after']:>7.4f} {e['spike']:>+8.4f} {fmt(e['steps_to_recover']):>16} "
+                  f"{fmt(e['steps_to_adopt']):>14}")
+    print("final val loss: " + ", ".join(f"{r['init']} (seed {r['seed']}) {r['final_val_loss']:.4f}" for r in rows))
+    print("recover: first eval (every 5 steps) at or below the pre-growth val loss; adopt: first step the new "
+          "experts get half their balanced share of tokens")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["moe"])
+    parser.add_argument("what", choices=["moe", "growth"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd grouped and dense paths")
@@ -112,15 +168,19 @@ def main():
     parser.add_argument("--d_expert", type=int, default=256)
     parser.add_argument("--top_k", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seeds", default="0", help="growth: comma-separated seeds")
+    parser.add_argument("--total_tokens", type=int, default=400_000, help="growth: tokens per training run")
+    parser.add_argument("--phase_in_steps", type=int, default=20, help="growth: silent init's phase-in")
+    parser.add_argument("--out_dir", default="runs/bench", help="growth: where the runs' folders go")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = parser.parse_args()
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     emo.keep_freed_memory()
-    rows = bench_moe(args)
+    rows = bench_moe(args) if args.what == "moe" else bench_growth(args)
     if args.json:
         print(json.dumps({"args": vars(args), "machine": machine(torch.device(args.device)), "rows": rows}, indent=1))
     else:
-        print_moe(rows, args)
+        (print_moe if args.what == "moe" else print_growth)(rows, args)
 
 
 if __name__ == "__main__":

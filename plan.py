@@ -1,7 +1,7 @@
 """Print EMO-progressive's stage schedule: experts, token budgets, costs and predicted loss per stage,
 beside a fixed-E baseline. The rule and the law live in emo.py (plan_stages, ScalingLaw).
 
-python plan.py                                  # a single-node run (default model, 10B tokens)
+python plan.py                                  # configs/gpu-8x.json's run (8 GPUs, 20B tokens)
 python plan.py --preset=paper                   # the paper's main run: ~1.1B active, 1.92T tokens, 8..128
 python plan.py --n_active=3e8 --total_tokens=2e10 --experts=8,16,32,64 --top_k=8 --batch_tokens=524288
 python plan.py --fit=runs/x/metrics.jsonl       # refit the law from train.py's stage records first
@@ -31,7 +31,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named run; other flags override its values")
     p.add_argument("--n_active", type=float, help="active parameters for the law (default: from the model shape)")
-    p.add_argument("--total_tokens", type=float, default=1e10)
+    p.add_argument("--total_tokens", type=float, default=2e10)
     p.add_argument("--experts", default="8,16,32,64", help="expert count per stage, increasing")
     p.add_argument("--top_k", type=int, default=8)
     p.add_argument("--batch_tokens", type=int, default=524_288, help="tokens per optimizer step (0: no rounding)")
@@ -40,7 +40,7 @@ def parse_args(argv):
     p.add_argument("--n_head", type=int, default=12)
     p.add_argument("--d_expert", type=int, default=384)
     p.add_argument("--n_shared", type=int, default=1)
-    p.add_argument("--seq_len", type=int, default=2048)
+    p.add_argument("--seq_len", type=int, default=1024)
     p.add_argument("--vocab_size", type=int, default=50304)
     p.add_argument("--fit", metavar="JSONL", help="refit the law from train.py's stage records first")
     p.add_argument("--fit_params", default=",".join(emo.LAW_COEFFICIENTS),

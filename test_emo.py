@@ -698,3 +698,10 @@ def test_resume_refuses_a_different_model_or_a_foreign_file(corpus, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="not a readable checkpoint"):
         train.main([f"--resume={tmp_path / 'junk.pt'}"])
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.glob("configs/*.json")), ids=lambda p: p.name)
+def test_shipped_configs_parse_and_validate(path):
+    settings, model, _ = train.parse([f"--config={path}"])
+    model["n_experts"] = train.stage_experts(settings)[0]
+    train.validate(settings, emo.Config(**model), world_size=8)

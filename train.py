@@ -38,14 +38,14 @@ class Settings:
     resume: str = ""  # a checkpoint, or a run folder (its latest.pt)
     config: str = ""  # a JSON file of settings; flags override it
     # the schedule
-    total_tokens: int = 1_200_000
+    total_tokens: int = 900_000
     schedule: str = "progressive"  # "progressive" (stage budgets from the scaling law) or "fixed"
     experts: str = "2,4,8"  # E per stage; the fixed schedule uses the last
     stages: str = ""  # explicit stages "E:fraction,...", e.g. "8:0.235,16:0.095,...": overrides the solver
     growth_init: str = "gaussian"  # gaussian (the paper), copy, silent (function-preserving)
     growth_optimizer: str = "reset"  # reset (the paper) or keep the old experts' Adam moments
     # optimisation
-    batch_size: int = 8  # sequences per micro-batch per process
+    batch_size: int = 16  # sequences per micro-batch per process
     batch_tokens: int = 0  # tokens per optimizer step over all processes (0: one micro-batch per process)
     lr: float = 3e-3
     min_lr_frac: float = 0.0  # the LR decays to lr * min_lr_frac
@@ -204,6 +204,11 @@ def plan_schedule(s, cfg, total_steps, batch_tokens):
 # ---------------------------------------------------------------------------------------------
 # Learning rate: warmup-stable-decay (or cosine), re-warmed after each growth
 # ---------------------------------------------------------------------------------------------
+
+
+def previous_experts(stages, stage):
+    """E before this stage's growth (the stage's own E in stage 1): experts from there on are the new ones."""
+    return stages[stage["stage"] - 2]["experts"] if stage["stage"] > 1 else stage["experts"]
 
 
 def lr_at(step, s, total_steps, stage):
@@ -470,10 +475,12 @@ def run(argv):
             emo.grow_experts(raw, stage["experts"], init=s.growth_init)
             emo.grow_optimizer(optimizer, s.growth_optimizer)
             model = wrap(raw, s, device, world)
+            seconds = time.time() - t0
+            val, _ = evaluate(model, val_data, s, cfg, device, rank, world)  # the spike growth itself causes
             log(f"step {step}: grew E {old} -> {stage['experts']} ({s.growth_init} init, optimizer "
-                f"{s.growth_optimizer}) in {time.time() - t0:.2f}s")
+                f"{s.growth_optimizer}) in {seconds:.2f}s; val loss right after: {val:.4f}")
             record("growth", step=step, stage=stage["stage"], experts_from=old, experts=stage["experts"],
-                   init=s.growth_init, seconds=time.time() - t0)
+                   init=s.growth_init, seconds=seconds, val_loss=val)
         lr = lr_at(step, s, total_steps, stage)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -498,7 +505,8 @@ def run(argv):
                                f"(E={stage['experts']}); last good checkpoint: {out_dir / 'latest.pt'}")
         record("step", step=step, stage=stage["stage"], experts=stage["experts"], loss=loss_value, ce=ce_value,
                lr=lr, grad_norm=grad_norm.item(), tokens=step * batch_tokens,
-               load_cv=(loads.std(dim=1) / loads.mean(dim=1)).mean().item())
+               load_cv=(loads.std(dim=1) / loads.mean(dim=1)).mean().item(),
+               new_share=(loads[:, previous_experts(stages, stage):].sum() / loads.sum()).item())
         if step % s.log_interval == 0 or step == total_steps:
             elapsed = time.time() - t_last
             tps = tokens_since / elapsed
