@@ -18,7 +18,7 @@ EMO-modular (arXiv 2605.06663) routes each document inside a pool of experts.
 import functools
 import json
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -443,18 +443,18 @@ def grow_experts(model, n_experts, init="gaussian"):
     if init == "silent" and cfg.router != "sigmoid":
         raise ValueError("grow_experts: init='silent' needs router='sigmoid': softmax gates are normalised over "
                          "all experts, so any new expert changes every output")
-    new_cfg = replace(cfg, n_experts=n_experts)  # validates
+    replace(cfg, n_experts=n_experts)  # validates before anything changes
+    cfg.n_experts = n_experts  # the config every layer shares records the new E (checkpoints rebuild shapes)
     for moe in model.moe_layers():
-        grow_layer(moe, new_cfg, init)
-    for f in fields(cfg):  # the model's config records the new E (checkpoints rebuild the right shapes)
-        setattr(cfg, f.name, getattr(new_cfg, f.name))
+        grow_layer(moe, init)
     return model
 
 
-def grow_layer(moe, cfg, init):
-    """Append cfg.n_experts - E experts to one MoE layer (see grow_experts)."""
+def grow_layer(moe, init):
+    """Append experts to one MoE layer until it has moe.cfg.n_experts (see grow_experts)."""
+    cfg = moe.cfg
     old, n_new = moe.n_experts, cfg.n_experts - moe.n_experts
-    moe.cfg, moe.n_experts = cfg, cfg.n_experts
+    moe.n_experts = cfg.n_experts
     fresh = moe.fresh_experts(n_new)
     params = (moe.w_in, moe.w_out, moe.router)
     if init == "copy":

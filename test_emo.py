@@ -705,3 +705,12 @@ def test_shipped_configs_parse_and_validate(path):
     settings, model, _ = train.parse([f"--config={path}"])
     model["n_experts"] = train.stage_experts(settings)[0]
     train.validate(settings, emo.Config(**model), world_size=8)
+
+
+def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
+    lines = [{"kind": "step", "step": 11}, {"kind": "eval", "step": 12}, {"kind": "stage", "step": 12},
+             {"kind": "growth", "step": 12}, {"kind": "step", "step": 13}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    train.trim_metrics(tmp_path / "metrics.jsonl", 12)
+    kept = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kept == lines[:3]

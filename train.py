@@ -66,13 +66,13 @@ class Settings:
     log_interval: int = 10
     sample_tokens: int = 48  # length of the text sample printed at the end (0: none)
     stop_at: int = 0  # save and exit after this many steps (a time-limited job); resume later
-    keep_checkpoints: int = 1  # latest.pt always; stage-end checkpoints are kept too
+    checkpoint_interval: int = 100  # steps between latest.pt saves (also at every stage end and the end)
 
 
 SCHEDULES, LR_SCHEDULES = ("progressive", "fixed"), ("wsd", "cosine")
 # settings a resumed run may change; anything else must match the checkpoint
 RESUMABLE = {"resume", "config", "device", "compile", "eval_interval", "eval_batches", "log_interval",
-             "sample_tokens", "stop_at", "keep_checkpoints", "out_dir"}
+             "sample_tokens", "stop_at", "checkpoint_interval", "out_dir"}
 PER_INVOCATION = {"resume", "config", "stop_at"}  # orders for this command only, never inherited on resume
 # the tiny default model: 2 CPU cores train it through E = 2 -> 4 -> 8 in about 5 minutes
 DEFAULT_MODEL = dict(seq_len=128, n_layer=4, n_head=4, d_model=128, top_k=2, d_expert=128, n_shared=1)
@@ -154,7 +154,7 @@ def validate(s, cfg, world_size):
     need(s.growth_optimizer in emo.OPTIMIZER_MODES, "growth_optimizer", f"one of {', '.join(emo.OPTIMIZER_MODES)}")
     for key in ("total_tokens", "batch_size", "eval_interval", "eval_batches", "log_interval"):
         need(getattr(s, key) >= 1, key, "a positive integer")
-    for key in ("batch_tokens", "warmup_steps", "rewarm_steps", "sample_tokens", "stop_at", "keep_checkpoints"):
+    for key in ("batch_tokens", "warmup_steps", "rewarm_steps", "sample_tokens", "stop_at", "checkpoint_interval"):
         need(getattr(s, key) >= 0, key, "an integer >= 0")
     need(s.lr > 0, "lr", "> 0")
     need(0 <= s.min_lr_frac <= 1, "min_lr_frac", "in [0, 1]")
@@ -395,11 +395,14 @@ class Preemption:
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self.request)
+        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def request(self, signum, frame):
         self.requested = True
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def agreed(self, world, device):
         """All ranks stop at the same step if any one was signalled."""
@@ -458,6 +461,8 @@ def run(argv):
             torch.cuda.set_rng_state_all(resume_state["cuda_rng"])
         log(f"resumed from step {step} (E={raw.config.n_experts})")
     model = wrap(raw, s, device, world)
+    if master and resume_state:
+        trim_metrics(out_dir / "metrics.jsonl", step)
     metrics = open(out_dir / "metrics.jsonl", "a") if master else None
 
     def record(kind, **values):
@@ -524,12 +529,14 @@ def run(argv):
                    val_loss_per_domain=per_domain)
             if stage_end:
                 n_active = raw.num_params(active=True)
-                record("stage", stage=stage["stage"], experts=stage["experts"], top_k=cfg.top_k, n_active=n_active,
+                record("stage", step=step, stage=stage["stage"], experts=stage["experts"], top_k=cfg.top_k,
+                       n_active=n_active,
                        params_total=raw.num_params(), tokens=step * batch_tokens, val_loss=val,
                        seconds=time.time() - start_time)
         stop = s.stop_at and step >= s.stop_at
         preempted = preemption.agreed(world, device)
-        if master and (stage_end or stop or preempted or step == total_steps):
+        periodic = s.checkpoint_interval and step % s.checkpoint_interval == 0
+        if master and (periodic or stage_end or stop or preempted or step == total_steps):
             save_checkpoint(out_dir / "latest.pt", raw, optimizer, s, step)
             if stage_end:
                 save_checkpoint(out_dir / f"stage{stage['stage']}.pt", raw, optimizer, s, step)
@@ -539,11 +546,28 @@ def run(argv):
             break
     if master and step == total_steps and s.sample_tokens:
         log("sample: " + repr(sample(raw, s.sample_tokens, device)))
+    preemption.restore()
     if metrics:
         metrics.close()
     if world > 1:
         dist.destroy_process_group()
     return raw
+
+
+def logged_by(record, step):
+    """Was this record written before the checkpoint at `step`? A growth at `step` comes right after it."""
+    return record["step"] < step if record["kind"] == "growth" else record["step"] <= step
+
+
+def trim_metrics(path, step):
+    """On resume, drop what the stopped run logged after its checkpoint at `step`: it is about to be redone
+    (a growth at `step` itself happened after the checkpoint was written)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and logged_by(json.loads(line), step)]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def sample(raw, n_tokens, device):
