@@ -9,7 +9,8 @@ Read top to bottom, in the order the papers introduce the ideas:
   6. Load balancing          the bias update the trainer calls after every optimizer step
   7. Expert growth           EMO-progressive's stage transition: grow_experts, grow_optimizer
   8. Scaling law             the joint MoE law, its fit, and the stage-budget solver plan_stages
-  9. Data                    deterministic batches from a corpus prepared by data/prepare.py
+  9. Document pools          EMO-modular: per-document expert pools, expert selection and pruning
+ 10. Data                    deterministic batches from a corpus prepared by data/prepare.py
 
 Papers: EMO-progressive (arXiv 2605.13247) grows the expert pool E in stages at fixed top-k;
 EMO-modular (arXiv 2605.06663) routes each document inside a pool of experts.
@@ -51,6 +52,12 @@ class Config:
     z_coef: float = 1e-3  # softmax router: weight of the router z-loss
     rope_theta: float = 10000.0
     phase_in_steps: int = 100  # silent growth: steps for a new expert's offset to climb one unit of score
+    # EMO-modular document pools (off by default): each document routes inside its own pool of experts
+    pool_size: int | float | None = None  # experts per pool: an int counts, a float in (0, 1] is a share of E
+    # (at least top_k)
+    pool_size_range: tuple | None = None  # (lo, hi): training draws P per document and layer from [lo, hi]
+    eot_id: int = 50256  # the token that ends a document (GPT-2's <|endoftext|>)
+    doc_attention: bool = False  # also keep attention inside each document
 
     def __post_init__(self):
         for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model", "n_experts", "top_k",
@@ -66,6 +73,19 @@ class Config:
         _require(self, "d_model", self.d_model % self.n_head == 0, f"a multiple of n_head={self.n_head}")
         _require(self, "d_model", (self.d_model // self.n_head) % 2 == 0,
                  f"such that the head size d_model/n_head is even (RoPE rotates pairs)")
+        uses_documents = self.pool_size is not None or self.pool_size_range is not None or self.doc_attention
+        _require(self, "eot_id", _is_int(self.eot_id) and (0 <= self.eot_id < self.vocab_size or not uses_documents),
+                 f"a token id below vocab_size={self.vocab_size} (it delimits documents)")
+        _require(self, "doc_attention", isinstance(self.doc_attention, bool), "true or false")
+        if self.pool_size_range is not None:
+            self.pool_size_range = tuple(self.pool_size_range)
+            _require(self, "pool_size_range", len(self.pool_size_range) == 2
+                     and pool_count(self.pool_size_range[0], self) <= pool_count(self.pool_size_range[1], self),
+                     "a pair (lo, hi) with lo <= hi")
+        for name in ("pool_size", "pool_size_range"):
+            for value in _as_tuple(getattr(self, name)):
+                _require(self, name, pool_count(value, self) >= self.top_k,
+                         f"an int >= top_k={self.top_k} (experts per pool) or a float in (0, 1] (a share of E)")
 
 
 def _is_int(v):
@@ -74,6 +94,21 @@ def _is_int(v):
 
 def _is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _as_tuple(value):
+    return () if value is None else value if isinstance(value, tuple) else (value,)
+
+
+def pool_count(value, cfg):
+    """Experts in a document pool: an int is a count (capped at E); a float is a share of E, so it scales
+    with growth, and never below top_k (early stages have few experts). 0 for a value of the wrong kind,
+    which validation then rejects."""
+    if _is_int(value):
+        return min(value, cfg.n_experts)
+    if _is_number(value) and 0 < value <= 1:
+        return max(round(value * cfg.n_experts), cfg.top_k)
+    return 0
 
 
 def _require(cfg, name, ok, allowed):
@@ -106,11 +141,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, mask=None):
+        """mask: None for plain causal attention, else [B, 1, T, T] bool (True = may attend)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -189,7 +225,9 @@ class MoE(nn.Module):
         # tokens per expert since the last balancing update (summed over micro-batches)
         self.register_buffer("expert_counts", torch.zeros(cfg.n_experts, dtype=torch.int64))
         self.use_grouped_mm = True  # tests and benchmarks switch it off to compare with the loop
+        self.expert_mask = None  # bool [E]: route only among these experts (restrict_experts)
         self.last_expert_idx = None  # [B, T, k] routing decision of the last forward
+        self.last_scores = None  # [N, E] router scores of the last eval-mode forward (select_experts)
 
     def fresh_experts(self, n):
         """Weights for n experts in the model's normal init (see Transformer.init_weights for the stds)."""
@@ -199,38 +237,70 @@ class MoE(nn.Module):
                 torch.randn(n, cfg.d_expert, cfg.d_model) * out_std,
                 torch.randn(n, cfg.d_model) * 0.02)
 
-    def forward(self, x):
+    def forward(self, x, seg=None):
+        """x [B, T, d]; seg [B*T]: each token's document segment when document pools are on."""
         B, T, d = x.shape
         x = x.reshape(B * T, d)
-        idx, gates, aux = self.route(x)
+        idx, gates, aux = self.route(x, seg)
         y = self.dispatch(x, idx, gates)
         if self.shared is not None:
             y = y + self.shared(x)
-        self.last_expert_idx = idx.detach().view(B, T, self.top_k)
+        self.last_expert_idx = idx.detach().view(B, T, -1)
         return y.view(B, T, d), aux
 
-    def route(self, x):
+    def route(self, x, seg=None):
         """Choose top_k experts per token; returns indices [N, k], gates [N, k], aux losses (lb, z)."""
         # routing in fp32 even under bf16 autocast: bf16 scores tie often and make top-k arbitrary
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.router.float())
+        scores = logits.sigmoid() if self.cfg.router == "sigmoid" else logits.softmax(dim=-1)
+        allowed = self.allowed_experts(scores, seg)  # None, or bool [N, E]
+        k = self.top_k if self.expert_mask is None else min(self.top_k, int(self.expert_mask.sum()))
         zero = logits.new_zeros(())
         if self.cfg.router == "sigmoid":
             # DeepSeek-V3: s = sigmoid(z); chosen by s + b (aux-loss-free balancing); gates = s / sum of chosen s
-            scores = logits.sigmoid()
-            idx = (scores + self.bias + self.ramp).topk(self.top_k, dim=-1).indices
+            select = scores + self.bias + self.ramp
+            if allowed is not None:
+                select = select.masked_fill(~allowed, float("-inf"))
+            idx = select.topk(k, dim=-1).indices
             gates = scores.gather(1, idx)
             gates = gates / gates.sum(dim=-1, keepdim=True)
             aux = (zero, zero)
         else:
-            # OLMoE: p = softmax(z); gates = top-k of p, not renormalised
-            probs = logits.softmax(dim=-1)
-            gates, idx = probs.topk(self.top_k, dim=-1)
-            aux = (self.balance_loss(idx, probs), torch.logsumexp(logits, dim=-1).square().mean())
+            # OLMoE: p = softmax(z) over the allowed experts (-inf elsewhere, so no gradient reaches them);
+            # gates = top-k of p, not renormalised
+            if allowed is not None:
+                logits = logits.masked_fill(~allowed, float("-inf"))
+                scores = logits.softmax(dim=-1)
+            gates, idx = scores.topk(k, dim=-1)
+            aux = (self.balance_loss(idx, scores), torch.logsumexp(logits, dim=-1).square().mean())
         if self.training:  # eval forwards must not move the balancing bias
             with torch.no_grad():
                 self.expert_counts += count_tokens(idx, self.n_experts)
+        else:
+            self.last_scores = scores.detach()
         return idx, gates, aux
+
+    def allowed_experts(self, scores, seg):
+        """Which experts each token may use: its document's pool (EMO-modular) and this layer's expert_mask.
+        The pool is chosen by the router's own scores, without gradient through the choice."""
+        sizes = self.pool_sizes(len(scores), scores.device) if seg is not None else None
+        if sizes is None:
+            return None if self.expert_mask is None else self.expert_mask.expand(len(scores), -1)
+        ranked = scores.detach() if self.expert_mask is None else scores.detach() * self.expert_mask
+        pools = document_pools(ranked, seg, sizes)
+        return pools if self.expert_mask is None else pools & self.expert_mask
+
+    def pool_sizes(self, n_segments, device):
+        """Pool size P of each document segment: drawn from pool_size_range while training (per document
+        and per layer, as the paper), else pool_size; None when pools are off."""
+        cfg = self.cfg
+        if self.training and cfg.pool_size_range is not None:
+            lo, hi = (pool_count(v, cfg) for v in cfg.pool_size_range)
+            return torch.randint(lo, hi + 1, (n_segments,), device=device)
+        if cfg.pool_size is None:
+            return None
+        return torch.full((n_segments,), pool_count(cfg.pool_size, cfg), device=device)
 
     def balance_loss(self, idx, probs):
         """Switch LB loss E * sum_i f_i * P_i (Fedus et al. eq. 4); = 1 at uniform routing.
@@ -271,14 +341,16 @@ class Block(nn.Module):
         self.norm2 = nn.RMSNorm(cfg.d_model)
         self.moe = MoE(cfg)
 
-    def forward(self, x, cos, sin):
-        x = x + self.attn(self.norm1(x), cos, sin)
-        y, aux = self.moe(self.norm2(x))
+    def forward(self, x, cos, sin, seg=None, mask=None):
+        x = x + self.attn(self.norm1(x), cos, sin, mask)
+        y, aux = self.moe(self.norm2(x), seg)
         return x + y, aux
 
 
 class Transformer(nn.Module):
-    """GPT-style decoder with an MoE feed-forward in every layer; input embedding tied to the LM head."""
+    """GPT-style decoder with an MoE feed-forward in every layer; input embedding tied to the LM head.
+    Causal: position t never sees tokens after t, except through document pools, which (as in the paper)
+    choose each document's experts from all of its tokens."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -313,9 +385,13 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {T} exceeds Config.seq_len={self.config.seq_len}")
         x = self.wte(idx)
         cos, sin = self.cos[:T], self.sin[:T]
+        cfg = self.config
+        pools = cfg.pool_size is not None or cfg.pool_size_range is not None
+        seg = document_segments(idx, cfg.eot_id) if pools or cfg.doc_attention else None
+        mask = document_attention_mask(seg.view(B, T)) if cfg.doc_attention else None
         lb = z = 0.0
         for block in self.blocks:
-            x, (layer_lb, layer_z) = block(x, cos, sin)
+            x, (layer_lb, layer_z) = block(x, cos, sin, seg if pools else None, mask)
             lb, z = lb + layer_lb, z + layer_z
         logits = self.lm_head(self.norm(x))
         if targets is None:
@@ -461,13 +537,7 @@ def grow_layer(moe, init):
         src = torch.arange(n_new) % old
         fresh = tuple(p.data[src].cpu() + COPY_NOISE * f for p, f in zip(params, fresh))
     for p, f in zip(params, fresh):
-        grown = torch.cat([p.data, f.to(p.device, p.dtype)])
-        p.grad = None
-        # A live autograd graph (the last step's loss, say) keeps p's gradient accumulator, which remembers
-        # p's old shape and would reject the grown gradient. set_data drops that accumulator only when the
-        # dtype changes, so hop through another dtype on the way.
-        p.data = grown.to(torch.float64 if grown.dtype != torch.float64 else torch.float32)
-        p.data = grown
+        set_param_data(p, torch.cat([p.data, f.to(p.device, p.dtype)]))
     if init == "silent":
         # new experts start at the mean bias; their offset puts s + b + ramp below every old expert's
         # s + b whatever the scores (sigmoid scores lie in (0, 1)), so no token picks them yet
@@ -479,6 +549,18 @@ def grow_layer(moe, init):
         moe.bias = moe.bias.new_zeros(cfg.n_experts)  # the paper resets the bias at every expansion
         moe.ramp = moe.ramp.new_zeros(cfg.n_experts)
     moe.expert_counts = torch.cat([moe.expert_counts, moe.expert_counts.new_zeros(n_new)])
+    if moe.expert_mask is not None:  # a restriction covers the old experts only; new ones are allowed
+        moe.expert_mask = torch.cat([moe.expert_mask, moe.expert_mask.new_ones(n_new)])
+
+
+def set_param_data(p, data):
+    """Give parameter p new data of another shape, keeping p itself (optimizers and DDP point at it)."""
+    p.grad = None
+    # A live autograd graph (the last step's loss, say) keeps p's gradient accumulator, which remembers p's
+    # old shape and would reject the new gradient. set_data drops that accumulator only when the dtype
+    # changes, so hop through another dtype on the way.
+    p.data = data.to(torch.float64 if data.dtype != torch.float64 else torch.float32)
+    p.data = data
 
 
 OPTIMIZER_MODES = ("reset", "keep")
@@ -685,7 +767,125 @@ def _check_plan(n_active, total_tokens, experts, top_k, batch_tokens):
 
 
 # ---------------------------------------------------------------------------------------------
-# 9. Data: batches from a corpus prepared by data/prepare.py
+# 9. Document pools and selective expert use (EMO-modular)
+# ---------------------------------------------------------------------------------------------
+
+
+def document_segments(idx, eot_id):
+    """Each token's document segment in the flattened batch [B*T]. A document starts at a row's first token
+    and after every <|endoftext|>, which belongs to the document it ends. Ids are b*T + (EOTs before t in
+    row b), so they are unique per row and below B*T (a static size: no graph break under compile)."""
+    B, T = idx.shape
+    starts = F.pad(idx[:, :-1] == eot_id, (1, 0))  # token t opens a document if token t-1 was an EOT
+    local = starts.long().cumsum(dim=1)
+    return (local + torch.arange(B, device=idx.device)[:, None] * T).flatten()
+
+
+def document_attention_mask(seg):
+    """[B, 1, T, T] bool: causal attention that stays inside each document."""
+    T = seg.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=seg.device).tril()
+    return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+
+
+def document_pools(scores, seg, sizes):
+    """EMO-modular's pools: a_d = sum of the router scores of document d's tokens; d's pool is its top-P_d
+    experts by a_d. scores [N, E], seg [N] in [0, S), sizes [S] -> [N, E] bool pool membership."""
+    doc_score = scores.new_zeros(len(sizes), scores.shape[1]).index_add_(0, seg, scores)
+    rank = doc_score.argsort(dim=1, descending=True).argsort(dim=1)  # 0 = the document's favourite expert
+    return (rank < sizes[:, None])[seg]
+
+
+def restrict_experts(model, chosen):
+    """Route every layer only among its chosen experts (one index tensor per layer), without copying or
+    pruning; None lifts the restriction. prune_experts makes the same model physically smaller."""
+    for moe, keep in zip(unwrap(model).moe_layers(), chosen or [None] * len(unwrap(model).moe_layers())):
+        moe.expert_mask = None
+        if keep is not None:
+            moe.expert_mask = torch.zeros(moe.n_experts, dtype=torch.bool, device=moe.router.device)
+            moe.expert_mask[keep] = True
+
+
+@torch.no_grad()
+def select_experts(model, batches, keep):
+    """EMO-modular's selective expert use: for one domain, keep the `keep` experts of each layer with the
+    highest mean router score on a few example batches, chosen greedily layer by layer (layer l is scored
+    with the layers before it already restricted to their choice). Returns one sorted index tensor per layer."""
+    model = unwrap(model)
+    training = model.training
+    model.eval()
+    chosen = []
+    for layer in model.moe_layers():
+        restrict_experts(model, chosen + [None] * (len(model.moe_layers()) - len(chosen)))
+        mean_score = 0
+        for x in batches:
+            model(x)
+            mean_score = mean_score + layer.last_scores.mean(dim=0)
+        chosen.append(mean_score.topk(keep).indices.sort().values)
+    restrict_experts(model, None)
+    model.train(training)
+    return chosen
+
+
+@torch.no_grad()
+def prune_experts(model, chosen):
+    """Physically keep only each layer's chosen experts and their router rows, so memory really shrinks;
+    top_k becomes min(top_k, kept). Routing in the pruned model equals restrict_experts on the full one."""
+    model = unwrap(model)
+    cfg = model.config
+    n = len(chosen[0])
+    if not 1 <= n <= cfg.n_experts or any(len(keep) != n for keep in chosen):
+        raise ValueError(f"prune_experts: keep the same number of experts (1..{cfg.n_experts}) in every layer")
+    cfg.n_experts, cfg.top_k = n, min(cfg.top_k, n)
+    for moe, keep in zip(model.moe_layers(), chosen):
+        keep = keep.to(moe.router.device)
+        for p in (moe.w_in, moe.w_out, moe.router):
+            set_param_data(p, p.data[keep])
+        moe.bias, moe.ramp, moe.expert_counts = moe.bias[keep], moe.ramp[keep], moe.expert_counts[keep]
+        moe.n_experts, moe.top_k, moe.expert_mask = n, cfg.top_k, None
+    return model
+
+
+@torch.no_grad()
+def specialization(model, batches):
+    """How concentrated each domain's routing is: one routing_report per layer. batches: pairs of token ids
+    [B, T] and each token's domain id [B, T]."""
+    model = unwrap(model)
+    training = model.training
+    model.eval()
+    n_domains = 1 + max(int(d.max()) for _, d in batches)
+    usage = [torch.zeros(n_domains, m.n_experts, dtype=torch.float64) for m in model.moe_layers()]
+    for x, domain in batches:
+        model(x)
+        for counts, moe in zip(usage, model.moe_layers()):
+            idx = moe.last_expert_idx.cpu()  # [B, T, k]
+            counts.index_put_((domain[..., None].expand_as(idx).flatten(), idx.flatten()),
+                              torch.ones(idx.numel(), dtype=torch.float64), accumulate=True)
+    model.train(training)
+    return [routing_report(counts) for counts in usage]
+
+
+def routing_report(counts):
+    """From a [domains, experts] table of (token, slot) counts: nmi = I(domain; expert) / H(domain), the
+    share of a token's domain that its chosen expert reveals (0: none, 1: experts identify domains);
+    entropy = each domain's expert-usage entropy / log E (1: uses all experts evenly); top = each
+    domain's three most used experts."""
+    def entropy(p):
+        p = p[p > 0]
+        return -(p * p.log()).sum()
+
+    counts = counts.double()
+    joint = counts / counts.sum()
+    p_domain, p_expert = joint.sum(dim=1), joint.sum(dim=0)
+    mutual = entropy(p_domain) + entropy(p_expert) - entropy(joint.flatten())
+    within = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+    return dict(nmi=(mutual / entropy(p_domain).clamp(min=1e-12)).item(),
+                entropy=[(entropy(row) / math.log(counts.shape[1])).item() for row in within],
+                top=[row.topk(min(3, len(row))).indices.tolist() for row in counts])
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. Data: batches from a corpus prepared by data/prepare.py
 # ---------------------------------------------------------------------------------------------
 
 

@@ -26,18 +26,21 @@ def seeded_model(seed=0, **overrides):
 # ---------------------------------------------------------------------------------------------
 
 
-def reference_moe(moe, x):
+def reference_moe(moe, x, allowed=None):
     """The MoE layer written the slow way: each token routed alone, its k experts run one by one.
+    allowed: per token, the set of experts it may use (default: all).
     Returns the output [N, d] and the auxiliary losses (lb, z), built from dense per-token loops."""
     cfg, E, k = moe.cfg, moe.n_experts, moe.top_k
     outputs, probs, chosen_all, lse = [], [], [], []
     for t in range(x.shape[0]):
         logits = moe.router @ x[t]
+        outside = torch.tensor([allowed is not None and e not in allowed[t] for e in range(E)])
         if cfg.router == "sigmoid":
             scores = logits.sigmoid()
-            chosen = (scores + moe.bias + moe.ramp).topk(k).indices
+            chosen = (scores + moe.bias + moe.ramp).masked_fill(outside, float("-inf")).topk(k).indices
             gates = scores[chosen] / scores[chosen].sum()
         else:
+            logits = logits.masked_fill(outside, float("-inf"))
             p = logits.softmax(-1)
             gates, chosen = p.topk(k)
             probs.append(p)
@@ -676,6 +679,7 @@ def test_torchrun_with_two_cpu_processes_matches_one_process(corpus, tmp_path):
     (["--experts=4,2"], "strictly increasing"), (["--n_experts=4"], "--experts"),
     (["--batch_tokens=100"], "multiple of batch_size"), (["--seq_len=8192", "--batch_size=1", "--total_tokens=16384"], "longer than the train split"),
     (["--d_model=66"], "Config.d_model=66"), (["--stages=2:0.5,4:0.4"], "summing to 1"),
+    (["--vocab_size=1000"], "smaller than the corpus vocabulary"),
 ])
 def test_bad_settings_fail_with_one_line_naming_the_setting(corpus, tmp_path, flags, match):
     args = tiny_run(corpus, tmp_path) + flags
@@ -714,3 +718,185 @@ def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
     train.trim_metrics(tmp_path / "metrics.jsonl", 12)
     kept = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert kept == lines[:3]
+
+
+def test_plan_py_refits_the_law_from_train_py_stage_records(tmp_path, capsys):
+    import plan
+
+    true = emo.ScalingLaw(a=30.0, b=40.0, c=1.8)
+    lines = [{"kind": "stage", "n_active": N, "tokens": N * r, "experts": E, "top_k": 2,
+              "val_loss": true.loss(N, N * r, E / 2)} for N in (1e7, 1e8) for r in (20, 200) for E in (2, 8)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    plan.main([f"--fit={tmp_path / 'metrics.jsonl'}", "--fit_params=a,b,c", "--json"])
+    law = json.loads(capsys.readouterr().out)["law"]
+    assert (law["a"], law["b"], law["c"]) == pytest.approx((30.0, 40.0, 1.8), rel=1e-3)
+
+
+def test_checkpoints_load_with_ddp_and_compile_prefixes():
+    model = seeded_model()
+    wrapped = {f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}
+    fresh = seeded_model(seed=1)
+    fresh.load_state_dict(train.strip_prefixes(wrapped))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+
+@pytest.mark.slow
+def test_compiled_model_matches_eager_and_recompiles_after_growth():
+    model = seeded_model()
+    x = torch.randint(0, 128, (2, 33))
+    eager_logits, eager_loss = model(x[:, :-1], x[:, 1:])
+    compiled = torch.compile(model, dynamic=False)
+    logits, loss = compiled(x[:, :-1], x[:, 1:])
+    loss.backward()
+    torch.testing.assert_close(logits, eager_logits)
+    emo.grow_experts(model, 12)
+    _, loss = torch.compile(model, dynamic=False)(x[:, :-1], x[:, 1:])
+    loss.backward()
+    assert model.blocks[0].moe.w_in.grad.shape[0] == 12
+
+
+
+# ---------------------------------------------------------------------------------------------
+# EMO-modular: document pools, expert selection and pruning
+# ---------------------------------------------------------------------------------------------
+
+EOT = 127  # the tiny test vocabulary's end-of-document token
+
+
+def reference_pools(moe, x, ids, P):
+    """Each document's pool the slow way: split every row at its EOTs, sum each document's router scores
+    token by token, keep its top-P experts. Returns one allowed set per token (flattened)."""
+    allowed = []
+    for b in range(ids.shape[0]):
+        docs, current = [], []
+        for t in range(ids.shape[1]):
+            current.append(t)
+            if ids[b, t] == EOT:  # the EOT closes its document
+                docs.append(current)
+                current = []
+        docs += [current] if current else []
+        for doc in docs:
+            total = torch.zeros(moe.n_experts)
+            for t in doc:
+                logits = moe.router @ x[b, t]
+                total += logits.sigmoid() if moe.cfg.router == "sigmoid" else logits.softmax(-1)
+            pool = set(total.topk(P).indices.tolist())
+            allowed += [pool] * len(doc)
+    return allowed
+
+
+def documents_batch(seed=0):
+    torch.manual_seed(seed)
+    ids = torch.randint(0, 120, (2, 12))
+    ids[0, 3], ids[0, 8], ids[1, 5] = EOT, EOT, EOT  # row 0: 3 documents, row 1: 2
+    return ids, torch.randn(2, 12, 64)
+
+
+@pytest.mark.parametrize("router", ["sigmoid", "softmax"])
+def test_every_token_routes_inside_its_documents_pool_like_the_per_document_reference(router):
+    torch.manual_seed(0)
+    moe = emo.MoE(tiny(router=router, pool_size=3, eot_id=EOT)).eval()  # eval: the fixed pool size
+    ids, x = documents_batch()
+    weights = torch.randn(24, 64)
+    y, aux = moe(x, emo.document_segments(ids, EOT))
+    moe_loss(y.view(24, 64), aux, weights).backward()
+    fast = {n: p.grad.clone() for n, p in moe.named_parameters()}
+    moe.zero_grad()
+    allowed = reference_pools(moe, x, ids, 3)
+    y_ref, aux_ref = reference_moe(moe, x.view(24, 64), allowed)
+    moe_loss(y_ref, aux_ref, weights).backward()
+    for t, chosen in enumerate(moe.last_expert_idx.view(24, 2).tolist()):
+        assert set(chosen) <= allowed[t]
+    torch.testing.assert_close(y.view(24, 64), y_ref)
+    for name, p in moe.named_parameters():
+        torch.testing.assert_close(fast[name], p.grad, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("router", ["sigmoid", "softmax"])
+def test_no_gradient_reaches_the_router_rows_of_experts_outside_every_pool(router):
+    torch.manual_seed(0)
+    moe = emo.MoE(tiny(router=router, pool_size=3, eot_id=EOT)).eval()
+    ids = torch.randint(0, 120, (1, 16))  # one document: one pool of 3 for every token
+    y, aux = moe(torch.randn(1, 16, 64), emo.document_segments(ids, EOT))
+    (y.square().sum() + aux[0] + aux[1]).backward()
+    used = moe.router.grad.abs().sum(dim=1) > 0
+    assert used.sum() == 3
+
+
+def test_training_draws_pool_sizes_from_the_range_and_eval_uses_pool_size():
+    torch.manual_seed(0)
+    moe = emo.MoE(tiny(pool_size=0.5, pool_size_range=(2, 8), eot_id=EOT))
+    sizes = moe.pool_sizes(1000, "cpu")
+    assert sizes.min() == 2 and sizes.max() == 8
+    assert (moe.eval().pool_sizes(5, "cpu") == 4).all()  # 0.5 of 8 experts
+    assert emo.pool_count(0.1, moe.cfg) == 2  # a share never gives fewer than top_k experts
+
+
+def test_a_pool_given_as_a_share_grows_with_the_experts():
+    model = seeded_model(pool_size=0.5, eot_id=EOT).eval()
+    emo.grow_experts(model, 16)
+    assert (model.blocks[0].moe.pool_sizes(3, "cpu") == 8).all()
+
+
+def test_a_pool_of_all_experts_is_standard_routing_exactly():
+    ids, x = documents_batch()
+    model = seeded_model(eot_id=EOT)
+    full = seeded_model(pool_size=8, eot_id=EOT)
+    torch.testing.assert_close(full(ids)[0], model(ids)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("router", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("keep", [3, 1])  # 1 < top_k: the pruned model routes top-1
+def test_pruning_to_a_subset_gives_the_same_logits_as_masking_the_other_experts(router, keep):
+    import copy
+
+    model = seeded_model(router=router)
+    ids = torch.randint(0, 128, (2, 32))
+    chosen = [torch.randperm(8)[:keep].sort().values for _ in range(2)]
+    emo.restrict_experts(model, chosen)
+    masked, _ = model(ids)
+    emo.restrict_experts(model, None)
+    pruned = emo.prune_experts(copy.deepcopy(model), chosen)
+    assert pruned.config.n_experts == keep and pruned.num_params() < model.num_params()
+    torch.testing.assert_close(pruned(ids)[0], masked)
+    assert not torch.allclose(model(ids)[0], masked)
+
+
+def test_greedy_selection_keeps_the_experts_with_the_highest_mean_router_score():
+    model = seeded_model(router="softmax").eval()
+    batches = [torch.randint(0, 128, (2, 32)) for _ in range(2)]
+    chosen = emo.select_experts(model, batches, keep=3)
+    mean = 0
+    for x in batches:
+        model(x)
+        mean = mean + model.blocks[0].moe.last_scores.mean(dim=0)
+    assert chosen[0].tolist() == sorted(mean.topk(3).indices.tolist())
+    assert [len(c) for c in chosen] == [3, 3] and model.blocks[1].moe.expert_mask is None
+
+
+def test_routing_report_measures_how_much_experts_reveal_domains():
+    specialised = torch.tensor([[5.0, 5.0, 0, 0], [0, 0, 5.0, 5.0]])
+    mixed = torch.full((2, 4), 5.0)
+    assert emo.routing_report(specialised)["nmi"] == pytest.approx(1.0)
+    assert emo.routing_report(mixed)["nmi"] == pytest.approx(0.0, abs=1e-9)
+    assert emo.routing_report(specialised)["entropy"] == pytest.approx([0.5, 0.5])
+    assert emo.routing_report(specialised)["top"][1][:2] == [2, 3]
+
+
+def test_document_attention_keeps_each_document_to_itself():
+    model = seeded_model(doc_attention=True, eot_id=EOT)
+    ids, _ = documents_batch()
+    changed = ids.clone()
+    changed[0, :3] = (changed[0, :3] + 1) % 120  # edit row 0's first document only
+    a, b = model(ids)[0], model(changed)[0]
+    torch.testing.assert_close(a[0, 4:], b[0, 4:])  # later documents never saw it
+    assert not torch.allclose(a[0, :4], b[0, :4])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(pool_size=1), "pool_size=1"), (dict(pool_size=1.5), "pool_size=1.5"),
+    (dict(pool_size_range=(4, 2)), "lo <= hi"), (dict(pool_size="all"), "pool_size='all'"),
+])
+def test_pool_settings_are_validated(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(eot_id=EOT, **kwargs)

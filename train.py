@@ -124,9 +124,17 @@ def read_config_file(path):
 
 def convert(key, value, kind):
     """A flag's text (or a JSON value) as the field's type, or a one-line error naming it."""
-    kind = {"int": int, "float": float, "str": str, "bool": bool}.get(kind, kind)
     if not isinstance(value, str):  # from a JSON file
-        value = json.dumps(value) if not isinstance(value, str) else value
+        value = ",".join(map(str, value)) if isinstance(value, list) else json.dumps(value)
+    if "None" in str(kind):  # pool_size (int | float | None), pool_size_range (tuple | None)
+        if value.lower() in ("none", "null", ""):
+            return None
+        try:
+            numbers = tuple(int(v) if v.strip().lstrip("-").isdigit() else float(v) for v in value.split(","))
+        except ValueError:
+            raise SettingError(f"--{key}={value}: expected a number, a pair lo,hi, or none") from None
+        return numbers if "tuple" in str(kind) else numbers[0] if len(numbers) == 1 else numbers
+    kind = {"int": int, "float": float, "str": str, "bool": bool}.get(kind, kind)
     try:
         if kind is bool:
             if value.lower() not in ("true", "false", "1", "0"):
