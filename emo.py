@@ -942,6 +942,19 @@ class Corpus:
         return x, y, torch.from_numpy(doc)
 
 
+    def domain_batch(self, domain, rows, seq_len):
+        """Up to `rows` consecutive windows from one domain's documents, in corpus order: x, y [rows, seq_len]
+        (a domain's examples for selecting experts, or its own validation set)."""
+        ends = np.append(self.doc_start[1:], len(self.tokens))
+        docs = np.flatnonzero(self.doc_domain == domain)
+        stream = np.concatenate([self.tokens[self.doc_start[d]:ends[d]] for d in docs]) if len(docs) else []
+        n = min(rows, (len(stream) - 1) // seq_len)
+        if n < 1:
+            raise ValueError(f"domain {self.domains[domain]!r} has fewer than seq_len={seq_len} tokens here")
+        windows = np.stack([stream[i * seq_len:(i + 1) * seq_len + 1] for i in range(n)]).astype(np.int64)
+        return torch.from_numpy(windows[:, :-1]), torch.from_numpy(windows[:, 1:])
+
+
 @functools.lru_cache(maxsize=4)
 def _epoch_order(seed, epoch, n):
     """The seeded random order in which epoch `epoch` visits the n windows."""

@@ -1,6 +1,7 @@
 """emo's test suite: every fast path against a slow, obviously right reference. Run: python -m pytest -q"""
 
 import math
+import time
 
 import pytest
 import torch
@@ -65,6 +66,21 @@ def moe_loss(y, aux, weights):
     return (y * weights).sum() + aux[0] + aux[1]
 
 
+def assert_moe_matches_reference(moe, x, seg=None, allowed=None):
+    """The fast layer and reference_moe give the same output and the same gradient for every parameter."""
+    N, d = x.shape[0] * x.shape[1], x.shape[2]
+    weights = torch.randn(N, d)
+    y, aux = moe(x, seg)
+    moe_loss(y.view(N, d), aux, weights).backward()
+    fast = {n: p.grad.clone() for n, p in moe.named_parameters()}
+    moe.zero_grad()
+    y_ref, aux_ref = reference_moe(moe, x.view(N, d), allowed)
+    moe_loss(y_ref, aux_ref, weights).backward()
+    torch.testing.assert_close(y.view(N, d), y_ref)
+    for name, p in moe.named_parameters():
+        torch.testing.assert_close(fast[name], p.grad, msg=f"gradient of {name}")
+
+
 @pytest.mark.parametrize("router", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("n_shared", [0, 1])
 def test_grouped_moe_matches_per_token_reference_in_output_and_every_gradient(router, n_shared):
@@ -72,19 +88,8 @@ def test_grouped_moe_matches_per_token_reference_in_output_and_every_gradient(ro
     moe = emo.MoE(tiny(router=router, n_shared=n_shared))
     moe.bias.copy_(torch.randn(8) * 0.1)
     x = torch.randn(1, 3, 64)  # 3 tokens x top-2 reach at most 6 of 8 experts: some get zero tokens
-    weights = torch.randn(3, 64)
-
-    y, aux = moe(x)
+    assert_moe_matches_reference(moe, x)
     assert (emo.count_tokens(moe.last_expert_idx, 8) == 0).any()
-    moe_loss(y.view(3, 64), aux, weights).backward()
-    fast = {n: p.grad.clone() for n, p in moe.named_parameters()}
-    moe.zero_grad()
-    y_ref, aux_ref = reference_moe(moe, x.view(3, 64))
-    moe_loss(y_ref, aux_ref, weights).backward()
-
-    torch.testing.assert_close(y.view(3, 64), y_ref)
-    for name, p in moe.named_parameters():
-        torch.testing.assert_close(fast[name], p.grad, msg=f"gradient of {name}")
 
 
 @pytest.mark.parametrize("router", ["sigmoid", "softmax"])
@@ -797,19 +802,10 @@ def test_every_token_routes_inside_its_documents_pool_like_the_per_document_refe
     torch.manual_seed(0)
     moe = emo.MoE(tiny(router=router, pool_size=3, eot_id=EOT)).eval()  # eval: the fixed pool size
     ids, x = documents_batch()
-    weights = torch.randn(24, 64)
-    y, aux = moe(x, emo.document_segments(ids, EOT))
-    moe_loss(y.view(24, 64), aux, weights).backward()
-    fast = {n: p.grad.clone() for n, p in moe.named_parameters()}
-    moe.zero_grad()
     allowed = reference_pools(moe, x, ids, 3)
-    y_ref, aux_ref = reference_moe(moe, x.view(24, 64), allowed)
-    moe_loss(y_ref, aux_ref, weights).backward()
+    assert_moe_matches_reference(moe, x, emo.document_segments(ids, EOT), allowed)
     for t, chosen in enumerate(moe.last_expert_idx.view(24, 2).tolist()):
         assert set(chosen) <= allowed[t]
-    torch.testing.assert_close(y.view(24, 64), y_ref)
-    for name, p in moe.named_parameters():
-        torch.testing.assert_close(fast[name], p.grad, msg=f"gradient of {name}")
 
 
 @pytest.mark.parametrize("router", ["sigmoid", "softmax"])
@@ -900,3 +896,99 @@ def test_document_attention_keeps_each_document_to_itself():
 def test_pool_settings_are_validated(kwargs, match):
     with pytest.raises(ValueError, match=match):
         tiny(eot_id=EOT, **kwargs)
+
+
+def test_eval_py_prunes_per_domain_and_reports_size_and_specialization(corpus, tmp_path, capsys):
+    import eval as evaluate
+
+    train.main(tiny_run(corpus, tmp_path, "--pool_size_range=0.25,1.0", "--stages=4:1.0", "--total_tokens=2048"))
+    capsys.readouterr()
+    evaluate.main([f"--checkpoint={tmp_path}", "--keep=1,0.5,0.25", "--calib_rows=2", "--eval_rows=4", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["losses"]) == {"code", "prose"}
+    assert all(set(row) == {"1.0", "0.5", "0.25"} for row in out["losses"].values())
+    assert out["params"]["1.0"] > out["params"]["0.5"] > out["params"]["0.25"]
+    assert len(out["specialization"]) == 2 and 0 <= out["specialization"][0]["nmi"] <= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Robustness: collapse warnings, non-finite losses, preemption, kill -9
+# ---------------------------------------------------------------------------------------------
+
+
+def test_collapse_warnings_name_the_layer_and_the_idle_experts():
+    s = train.Settings(collapse_steps=3, max_load_cv=1.0)
+    idle = torch.tensor([[0, 3, 0, 0], [0, 0, 0, 2]])
+    loads = torch.tensor([[9.0, 0, 1, 1], [1.0, 1, 1, 1]])
+    assert train.collapse_warnings(idle, loads, s, check_cv=False) == ["layer 0: experts [1] got no token for 3 steps"]
+    assert "layer 0: expert load CV 1.52 > --max_load_cv=1.0" == train.collapse_warnings(idle, loads, s, check_cv=True)[1]
+
+
+def test_a_non_finite_loss_stops_the_run_with_one_line(corpus, tmp_path):
+    with pytest.raises(SystemExit, match="non-finite loss or gradient at step .*last good checkpoint"):
+        train.main(tiny_run(corpus, tmp_path, "--lr=1e30", "--grad_clip=0", "--warmup_steps=0"))
+
+
+def train_process(args):
+    return subprocess.Popen([sys.executable, "train.py", *args], cwd=Path(__file__).parent,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_steps(out_dir, n, timeout=60):
+    start = time.time()
+    while time.time() - start < timeout:
+        path = Path(out_dir) / "metrics.jsonl"
+        if path.exists() and sum('"kind": "step"' in line for line in path.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.05)
+    raise TimeoutError
+
+
+def final_weights(out_dir):
+    return torch.load(Path(out_dir) / "latest.pt", weights_only=False)["model"]
+
+
+def test_sigterm_saves_at_the_next_step_and_the_run_resumes_exactly(corpus, tmp_path):
+    import signal
+
+    train.main(tiny_run(corpus, tmp_path / "a"))
+    process = train_process(tiny_run(corpus, tmp_path / "b", "--checkpoint_interval=1000"))
+    wait_for_steps(tmp_path / "b", 3)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0 and "stopped at step" in output and "(signal)" in output
+    stopped = torch.load(tmp_path / "b" / "latest.pt", weights_only=False)["step"]
+    assert 3 <= stopped < 24
+    train.main([f"--resume={tmp_path / 'b'}"])
+    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in records(tmp_path / "a", "step")] == [r["loss"] for r in records(tmp_path / "b", "step")]
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_points_loses_nothing(corpus, tmp_path):
+    """Fault injection: SIGKILL a training process at random moments (mid-step, mid-checkpoint-write, right
+    after growth), resume each time, and check the final weights equal an uninterrupted run's."""
+    import random
+
+    args = tiny_run(corpus, tmp_path / "b", "--checkpoint_interval=1", "--total_tokens=12288")
+    train.main(tiny_run(corpus, tmp_path / "a", "--total_tokens=12288"))
+    rng, kills, mid_write = random.Random(0), 0, 0
+    latest = tmp_path / "b" / "latest.pt"
+    while True:
+        before = latest.stat().st_mtime_ns if latest.exists() else 0
+        process = train_process(args + ([f"--resume={tmp_path / 'b'}"] if before else []))
+        while process.poll() is None and (latest.stat().st_mtime_ns if latest.exists() else 0) == before:
+            time.sleep(0.02)  # wait until this process has saved progress, then kill it at a random moment
+        time.sleep(rng.uniform(0.0, 0.5))
+        if process.poll() is not None:
+            assert process.returncode == 0, process.stdout.read()[-2000:]
+            break
+        process.kill()
+        process.wait()
+        kills += 1
+        mid_write += (tmp_path / "b" / "latest.pt.tmp").exists()
+    print(f"kill -9 points tried: {kills}, {mid_write} of them mid-checkpoint-write; nothing lost")
+    assert kills >= 3
+    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)

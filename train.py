@@ -67,12 +67,14 @@ class Settings:
     sample_tokens: int = 48  # length of the text sample printed at the end (0: none)
     stop_at: int = 0  # save and exit after this many steps (a time-limited job); resume later
     checkpoint_interval: int = 100  # steps between latest.pt saves (also at every stage end and the end)
+    collapse_steps: int = 200  # warn when an expert of a layer got no token for this many steps
+    max_load_cv: float = 2.0  # warn when a layer's expert-load coefficient of variation exceeds this
 
 
 SCHEDULES, LR_SCHEDULES = ("progressive", "fixed"), ("wsd", "cosine")
 # settings a resumed run may change; anything else must match the checkpoint
 RESUMABLE = {"resume", "config", "device", "compile", "eval_interval", "eval_batches", "log_interval",
-             "sample_tokens", "stop_at", "checkpoint_interval", "out_dir"}
+             "sample_tokens", "stop_at", "checkpoint_interval", "out_dir", "collapse_steps", "max_load_cv"}
 PER_INVOCATION = {"resume", "config", "stop_at"}  # orders for this command only, never inherited on resume
 # the tiny default model: 2 CPU cores train it through E = 2 -> 4 -> 8 in about 5 minutes
 DEFAULT_MODEL = dict(seq_len=128, n_layer=4, n_head=4, d_model=128, top_k=2, d_expert=128, n_shared=1)
@@ -80,6 +82,10 @@ DEFAULT_MODEL = dict(seq_len=128, n_layer=4, n_head=4, d_model=128, top_k=2, d_e
 
 class SettingError(ValueError):
     """A bad flag, file or value: printed as one line before any data loading or device allocation."""
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a non-finite loss): printed as one line naming the step and the last checkpoint."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,11 +166,12 @@ def validate(s, cfg, world_size):
     need(s.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {', '.join(LR_SCHEDULES)}")
     need(s.growth_init in emo.GROWTH_INITS, "growth_init", f"one of {', '.join(emo.GROWTH_INITS)}")
     need(s.growth_optimizer in emo.OPTIMIZER_MODES, "growth_optimizer", f"one of {', '.join(emo.OPTIMIZER_MODES)}")
-    for key in ("total_tokens", "batch_size", "eval_interval", "eval_batches", "log_interval"):
+    for key in ("total_tokens", "batch_size", "eval_interval", "eval_batches", "log_interval", "collapse_steps"):
         need(getattr(s, key) >= 1, key, "a positive integer")
     for key in ("batch_tokens", "warmup_steps", "rewarm_steps", "sample_tokens", "stop_at", "checkpoint_interval"):
         need(getattr(s, key) >= 0, key, "an integer >= 0")
     need(s.lr > 0, "lr", "> 0")
+    need(s.max_load_cv > 0, "max_load_cv", "> 0")
     need(0 <= s.min_lr_frac <= 1, "min_lr_frac", "in [0, 1]")
     need(0 <= s.decay_frac <= 1, "decay_frac", "in [0, 1]")
     need(s.weight_decay >= 0 and s.grad_clip >= 0, "weight_decay", ">= 0 (grad_clip too)")
@@ -212,6 +219,20 @@ def plan_schedule(s, cfg, total_steps, batch_tokens):
 # ---------------------------------------------------------------------------------------------
 # Learning rate: warmup-stable-decay (or cosine), re-warmed after each growth
 # ---------------------------------------------------------------------------------------------
+
+
+def collapse_warnings(idle, loads, s, check_cv):
+    """Router collapse, per layer: experts that got no token for collapse_steps steps (said once, when
+    they reach it), or (when check_cv, at log steps) a load CV above max_load_cv."""
+    warnings = []
+    for layer, (layer_idle, load) in enumerate(zip(idle, loads)):
+        dead = (layer_idle == s.collapse_steps).nonzero().flatten().tolist()
+        if dead:
+            warnings.append(f"layer {layer}: experts {dead} got no token for {s.collapse_steps} steps")
+        cv = (load.std() / load.mean()).item() if check_cv else 0.0
+        if cv > s.max_load_cv:
+            warnings.append(f"layer {layer}: expert load CV {cv:.2f} > --max_load_cv={s.max_load_cv}")
+    return warnings
 
 
 def previous_experts(stages, stage):
@@ -479,6 +500,7 @@ def run(argv):
             metrics.flush()
 
     preemption = Preemption()
+    idle = torch.zeros(0)  # per layer and expert: steps since it last got a token
     t_last, tokens_since, start_time, start_step = time.time(), 0, time.time(), step
     while step < total_steps:
         stage = next(st for st in stages if st["start"] <= step < st["end"])
@@ -514,8 +536,14 @@ def run(argv):
         tokens_since += batch_tokens
         loss_value, ce_value = mean_over_ranks([float(loss_sum) / accum, float(ce_sum) / accum], world)
         if not math.isfinite(loss_value) or not math.isfinite(grad_norm.item()):
-            raise RuntimeError(f"non-finite loss or gradient at step {step}, stage {stage['stage']} "
-                               f"(E={stage['experts']}); last good checkpoint: {out_dir / 'latest.pt'}")
+            last = out_dir / "latest.pt"
+            raise TrainingError(f"non-finite loss or gradient at step {step}, stage {stage['stage']} "
+                                f"(E={stage['experts']}); last good checkpoint: "
+                                f"{last if last.exists() else 'none yet'} (resume it with a lower --lr)")
+        idle = (idle + 1) * (loads == 0) if idle.shape == loads.shape else (loads == 0).long()
+        for warning in collapse_warnings(idle, loads, s, check_cv=step % s.log_interval == 0):
+            log(f"step {step}: warning: {warning}")
+            record("warning", step=step, message=warning)
         record("step", step=step, stage=stage["stage"], experts=stage["experts"], loss=loss_value, ce=ce_value,
                lr=lr, grad_norm=grad_norm.item(), tokens=step * batch_tokens,
                load_cv=(loads.std(dim=1) / loads.mean(dim=1)).mean().item(),
@@ -591,7 +619,7 @@ def sample(raw, n_tokens, device):
 def main(argv=None):
     try:
         return run(sys.argv[1:] if argv is None else argv)
-    except (SettingError, ValueError) as err:
+    except (SettingError, ValueError, TrainingError) as err:
         sys.exit(f"train.py: {err}")
 
 
