@@ -992,3 +992,10 @@ def test_kill_9_at_random_points_loses_nothing(corpus, tmp_path):
     assert kills >= 3
     a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_retention_keeps_stage_ends_and_the_latest_n_checkpoints(corpus, tmp_path):
+    train.main(tiny_run(corpus, tmp_path, "--checkpoint_interval=5", "--keep_latest=3"))
+    names = {p.name for p in tmp_path.glob("*.pt")}
+    assert names == {"latest.pt", "stage1.pt", "stage2.pt", "step15.pt", "step20.pt", "step24.pt"}
+    assert torch.load(tmp_path / "step20.pt", weights_only=False)["step"] == 20

@@ -67,6 +67,7 @@ class Settings:
     sample_tokens: int = 48  # length of the text sample printed at the end (0: none)
     stop_at: int = 0  # save and exit after this many steps (a time-limited job); resume later
     checkpoint_interval: int = 100  # steps between latest.pt saves (also at every stage end and the end)
+    keep_latest: int = 1  # checkpoints kept besides stage ends: with N > 1 the N newest as stepS.pt too
     collapse_steps: int = 200  # warn when an expert of a layer got no token for this many steps
     max_load_cv: float = 2.0  # warn when a layer's expert-load coefficient of variation exceeds this
 
@@ -74,7 +75,8 @@ class Settings:
 SCHEDULES, LR_SCHEDULES = ("progressive", "fixed"), ("wsd", "cosine")
 # settings a resumed run may change; anything else must match the checkpoint
 RESUMABLE = {"resume", "config", "device", "compile", "eval_interval", "eval_batches", "log_interval",
-             "sample_tokens", "stop_at", "checkpoint_interval", "out_dir", "collapse_steps", "max_load_cv"}
+             "sample_tokens", "stop_at", "checkpoint_interval", "keep_latest", "out_dir", "collapse_steps",
+             "max_load_cv"}
 PER_INVOCATION = {"resume", "config", "stop_at"}  # orders for this command only, never inherited on resume
 # the tiny default model: 2 CPU cores train it through E = 2 -> 4 -> 8 in about 5 minutes
 DEFAULT_MODEL = dict(seq_len=128, n_layer=4, n_head=4, d_model=128, top_k=2, d_expert=128, n_shared=1)
@@ -166,7 +168,8 @@ def validate(s, cfg, world_size):
     need(s.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {', '.join(LR_SCHEDULES)}")
     need(s.growth_init in emo.GROWTH_INITS, "growth_init", f"one of {', '.join(emo.GROWTH_INITS)}")
     need(s.growth_optimizer in emo.OPTIMIZER_MODES, "growth_optimizer", f"one of {', '.join(emo.OPTIMIZER_MODES)}")
-    for key in ("total_tokens", "batch_size", "eval_interval", "eval_batches", "log_interval", "collapse_steps"):
+    for key in ("total_tokens", "batch_size", "eval_interval", "eval_batches", "log_interval", "collapse_steps",
+                "keep_latest"):
         need(getattr(s, key) >= 1, key, "a positive integer")
     for key in ("batch_tokens", "warmup_steps", "rewarm_steps", "sample_tokens", "stop_at", "checkpoint_interval"):
         need(getattr(s, key) >= 0, key, "an integer >= 0")
@@ -274,6 +277,18 @@ def save_checkpoint(path, raw, optimizer, s, step):
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def keep_latest(out_dir, step, n):
+    """Retention: with n > 1 the n newest checkpoints stay as stepS.pt, hard links (no second write) of
+    what latest.pt was at step S; stage-end checkpoints stageN.pt are always kept."""
+    if n > 1:
+        link = out_dir / f"step{step}.pt"
+        link.unlink(missing_ok=True)
+        os.link(out_dir / "latest.pt", link)
+    links = sorted(out_dir.glob("step*.pt"), key=lambda p: int(p.stem[4:]))
+    for path in links[:max(len(links) - n, 0) if n > 1 else len(links)]:
+        path.unlink()
 
 
 def load_checkpoint(path):
@@ -574,6 +589,7 @@ def run(argv):
         periodic = s.checkpoint_interval and step % s.checkpoint_interval == 0
         if master and (periodic or stage_end or stop or preempted or step == total_steps):
             save_checkpoint(out_dir / "latest.pt", raw, optimizer, s, step)
+            keep_latest(out_dir, step, s.keep_latest)
             if stage_end:
                 save_checkpoint(out_dir / f"stage{stage['stage']}.pt", raw, optimizer, s, step)
         if stop or preempted:
