@@ -38,7 +38,7 @@ class Settings:
     resume: str = ""  # a checkpoint, or a run folder (its latest.pt)
     config: str = ""  # a JSON file of settings; flags override it
     # the schedule
-    total_tokens: int = 900_000
+    total_tokens: int = 800_000
     schedule: str = "progressive"  # "progressive" (stage budgets from the scaling law) or "fixed"
     experts: str = "2,4,8"  # E per stage; the fixed schedule uses the last
     stages: str = ""  # explicit stages "E:fraction,...", e.g. "8:0.235,16:0.095,...": overrides the solver
