@@ -24,7 +24,7 @@ import emo
 
 def naive_moe(moe, x):
     """The nanoMoE / HF-Mixtral baseline: for each expert, find its tokens with a mask and run them."""
-    idx, gates, _ = moe.route(x)
+    idx, gates, _, _ = moe.route(x)
     y = torch.zeros_like(x)
     for e in range(moe.n_experts):
         token, slot = torch.where(idx == e)

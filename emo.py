@@ -38,7 +38,7 @@ ROUTERS = ("sigmoid", "softmax")
 @dataclass
 class Config:
     vocab_size: int = 50304  # GPT-2's 50257 tokens, padded to a multiple of 64 for fast matmuls
-    seq_len: int = 256
+    seq_len: int = 128
     n_layer: int = 4
     n_head: int = 4
     d_model: int = 128
@@ -53,8 +53,7 @@ class Config:
     rope_theta: float = 10000.0
     phase_in_steps: int = 100  # silent growth: steps for a new expert's offset to climb one unit of score
     # EMO-modular document pools (off by default): each document routes inside its own pool of experts
-    pool_size: int | float | None = None  # experts per pool: an int counts, a float in (0, 1] is a share of E
-    # (at least top_k)
+    pool_size: int | float | None = None  # experts per pool: an int counts, a float in (0, 1] a share of E
     pool_size_range: tuple | None = None  # (lo, hi): training draws P per document and layer from [lo, hi]
     eot_id: int = 50256  # the token that ends a document (GPT-2's <|endoftext|>)
     doc_attention: bool = False  # also keep attention inside each document
@@ -78,10 +77,11 @@ class Config:
                  f"a token id below vocab_size={self.vocab_size} (it delimits documents)")
         _require(self, "doc_attention", isinstance(self.doc_attention, bool), "true or false")
         if self.pool_size_range is not None:
+            _require(self, "pool_size_range", isinstance(self.pool_size_range, (tuple, list))
+                     and len(self.pool_size_range) == 2, "a pair (lo, hi)")
             self.pool_size_range = tuple(self.pool_size_range)
-            _require(self, "pool_size_range", len(self.pool_size_range) == 2
-                     and pool_count(self.pool_size_range[0], self) <= pool_count(self.pool_size_range[1], self),
-                     "a pair (lo, hi) with lo <= hi")
+            _require(self, "pool_size_range", pool_count(self.pool_size_range[0], self)
+                     <= pool_count(self.pool_size_range[1], self), "a pair (lo, hi) with lo <= hi")
         for name in ("pool_size", "pool_size_range"):
             for value in _as_tuple(getattr(self, name)):
                 _require(self, name, pool_count(value, self) >= self.top_k,
@@ -209,7 +209,6 @@ class MoE(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
         w_in, w_out, router = self.fresh_experts(cfg.n_experts)
         # stored [E, d_in, d_out] so tokens multiply them as x @ w[e]: on CPU this layout runs the grouped
         # backward 2x faster at E=128 than nn.Linear's [d_out, d_in] transposed (bench.py moe)
@@ -229,6 +228,14 @@ class MoE(nn.Module):
         self.last_expert_idx = None  # [B, T, k] routing decision of the last forward
         self.last_scores = None  # [N, E] router scores of the last eval-mode forward (select_experts)
 
+    @property
+    def n_experts(self):
+        return self.router.shape[0]  # derived from the weights, so growth and pruning cannot leave it stale
+
+    @property
+    def top_k(self):
+        return self.cfg.top_k
+
     def fresh_experts(self, n):
         """Weights for n experts in the model's normal init (see Transformer.init_weights for the stds)."""
         cfg = self.cfg
@@ -241,22 +248,22 @@ class MoE(nn.Module):
         """x [B, T, d]; seg [B*T]: each token's document segment when document pools are on."""
         B, T, d = x.shape
         x = x.reshape(B * T, d)
-        idx, gates, aux = self.route(x, seg)
-        y = self.dispatch(x, idx, gates)
+        idx, gates, counts, aux = self.route(x, seg)
+        y = self.dispatch(x, idx, gates, counts)
         if self.shared is not None:
             y = y + self.shared(x)
         self.last_expert_idx = idx.detach().view(B, T, -1)
         return y.view(B, T, d), aux
 
     def route(self, x, seg=None):
-        """Choose top_k experts per token; returns indices [N, k], gates [N, k], aux losses (lb, z)."""
+        """Choose top_k experts per token; returns indices [N, k], gates [N, k], tokens per expert [E] and
+        the auxiliary losses (lb, z)."""
         # routing in fp32 even under bf16 autocast: bf16 scores tie often and make top-k arbitrary
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.router.float())
         scores = logits.sigmoid() if self.cfg.router == "sigmoid" else logits.softmax(dim=-1)
         allowed = self.allowed_experts(scores, seg)  # None, or bool [N, E]
         k = self.top_k if self.expert_mask is None else min(self.top_k, int(self.expert_mask.sum()))
-        zero = logits.new_zeros(())
         if self.cfg.router == "sigmoid":
             # DeepSeek-V3: s = sigmoid(z); chosen by s + b (aux-loss-free balancing); gates = s / sum of chosen s
             select = scores + self.bias + self.ramp
@@ -265,7 +272,6 @@ class MoE(nn.Module):
             idx = select.topk(k, dim=-1).indices
             gates = scores.gather(1, idx)
             gates = gates / gates.sum(dim=-1, keepdim=True)
-            aux = (zero, zero)
         else:
             # OLMoE: p = softmax(z) over the allowed experts (-inf elsewhere, so no gradient reaches them);
             # gates = top-k of p, not renormalised
@@ -273,13 +279,16 @@ class MoE(nn.Module):
                 logits = logits.masked_fill(~allowed, float("-inf"))
                 scores = logits.softmax(dim=-1)
             gates, idx = scores.topk(k, dim=-1)
-            aux = (self.balance_loss(idx, scores), torch.logsumexp(logits, dim=-1).square().mean())
+        counts = count_tokens(idx, self.n_experts)  # counted once: dispatch, balancing and the loss share it
+        if self.cfg.router == "softmax":
+            aux = (self.balance_loss(counts, scores), torch.logsumexp(logits, dim=-1).square().mean())
+        else:
+            aux = (logits.new_zeros(()), logits.new_zeros(()))
         if self.training:  # eval forwards must not move the balancing bias
-            with torch.no_grad():
-                self.expert_counts += count_tokens(idx, self.n_experts)
+            self.expert_counts += counts
         else:
             self.last_scores = scores.detach()
-        return idx, gates, aux
+        return idx, gates, counts, aux
 
     def allowed_experts(self, scores, seg):
         """Which experts each token may use: its document's pool (EMO-modular) and this layer's expert_mask.
@@ -302,20 +311,19 @@ class MoE(nn.Module):
             return None
         return torch.full((n_segments,), pool_count(cfg.pool_size, cfg), device=device)
 
-    def balance_loss(self, idx, probs):
+    def balance_loss(self, counts, probs):
         """Switch LB loss E * sum_i f_i * P_i (Fedus et al. eq. 4); = 1 at uniform routing.
         f_i: share of the (token, slot) assignments that go to expert i, counted over the global batch;
         P_i: mean router probability of expert i on this rank (the part that carries the gradient)."""
-        counts = all_reduce_sum(count_tokens(idx, self.n_experts)).float()
+        counts = all_reduce_sum(counts).float()
         f = counts / counts.sum()
         return self.n_experts * (f * probs.mean(dim=0)).sum()
 
-    def dispatch(self, x, idx, gates):
+    def dispatch(self, x, idx, gates, counts):
         """Dropless grouped MoE: every (token, slot) pair is computed, none dropped, no capacity factor."""
         N, k = idx.shape
         order = idx.flatten().argsort(stable=True)  # (token, slot) pairs grouped by expert
         token = order // k  # which token each sorted pair came from
-        counts = count_tokens(idx, self.n_experts)
         # grouped_mm is not autocast-aware: cast activations and weights to the autocast dtype ourselves
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         xs = x.index_select(0, token).to(dtype)  # backward is index_add_, cheaper than x[token]'s
@@ -423,9 +431,6 @@ class Transformer(nn.Module):
         """Total parameters, or active ones: all but the (E - k) routed experts a token does not use."""
         return count_params(self.config)[1 if active else 0]
 
-    def flops_per_token(self):
-        return flops_per_token(self.config)
-
 
 def count_params(cfg):
     """(total, active) parameters of Transformer(cfg), from the shapes alone (so plan.py can size 10B models)."""
@@ -530,7 +535,6 @@ def grow_layer(moe, init):
     """Append experts to one MoE layer until it has moe.cfg.n_experts (see grow_experts)."""
     cfg = moe.cfg
     old, n_new = moe.n_experts, cfg.n_experts - moe.n_experts
-    moe.n_experts = cfg.n_experts
     fresh = moe.fresh_experts(n_new)
     params = (moe.w_in, moe.w_out, moe.router)
     if init == "copy":
@@ -704,7 +708,7 @@ BYTES_PER_PARAM = 16  # fp32 weights 4 + gradients 4 + Adam moments 8 (bf16 auto
 
 
 def step_time_exponent(experts, seconds):
-    """Calibrate rho in time(E) ~ E^rho from measured step times (bench.py step): least squares in log-log."""
+    """Calibrate rho in time(E) ~ E^rho from step times measured at several E: least squares in log-log."""
     x = torch.tensor([math.log(E) for E in experts], dtype=torch.float64)
     y = torch.tensor([math.log(s) for s in seconds], dtype=torch.float64)
     x, y = x - x.mean(), y - y.mean()
@@ -842,7 +846,7 @@ def prune_experts(model, chosen):
         for p in (moe.w_in, moe.w_out, moe.router):
             set_param_data(p, p.data[keep])
         moe.bias, moe.ramp, moe.expert_counts = moe.bias[keep], moe.ramp[keep], moe.expert_counts[keep]
-        moe.n_experts, moe.top_k, moe.expert_mask = n, cfg.top_k, None
+        moe.expert_mask = None
     return model
 
 

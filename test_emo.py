@@ -146,8 +146,8 @@ def test_softmax_balance_loss_is_one_at_uniform_routing():
     moe = emo.MoE(tiny(router="softmax", n_experts=4, top_k=2))
     idx = torch.tensor([[0, 1], [2, 3], [1, 0], [3, 2]])  # every expert gets 2 of 8 assignments
     probs = torch.full((4, 4), 0.25)
-    assert moe.balance_loss(idx, probs).item() == pytest.approx(1.0)
-    skewed = torch.tensor([[0, 1]] * 4)
+    assert moe.balance_loss(emo.count_tokens(idx, 4), probs).item() == pytest.approx(1.0)
+    skewed = emo.count_tokens(torch.tensor([[0, 1]] * 4), 4)
     assert moe.balance_loss(skewed, torch.tensor([[0.5, 0.5, 0.0, 0.0]] * 4)).item() == pytest.approx(2.0)
 
 
@@ -892,6 +892,7 @@ def test_document_attention_keeps_each_document_to_itself():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(pool_size=1), "pool_size=1"), (dict(pool_size=1.5), "pool_size=1.5"),
     (dict(pool_size_range=(4, 2)), "lo <= hi"), (dict(pool_size="all"), "pool_size='all'"),
+    (dict(pool_size_range=5), "a pair"),
 ])
 def test_pool_settings_are_validated(kwargs, match):
     with pytest.raises(ValueError, match=match):
