@@ -78,8 +78,6 @@ RESUMABLE = {"resume", "config", "device", "compile", "eval_interval", "eval_bat
              "sample_tokens", "stop_at", "checkpoint_interval", "keep_latest", "out_dir", "collapse_steps",
              "max_load_cv"}
 PER_INVOCATION = {"resume", "config", "stop_at"}  # orders for this command only, never inherited on resume
-# the tiny default model: 2 CPU cores train it through E = 2 -> 4 -> 8 in about 5 minutes
-DEFAULT_MODEL = dict(seq_len=128, n_layer=4, n_head=4, d_model=128, top_k=2, d_expert=128, n_shared=1)
 
 
 class SettingError(ValueError):
@@ -116,7 +114,7 @@ def parse(argv):
         raise SettingError("give --stages=E:fraction,... or --experts=E,..., not both (--stages names its E)")
     typed = {key: convert(key, value, known[key]) for key, value in values.items()}
     settings = Settings(**{k: v for k, v in typed.items() if k in Settings.__dataclass_fields__})
-    model = {**DEFAULT_MODEL, **{k: v for k, v in typed.items() if k in emo.Config.__dataclass_fields__}}
+    model = {k: v for k, v in typed.items() if k in emo.Config.__dataclass_fields__}  # the rest: Config's
     return settings, model, set(values)
 
 
@@ -517,93 +515,105 @@ def run(argv):
     preemption = Preemption()
     idle = torch.zeros(0)  # per layer and expert: steps since it last got a token
     t_last, tokens_since, start_time, start_step = time.time(), 0, time.time(), step
-    while step < total_steps:
-        stage = next(st for st in stages if st["start"] <= step < st["end"])
-        if raw.config.n_experts != stage["experts"]:  # the first step of a new stage: grow
-            t0 = time.time()
-            old = raw.config.n_experts
-            emo.grow_experts(raw, stage["experts"], init=s.growth_init)
-            emo.grow_optimizer(optimizer, s.growth_optimizer)
-            model = wrap(raw, s, device, world)
-            seconds = time.time() - t0
-            val, _ = evaluate(model, val_data, s, cfg, device, rank, world)  # the spike growth itself causes
-            log(f"step {step}: grew E {old} -> {stage['experts']} ({s.growth_init} init, optimizer "
-                f"{s.growth_optimizer}) in {seconds:.2f}s; val loss right after: {val:.4f}")
-            record("growth", step=step, stage=stage["stage"], experts_from=old, experts=stage["experts"],
-                   init=s.growth_init, seconds=seconds, val_loss=val)
-        lr = lr_at(step, s, total_steps, stage)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = ce_sum = 0.0
-        for micro in range(accum):
-            x, y = train_data.batch(step * accum + micro, s.batch_size, cfg.seq_len, s.seed, rank, world)
-            sync = micro == accum - 1 or world == 1
-            with (nullcontext() if sync else model.no_sync()), autocast(device):
-                _, loss = model(x.to(device), y.to(device))
-            (loss / accum).backward()
-            loss_sum += loss.detach()
-            ce_sum += raw.last_losses["ce"]
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), s.grad_clip or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loads = emo.update_router_bias(raw)
-        step += 1
-        tokens_since += batch_tokens
-        loss_value, ce_value = mean_over_ranks([float(loss_sum) / accum, float(ce_sum) / accum], world)
-        if not math.isfinite(loss_value) or not math.isfinite(grad_norm.item()):
-            last = out_dir / "latest.pt"
-            raise TrainingError(f"non-finite loss or gradient at step {step}, stage {stage['stage']} "
-                                f"(E={stage['experts']}); last good checkpoint: "
-                                f"{last if last.exists() else 'none yet'} (resume it with a lower --lr)")
-        idle = (idle + 1) * (loads == 0) if idle.shape == loads.shape else (loads == 0).long()
-        for warning in collapse_warnings(idle, loads, s, check_cv=step % s.log_interval == 0):
-            log(f"step {step}: warning: {warning}")
-            record("warning", step=step, message=warning)
-        record("step", step=step, stage=stage["stage"], experts=stage["experts"], loss=loss_value, ce=ce_value,
-               lr=lr, grad_norm=grad_norm.item(), tokens=step * batch_tokens,
-               load_cv=(loads.std(dim=1) / loads.mean(dim=1)).mean().item(),
-               new_share=(loads[:, previous_experts(stages, stage):].sum() / loads.sum()).item())
-        if step % s.log_interval == 0 or step == total_steps:
-            elapsed = time.time() - t_last
-            tps = tokens_since / elapsed
-            util = emo.mfu(tps / world, raw.config, device)
-            eta = (time.time() - start_time) / (step - start_step) * (total_steps - step)
-            log(f"step {step}/{total_steps} | stage {stage['stage']}/{len(stages)} E={stage['experts']} | loss "
-                f"{loss_value:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | mfu {'-' if util is None else f'{util:.1%}'}"
-                f" | eta {eta / 60:.1f} min")
-            t_last, tokens_since = time.time(), 0
-        stage_end = step == stage["end"]
-        if step % s.eval_interval == 0 or stage_end:
-            val, per_domain = evaluate(model, val_data, s, cfg, device, rank, world)
-            log(f"step {step}: val loss {val:.4f} | " + " ".join(f"{d} {v:.3f}" for d, v in per_domain.items()))
-            record("eval", step=step, stage=stage["stage"], experts=stage["experts"], val_loss=val,
-                   val_loss_per_domain=per_domain)
-            if stage_end:
-                n_active = raw.num_params(active=True)
-                record("stage", step=step, stage=stage["stage"], experts=stage["experts"], top_k=cfg.top_k,
-                       n_active=n_active,
-                       params_total=raw.num_params(), tokens=step * batch_tokens, val_loss=val,
-                       seconds=time.time() - start_time)
-        stop = s.stop_at and step >= s.stop_at
-        preempted = preemption.agreed(world, device)
-        periodic = s.checkpoint_interval and step % s.checkpoint_interval == 0
-        if master and (periodic or stage_end or stop or preempted or step == total_steps):
-            save_checkpoint(out_dir / "latest.pt", raw, optimizer, s, step)
-            keep_latest(out_dir, step, s.keep_latest)
-            if stage_end:
-                save_checkpoint(out_dir / f"stage{stage['stage']}.pt", raw, optimizer, s, step)
-        if stop or preempted:
-            log(f"stopped at step {step} ({'signal' if preempted else '--stop_at'}); resume with: "
-                f"python train.py --resume={out_dir}")
-            break
-    if master and step == total_steps and s.sample_tokens:
-        log("sample: " + repr(sample(raw, s.sample_tokens, device)))
-    preemption.restore()
-    if metrics:
-        metrics.close()
-    if world > 1:
-        dist.destroy_process_group()
+    try:
+        while step < total_steps:
+            stage = next(st for st in stages if st["start"] <= step < st["end"])
+            if raw.config.n_experts != stage["experts"]:  # the first step of a new stage: grow
+                t0 = time.time()
+                old = raw.config.n_experts
+                emo.grow_experts(raw, stage["experts"], init=s.growth_init)
+                emo.grow_optimizer(optimizer, s.growth_optimizer)
+                model = wrap(raw, s, device, world)
+                seconds = time.time() - t0
+                val, _ = evaluate(model, val_data, s, cfg, device, rank, world)  # the spike growth itself causes
+                log(f"step {step}: grew E {old} -> {stage['experts']} ({s.growth_init} init, optimizer "
+                    f"{s.growth_optimizer}) in {seconds:.2f}s; val loss right after: {val:.4f}")
+                record("growth", step=step, stage=stage["stage"], experts_from=old, experts=stage["experts"],
+                       init=s.growth_init, seconds=seconds, val_loss=val)
+            lr = lr_at(step, s, total_steps, stage)
+            loss_value, ce_value, grad_norm, loads = train_step(model, raw, optimizer, train_data, s, step, lr, accum,
+                                                                rank, world, device)
+            step += 1
+            tokens_since += batch_tokens
+            if not math.isfinite(loss_value) or not math.isfinite(grad_norm.item()):
+                last = out_dir / "latest.pt"
+                raise TrainingError(f"non-finite loss or gradient at step {step}, stage {stage['stage']} "
+                                    f"(E={stage['experts']}); last good checkpoint: "
+                                    f"{last if last.exists() else 'none yet'} (resume it with a lower --lr)")
+            idle = (idle + 1) * (loads == 0) if idle.shape == loads.shape else (loads == 0).long()
+            for warning in collapse_warnings(idle, loads, s, check_cv=step % s.log_interval == 0):
+                log(f"step {step}: warning: {warning}")
+                record("warning", step=step, message=warning)
+            record("step", step=step, stage=stage["stage"], experts=stage["experts"], loss=loss_value, ce=ce_value,
+                   lr=lr, grad_norm=grad_norm.item(), tokens=step * batch_tokens,
+                   load_cv=(loads.std(dim=1) / loads.mean(dim=1)).mean().item(),
+                   new_share=(loads[:, previous_experts(stages, stage):].sum() / loads.sum()).item())
+            if step % s.log_interval == 0 or step == total_steps:
+                elapsed = time.time() - t_last
+                tps = tokens_since / elapsed
+                util = emo.mfu(tps / world, raw.config, device)
+                eta = (time.time() - start_time) / (step - start_step) * (total_steps - step)
+                log(f"step {step}/{total_steps} | stage {stage['stage']}/{len(stages)} E={stage['experts']} | loss "
+                    f"{loss_value:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | mfu {'-' if util is None else f'{util:.1%}'}"
+                    f" | eta {eta / 60:.1f} min")
+                t_last, tokens_since = time.time(), 0
+            stage_end = step == stage["end"]
+            if step % s.eval_interval == 0 or stage_end:
+                val, per_domain = evaluate(model, val_data, s, cfg, device, rank, world)
+                log(f"step {step}: val loss {val:.4f} | " + " ".join(f"{d} {v:.3f}" for d, v in per_domain.items()))
+                record("eval", step=step, stage=stage["stage"], experts=stage["experts"], val_loss=val,
+                       val_loss_per_domain=per_domain)
+                if stage_end:
+                    n_active = raw.num_params(active=True)
+                    record("stage", step=step, stage=stage["stage"], experts=stage["experts"], top_k=cfg.top_k,
+                           n_active=n_active,
+                           params_total=raw.num_params(), tokens=step * batch_tokens, val_loss=val,
+                           seconds=time.time() - start_time)
+            stop = s.stop_at and step >= s.stop_at
+            preempted = preemption.agreed(world, device)
+            periodic = s.checkpoint_interval and step % s.checkpoint_interval == 0
+            if master and (periodic or stage_end or stop or preempted or step == total_steps):
+                save_checkpoint(out_dir / "latest.pt", raw, optimizer, s, step)
+                keep_latest(out_dir, step, s.keep_latest)
+                if stage_end:  # a hard link: the same checkpoint, kept, without a second write
+                    stage_path = out_dir / f"stage{stage['stage']}.pt"
+                    stage_path.unlink(missing_ok=True)
+                    os.link(out_dir / "latest.pt", stage_path)
+            if stop or preempted:
+                log(f"stopped at step {step} ({'signal' if preempted else '--stop_at'}); resume with: "
+                    f"python train.py --resume={out_dir}")
+                break
+        if master and step == total_steps and s.sample_tokens:
+            log("sample: " + repr(sample(raw, s.sample_tokens, device)))
+    finally:  # also when the run stops on an error: give back the signal handlers, close the log
+        preemption.restore()
+        if metrics:
+            metrics.close()
+        if world > 1:
+            dist.destroy_process_group()
     return raw
+
+
+def train_step(model, raw, optimizer, data, s, step, lr, accum, rank, world, device):
+    """One optimizer step over `accum` micro-batches, then the balancing update.
+    Returns the loss and cross-entropy (averaged over ranks), the gradient norm and the expert loads."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = ce_sum = 0.0
+    for micro in range(accum):
+        x, y = data.batch(step * accum + micro, s.batch_size, raw.config.seq_len, s.seed, rank, world)
+        sync = micro == accum - 1 or world == 1  # DDP all-reduces gradients on the last micro-batch only
+        with (nullcontext() if sync else model.no_sync()), autocast(device):
+            _, loss = model(x.to(device), y.to(device))
+        (loss / accum).backward()
+        loss_sum += loss.detach()
+        ce_sum += raw.last_losses["ce"]
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), s.grad_clip or float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loads = emo.update_router_bias(raw)
+    loss_value, ce_value = mean_over_ranks([float(loss_sum) / accum, float(ce_sum) / accum], world)
+    return loss_value, ce_value, grad_norm, loads
 
 
 def logged_by(record, step):
