@@ -201,7 +201,7 @@ def tokenize(docs, enc, max_tokens, chunk=256):
         pending.append((domain, text))
         if len(pending) == chunk:
             flush()
-            full |= {d for d in used if used[d] >= fair_share(used, max_tokens, d)}
+            full |= {d for d in used if used[d] >= token_cap(used, max_tokens)}
             if len(full) == len(used) and sum(used.values()) >= max_tokens:
                 break
     if pending:
@@ -212,8 +212,9 @@ def tokenize(docs, enc, max_tokens, chunk=256):
     return trim_to_budget(by_domain, max_tokens)
 
 
-def fair_share(used, max_tokens, domain):
-    """Water-filling: domains below an equal share keep all they have; the rest split what remains."""
+def token_cap(used, max_tokens):
+    """The per-domain token cap, by water-filling: domains below an equal share keep all they have, and
+    the domains above it split what remains equally."""
     remaining, sizes = max_tokens, sorted(used.values())
     for i, size in enumerate(sizes):
         share = remaining / (len(sizes) - i)
@@ -226,9 +227,9 @@ def fair_share(used, max_tokens, domain):
 def trim_to_budget(by_domain, max_tokens):
     """Drop trailing documents of the domains over their fair share (always keep at least two each)."""
     used = {d: sum(len(t) for t in docs) for d, docs in by_domain.items()}
+    cap = token_cap(used, max_tokens)  # from the untrimmed sizes, once
     for domain, docs in by_domain.items():
-        share = fair_share(used, max_tokens, domain)
-        while len(docs) > 2 and used[domain] - len(docs[-1]) >= share:
+        while len(docs) > 2 and used[domain] - len(docs[-1]) >= cap:
             used[domain] -= len(docs.pop())
     return by_domain
 
