@@ -515,9 +515,12 @@ def run(argv):
     preemption = Preemption()
     idle = torch.zeros(0)  # per layer and expert: steps since it last got a token
     t_last, tokens_since, start_time, start_step = time.time(), 0, time.time(), step
+    cost = None  # this stage's training time, tokens and peak memory (what the stage record reports)
     try:
         while step < total_steps:
             stage = next(st for st in stages if st["start"] <= step < st["end"])
+            if cost is None or cost["stage"] != stage["stage"]:
+                cost = dict(stage=stage["stage"], seconds=0.0, tokens=0, peak=reset_peak_memory(device))
             if raw.config.n_experts != stage["experts"]:  # the first step of a new stage: grow
                 t0 = time.time()
                 old = raw.config.n_experts
@@ -531,8 +534,11 @@ def run(argv):
                 record("growth", step=step, stage=stage["stage"], experts_from=old, experts=stage["experts"],
                        init=s.growth_init, seconds=seconds, val_loss=val)
             lr = lr_at(step, s, total_steps, stage)
+            t0 = time.time()
             loss_value, ce_value, grad_norm, loads = train_step(model, raw, optimizer, train_data, s, step, lr, accum,
                                                                 rank, world, device)
+            cost["seconds"] += time.time() - t0  # train_step ends on .item(): the GPU work is done
+            cost["tokens"] += batch_tokens
             step += 1
             tokens_since += batch_tokens
             if not math.isfinite(loss_value) or not math.isfinite(grad_norm.item()):
@@ -568,7 +574,10 @@ def run(argv):
                     record("stage", step=step, stage=stage["stage"], experts=stage["experts"], top_k=cfg.top_k,
                            n_active=n_active,
                            params_total=raw.num_params(), tokens=step * batch_tokens, val_loss=val,
-                           seconds=time.time() - start_time)
+                           seconds=time.time() - start_time, train_seconds=cost["seconds"],
+                           tokens_per_second=cost["tokens"] / cost["seconds"],
+                           peak_memory=peak_memory(device) if cost["peak"] else None,
+                           state_memory=state_memory(raw, optimizer))
             stop = s.stop_at and step >= s.stop_at
             preempted = preemption.agreed(world, device)
             periodic = s.checkpoint_interval and step % s.checkpoint_interval == 0
@@ -585,6 +594,9 @@ def run(argv):
                 break
         if master and step == total_steps and s.sample_tokens:
             log("sample: " + repr(sample(raw, s.sample_tokens, device)))
+        if master and step == total_steps:
+            metrics.flush()
+            log(plot_losses({out_dir.name: out_dir}, out_dir / "loss.png"))
     finally:  # also when the run stops on an error: give back the signal handlers, close the log
         preemption.restore()
         if metrics:
@@ -614,6 +626,64 @@ def train_step(model, raw, optimizer, data, s, step, lr, accum, rank, world, dev
     loads = emo.update_router_bias(raw)
     loss_value, ce_value = mean_over_ranks([float(loss_sum) / accum, float(ce_sum) / accum], world)
     return loss_value, ce_value, grad_norm, loads
+
+
+def reset_peak_memory(device):
+    """Start a peak-memory window: CUDA's allocator peak, or on Linux the process's peak resident set
+    (writing 5 to /proc/self/clear_refs resets VmHWM). Returns False where neither can be reset."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    emo.release_freed_memory()  # else the window starts at the heap the last stage kept
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory(device):
+    """Bytes since reset_peak_memory: peak allocated tensors on CUDA; peak RSS of the whole process on CPU
+    (the Python and torch runtime included, so compare CPU values as differences)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) * 1024  # reported in kB
+
+
+def state_memory(raw, optimizer):
+    """Bytes of weights + gradients + optimizer moments: the part of memory that growth changes."""
+    tensors = [p for p in raw.parameters()] + [p.grad for p in raw.parameters() if p.grad is not None]
+    tensors += [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v) and v.dim()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def plot_losses(runs, png):
+    """Validation loss against tokens for each run folder in `runs` ({label: folder}), a dotted line at
+    each growth. matplotlib is optional: without it this writes nothing and says so."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return f"no {png}: matplotlib is not installed (optional: pip install matplotlib)"
+    fig, ax = plt.subplots(figsize=(8, 5))
+    lowest = float("inf")
+    for i, (label, folder) in enumerate(runs.items()):
+        records = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+        tokens = {0: 0, **{r["step"]: r["tokens"] for r in records if r["kind"] == "step"}}
+        evals = [r for r in records if r["kind"] == "eval"]
+        color = f"C{i % 10}"
+        ax.plot([tokens[r["step"]] for r in evals], [r["val_loss"] for r in evals], color=color, label=label)
+        for growth in (r for r in records if r["kind"] == "growth"):
+            ax.axvline(tokens[growth["step"]], color=color, linestyle=":", linewidth=1)
+        lowest = min([lowest] + [r["val_loss"] for r in evals])
+    ax.set(xlabel="tokens", ylabel="validation loss", title="validation loss (dotted: expert growth)")
+    ax.set_ylim(lowest - 0.1, lowest + 2.5)  # the first evals (~10.8) would flatten the rest
+    ax.legend()
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return f"wrote {png}"
 
 
 def logged_by(record, step):
