@@ -7,13 +7,21 @@ python bench.py growth [--seeds=0,1] [--json]
     train.py's tiny model through E = 2 -> 4 -> 8 once per growth init (gaussian / copy / silent):
     validation loss right before and right after each growth, steps until it is back, adoption of the
     new experts, and the final loss.
+python bench.py repro [--seeds=0,1] [--experts=2,4,8,16,32] [--total_tokens=1e6] [--train_args="..."] [--json]
+    the paper's claim at small scale: same model, data and tokens for fixed E_max, fixed E_max/2 and
+    progressive growth up to E_max with each growth init, one train.py process per run. Final val loss
+    (overall, per domain), training time, tokens/s and memory per stage; loss-seedS.png per seed. A run
+    folder that already holds a finished run of the same command is reused, not re-run.
 """
 
 import argparse
 import json
 import platform
+import shlex
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -157,9 +165,113 @@ def print_growth(rows, args):
           "experts get half their balanced share of tokens")
 
 
+def repro_arms(args):
+    """{name: train.py flags}: the two fixed baselines, then progressive growth once per init."""
+    experts = args.experts.split(",")
+    e_max = int(experts[-1])
+    arms = {f"fixed-{e_max}": ["--schedule=fixed", f"--experts={e_max}"],
+            f"fixed-{e_max // 2}": ["--schedule=fixed", f"--experts={e_max // 2}"]}
+    for init in args.inits.split(","):
+        arms[f"progressive-{init}"] = ["--schedule=progressive", f"--experts={args.experts}", f"--growth_init={init}"]
+    return arms
+
+
+def bench_repro(args):
+    import train
+
+    rows, plots = [], []
+    for seed in [int(x) for x in args.seeds.split(",")]:
+        folders = {}
+        for name, flags in repro_arms(args).items():
+            out = Path(args.out_dir) / f"{name}-seed{seed}"
+            command = [sys.executable, "train.py", *flags, f"--seed={seed}", f"--total_tokens={args.total_tokens}",
+                       f"--phase_in_steps={args.phase_in_steps}", "--sample_tokens=0", *shlex.split(args.train_args),
+                       f"--out_dir={out}"]
+            if not finished(out, command):
+                shutil.rmtree(out, ignore_errors=True)
+                out.mkdir(parents=True)
+                print(f"running {name} seed {seed}: {shlex.join(command[1:])}", file=sys.stderr)
+                with open(out / "train.log", "w") as log:
+                    if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode:
+                        sys.exit(f"bench.py: {name} seed {seed} failed: see {out / 'train.log'}")
+                (out / "command.json").write_text(json.dumps(command))
+            rows.append(repro_row(name, seed, out))
+            folders[name] = out
+        plots.append(train.plot_losses(folders, Path(args.out_dir) / f"loss-seed{seed}.png"))
+    return dict(runs=rows, arms=repro_summary(rows), plots=plots)
+
+
+def finished(out, command):
+    """Does `out` hold a run of exactly this command that reached its last step?"""
+    done = out / "command.json"
+    return done.exists() and json.loads(done.read_text()) == command
+
+
+def repro_row(name, seed, out):
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in records if r["kind"] == "eval"][-1]
+    stages = [r for r in records if r["kind"] == "stage"]
+    return dict(arm=name, seed=seed, val_loss=final["val_loss"], per_domain=final["val_loss_per_domain"],
+                train_seconds=sum(st["train_seconds"] for st in stages), wall_seconds=stages[-1]["seconds"],
+                stages=[{k: st[k] for k in ("experts", "tokens", "tokens_per_second", "peak_memory", "state_memory")}
+                        for st in stages])
+
+
+def repro_summary(rows):
+    """Per arm, over seeds: mean and range of the final loss; its gap and time ratio to fixed E_max, seed
+    by seed (the same seed shares data order and initial weights); per stage mean tokens/s and memory."""
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    base = {r["seed"]: r for r in rows if r["arm"] == arms[0]}
+    summary = []
+    for arm in arms:
+        runs = [r for r in rows if r["arm"] == arm]
+        mean = lambda xs: sum(xs) / len(xs)
+        stages = [{k: mean([run["stages"][i][k] or 0 for run in runs]) for k in runs[0]["stages"][i]}
+                  for i in range(len(runs[0]["stages"]))]
+        summary.append(dict(
+            arm=arm, seeds=len(runs), val_loss=mean([r["val_loss"] for r in runs]),
+            val_loss_min=min(r["val_loss"] for r in runs), val_loss_max=max(r["val_loss"] for r in runs),
+            gap=mean([r["val_loss"] / base[r["seed"]]["val_loss"] - 1 for r in runs]),
+            time_ratio=mean([r["train_seconds"] / base[r["seed"]]["train_seconds"] for r in runs]),
+            first_stage_memory_ratio=stages[0]["peak_memory"] / base[runs[0]["seed"]]["stages"][0]["peak_memory"]
+            if stages[0]["peak_memory"] else None,
+            first_stage_state_ratio=stages[0]["state_memory"] / base[runs[0]["seed"]]["stages"][0]["state_memory"],
+            stages=stages))
+    return summary
+
+
+def print_repro(result, args):
+    print(f"repro: {args.total_tokens:,.0f} tokens per run, stages up to E={args.experts.split(',')[-1]}, "
+          f"train.py flags: {args.train_args or '(defaults)'}; {machine(torch.device('cpu'))}, torch {torch.__version__}")
+    domains = list(result["runs"][0]["per_domain"])
+    print(f"{'arm':>20} {'seed':>4} {'val loss':>8} " + " ".join(f"{d:>7}" for d in domains)
+          + f" {'train s':>8} {'wall s':>7}")
+    for r in result["runs"]:
+        print(f"{r['arm']:>20} {r['seed']:>4} {r['val_loss']:>8.4f} "
+              + " ".join(f"{r['per_domain'][d]:>7.3f}" for d in domains)
+              + f" {r['train_seconds']:>8.0f} {r['wall_seconds']:>7.0f}")
+    base = result["arms"][0]["arm"]
+    print(f"\n{'arm':>20} {'val loss (min-max)':>25} {'vs ' + base:>13} {'train time':>11} {'stage-1 state':>13}"
+          f" {'stage-1 peak':>12}")
+    for a in result["arms"]:
+        peak = "-" if a["first_stage_memory_ratio"] is None else f"{a['first_stage_memory_ratio']:.2f}x"
+        print(f"{a['arm']:>20} {a['val_loss']:>8.4f} ({a['val_loss_min']:.4f}-{a['val_loss_max']:.4f}) "
+              f"{a['gap']:>+12.2%} {a['time_ratio']:>10.3f}x {a['first_stage_state_ratio']:>12.2f}x {peak:>12}")
+    print(f"\n{'arm':>20} per stage (means over seeds): E tokens/s | peak MB | weights+grads+Adam MB")
+    for a in result["arms"]:
+        print(f"{a['arm']:>20} " + "  ".join(f"E={st['experts']:.0f} {st['tokens_per_second']:,.0f} | "
+                                             f"{st['peak_memory'] / 2**20:,.0f} | {st['state_memory'] / 2**20:,.0f}"
+                                             for st in a["stages"]))
+    print("train time: the sum of training steps (no evals, growth or checkpoints), as a ratio to the first arm's "
+          "run of the same seed; peak: " + ("CUDA allocator" if "cuda" in args.train_args else
+                                          "the process's resident set (Python and torch included)"))
+    for line in result["plots"]:
+        print(line)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["moe", "growth"])
+    parser.add_argument("what", choices=["moe", "growth", "repro"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd grouped and dense paths")
@@ -169,18 +281,27 @@ def main():
     parser.add_argument("--top_k", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seeds", default="0", help="growth: comma-separated seeds")
-    parser.add_argument("--total_tokens", type=int, default=400_000, help="growth: tokens per training run")
+    parser.add_argument("--total_tokens", type=float, default=None,
+                        help="growth, repro: tokens per training run (default 400000, 1000000)")
     parser.add_argument("--phase_in_steps", type=int, default=20, help="growth: silent init's phase-in")
-    parser.add_argument("--out_dir", default="runs/bench", help="growth: where the runs' folders go")
+    parser.add_argument("--out_dir", default=None, help="growth, repro: where the runs' folders go "
+                        "(default runs/bench, runs/repro)")
+    parser.add_argument("--experts", default="2,4,8,16,32", help="repro: E per stage of the progressive runs")
+    parser.add_argument("--inits", default="gaussian,copy,silent", help="repro: growth inits to run")
+    parser.add_argument("--train_args", default="", help="repro: more train.py flags for every run, e.g. a --config")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = parser.parse_args()
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    args.out_dir = args.out_dir or f"runs/{'repro' if args.what == 'repro' else 'bench'}"
+    args.total_tokens = int(args.total_tokens or (1_000_000 if args.what == "repro" else 400_000))
     emo.keep_freed_memory()
-    rows = bench_moe(args) if args.what == "moe" else bench_growth(args)
+    bench, show = {"moe": (bench_moe, print_moe), "growth": (bench_growth, print_growth),
+                   "repro": (bench_repro, print_repro)}[args.what]
+    rows = bench(args)
     if args.json:
         print(json.dumps({"args": vars(args), "machine": machine(torch.device(args.device)), "rows": rows}, indent=1))
     else:
-        (print_moe if args.what == "moe" else print_growth)(rows, args)
+        show(rows, args)
 
 
 if __name__ == "__main__":
