@@ -7,6 +7,10 @@ python bench.py growth [--seeds=0,1] [--json]
     train.py's tiny model through E = 2 -> 4 -> 8 once per growth init (gaussian / copy / silent):
     validation loss right before and right after each growth, steps until it is back, adoption of the
     new experts, and the final loss.
+python bench.py step [--experts=8,16,32,64,128] [--train_args="..."] [--json]
+    train.py's training step (its model and settings; --train_args changes them) at each E, top-k fixed:
+    step time and its ratio to the first E, the optimizer step's share, peak and weight+grad+Adam memory,
+    and the time of one growth E -> 2E. The fitted exponent of time ~ E^rho feeds plan.py --step_times.
 python bench.py repro [--seeds=0,1] [--experts=2,4,8,16,32] [--total_tokens=1e6] [--train_args="..."] [--json]
     the paper's claim at small scale: same model, data and tokens for fixed E_max, fixed E_max/2 and
     progressive growth up to E_max with each growth init, one train.py process per run. Final val loss
@@ -165,6 +169,86 @@ def print_growth(rows, args):
           "experts get half their balanced share of tokens")
 
 
+class RandomTokens:
+    """Stands in for emo.Corpus in train.train_step: timing needs tokens, not text."""
+
+    def __init__(self, vocab_size):
+        self.vocab_size = vocab_size
+
+    def batch(self, step, batch_size, seq_len, seed=0, rank=0, world_size=1):
+        g = torch.Generator().manual_seed(step)
+        x = torch.randint(self.vocab_size, (batch_size, seq_len + 1), generator=g)
+        return x[:, :-1], x[:, 1:]
+
+
+def timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def bench_step(args):
+    """train.py's step (train.train_step: forward, backward, clipping, AdamW, balancing) for each E."""
+    import train
+
+    s, model_settings, _ = train.parse(shlex.split(args.train_args))
+    _, _, device = train.setup_distributed(s.device)
+    data = RandomTokens(model_settings.get("vocab_size", emo.Config.vocab_size))
+    rows = []
+    for n_experts in [int(E) for E in args.experts.split(",")]:
+        torch.manual_seed(0)
+        raw = emo.Transformer(emo.Config(**{**model_settings, "n_experts": n_experts})).to(device)
+        optimizer = train.make_optimizer(raw, s, device)
+        model = train.wrap(raw, s, device, 1)
+        step = lambda i: train.train_step(model, raw, optimizer, data, s, i, s.lr, 1, 0, 1, device)
+        for i in range(2):  # warm-up: first-call allocations, compilation, optimizer state
+            step(i)
+        tracked = train.reset_peak_memory(device)
+        seconds = statistics.median(timed(lambda: step(i), device) for i in range(2, 2 + args.repeats))
+        peak = train.peak_memory(device) if tracked else None
+        # the optimizer step alone, on gradients of the size the training step leaves (zero_grad freed them)
+        for p in raw.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer_seconds = statistics.median(timed(optimizer.step, device) for _ in range(args.repeats))
+        optimizer.zero_grad(set_to_none=True)
+        state = train.state_memory(raw, optimizer)
+        growth = timed(lambda: (emo.grow_experts(raw, 2 * n_experts, init="gaussian"),
+                                emo.grow_optimizer(optimizer, "reset")), device)
+        rows.append(dict(experts=n_experts, step_seconds=seconds, tokens_per_second=s.batch_size
+                         * raw.config.seq_len / seconds, optimizer_seconds=optimizer_seconds,
+                         optimizer_share=optimizer_seconds / seconds, peak_memory=peak, state_memory=state,
+                         growth_seconds=growth))
+        del raw, optimizer, model
+    for r in rows:
+        r["step_time_ratio"] = r["step_seconds"] / rows[0]["step_seconds"]
+    rho = emo.step_time_exponent([r["experts"] for r in rows], [r["step_seconds"] for r in rows]) \
+        if len(rows) > 1 else None
+    return dict(rows=rows, step_time_exponent=rho, settings=dict(**vars(s), **model_settings), device=str(device))
+
+
+def print_step(result, args):
+    device = torch.device(result["device"])
+    print(f"training step vs E at fixed top-k; train.py flags: {args.train_args or '(defaults)'}; {machine(device)}, "
+          f"torch {torch.__version__}; median of {args.repeats} steps")
+    print(f"{'E':>5} {'step ms':>9} {'vs first':>9} {'tok/s':>9} {'optimizer ms':>13} {'share':>6} {'peak MB':>8} "
+          f"{'state MB':>9} {'grow E->2E ms':>14}")
+    for r in result["rows"]:
+        peak = "-" if r["peak_memory"] is None else f"{r['peak_memory'] / 2**20:,.0f}"
+        print(f"{r['experts']:>5} {r['step_seconds'] * 1e3:>9.1f} {r['step_time_ratio']:>8.3f}x "
+              f"{r['tokens_per_second']:>9,.0f} {r['optimizer_seconds'] * 1e3:>13.1f} {r['optimizer_share']:>6.1%} "
+              f"{peak:>8} {r['state_memory'] / 2**20:>9,.1f} {r['growth_seconds'] * 1e3:>14.1f}")
+    rows = result["rows"]
+    if result["step_time_exponent"] is not None:
+        print(f"step time ~ E^{result['step_time_exponent']:.4f}: {rows[-1]['step_time_ratio']:.3f}x from E={rows[0]['experts']} "
+              f"to {rows[-1]['experts']} (the paper, Fig. 1: 1.08x from 8 to 128 at ~1.1B active, E^{emo.STEP_TIME_EXPONENT:.4f})")
+    print("state: weights + gradients + AdamW moments; peak: " + ("CUDA allocator" if device.type == "cuda" else
+          "the process's resident set (Python and torch included)") + "; grow: grow_experts + grow_optimizer")
+
+
 def repro_arms(args):
     """{name: train.py flags}: the two fixed baselines, then progressive growth once per init."""
     experts = args.experts.split(",")
@@ -271,7 +355,7 @@ def print_repro(result, args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["moe", "growth", "repro"])
+    parser.add_argument("what", choices=["moe", "growth", "step", "repro"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd grouped and dense paths")
@@ -286,20 +370,27 @@ def main():
     parser.add_argument("--phase_in_steps", type=int, default=20, help="growth: silent init's phase-in")
     parser.add_argument("--out_dir", default=None, help="growth, repro: where the runs' folders go "
                         "(default runs/bench, runs/repro)")
-    parser.add_argument("--experts", default="2,4,8,16,32", help="repro: E per stage of the progressive runs")
+    parser.add_argument("--experts", default=None, help="step: E to time (default 8,16,32,64,128); "
+                        "repro: E per stage of the progressive runs (default 2,4,8,16,32)")
     parser.add_argument("--inits", default="gaussian,copy,silent", help="repro: growth inits to run")
-    parser.add_argument("--train_args", default="", help="repro: more train.py flags for every run, e.g. a --config")
+    parser.add_argument("--train_args", default="", help="step, repro: train.py flags (model, batch, device, "
+                        "compile), e.g. a --config")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = parser.parse_args()
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     args.out_dir = args.out_dir or f"runs/{'repro' if args.what == 'repro' else 'bench'}"
+    args.experts = args.experts or ("8,16,32,64,128" if args.what == "step" else "2,4,8,16,32")
     args.total_tokens = int(args.total_tokens or (1_000_000 if args.what == "repro" else 400_000))
     emo.keep_freed_memory()
-    bench, show = {"moe": (bench_moe, print_moe), "growth": (bench_growth, print_growth),
+    bench, show = {"moe": (bench_moe, print_moe), "growth": (bench_growth, print_growth), "step": (bench_step, print_step),
                    "repro": (bench_repro, print_repro)}[args.what]
-    rows = bench(args)
+    try:
+        rows = bench(args)
+    except ValueError as err:  # train.py's SettingError included: one line, no trace
+        sys.exit(f"bench.py: {err}")
     if args.json:
-        print(json.dumps({"args": vars(args), "machine": machine(torch.device(args.device)), "rows": rows}, indent=1))
+        result = rows if isinstance(rows, dict) else {"rows": rows}  # step and repro return several tables
+        print(json.dumps({"args": vars(args), "machine": machine(torch.device(args.device)), **result}, indent=1))
     else:
         show(rows, args)
 

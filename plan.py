@@ -5,6 +5,7 @@ python plan.py                                  # configs/gpu-8x.json's run (8 G
 python plan.py --preset=paper                   # the paper's main run: ~1.1B active, 1.92T tokens, 8..128
 python plan.py --n_active=3e8 --total_tokens=2e10 --experts=8,16,32,64 --top_k=8 --batch_tokens=524288
 python plan.py --fit=runs/x/metrics.jsonl       # refit the law from train.py's stage records first
+python plan.py --step_times=step.json           # step time ~ E^rho measured: bench.py step --json > step.json
 python plan.py --json                           # the same as JSON
 """
 
@@ -47,6 +48,8 @@ def parse_args(argv):
                    help="coefficients to refit (few runs: fit a few, e.g. a,b,c)")
     p.add_argument("--step_time_exponent", type=float, default=emo.STEP_TIME_EXPONENT,
                    help="rho in step time ~ E^rho (default: the paper's 1.08x from E=8 to 128)")
+    p.add_argument("--step_times", metavar="JSON|E:SECONDS,...",
+                   help="measured step times, from `bench.py step --json` or as 8:0.101,128:0.109: fit rho to them")
     p.add_argument("--peak_flops", type=float, default=989e12, help="per GPU, bf16 dense (H100/H200)")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed MFU of the fixed-E run, for GPU-hours")
     p.add_argument("--json", action="store_true")
@@ -74,6 +77,8 @@ def build_plan(args):
                      d_model=args.d_model, n_experts=experts[-1], top_k=min(args.top_k, experts[-1]),
                      d_expert=args.d_expert, n_shared=args.n_shared)
     n_active = args.n_active or emo.count_params(cfg)[1]
+    if args.step_times:
+        args.step_time_exponent = emo.step_time_exponent(*read_step_times(args.step_times))
     law = emo.ScalingLaw()
     if args.fit:
         law = law.fit(read_stage_records(args.fit), free=args.fit_params.split(","))
@@ -108,6 +113,23 @@ def read_stage_records(path):
     return stages
 
 
+def read_step_times(value):
+    """([E, ...], [seconds, ...]) from bench.py step's JSON file or an inline E:seconds list."""
+    try:
+        if value.endswith(".json"):
+            with open(value) as f:
+                rows = json.load(f)["rows"]
+            pairs = [(r["experts"], r["step_seconds"]) for r in rows]
+        else:
+            pairs = [(int(E), float(sec)) for E, sec in (item.split(":") for item in value.split(","))]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"--step_times={value}: expected bench.py step's --json output or E:seconds pairs like "
+                         f"8:0.101,128:0.109 ({err})") from None
+    if len({E for E, _ in pairs}) < 2 or any(E <= 0 or sec <= 0 for E, sec in pairs):
+        raise ValueError(f"--step_times={value}: needs positive step times at two or more different E")
+    return [E for E, _ in pairs], [sec for _, sec in pairs]
+
+
 def human(x):
     """1.23B-style counts."""
     for factor, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
@@ -134,7 +156,7 @@ def print_plan(plan, args):
           f"{plan['early_memory_saving']:.1%} less weight+optimizer memory (token-weighted), predicted final "
           f"loss {stages[-1]['loss'] - fixed['loss']:+.4f}")
     print(f"memory: fp32 weights + grads + Adam (16 B/param), activations excluded; step time ~ "
-          f"E^{args.step_time_exponent:.4f}; GPU-hours at {args.mfu:.0%} MFU of {args.peak_flops:.3g} FLOP/s")
+          f"E^{args.step_time_exponent:.4f}{' (fitted to --step_times)' if args.step_times else ''}; GPU-hours at {args.mfu:.0%} MFU of {args.peak_flops:.3g} FLOP/s")
     if [s["experts"] for s in stages] == list(PAPER_SPLIT):
         print("split, this plan: " + "  ".join(f"E={s['experts']}: {100 * s['fraction']:.1f}%" for s in stages))
         print("split, the paper: " + "  ".join(f"E={E}: {p}%" for E, p in PAPER_SPLIT.items()))

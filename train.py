@@ -652,10 +652,11 @@ def peak_memory(device):
 
 
 def state_memory(raw, optimizer):
-    """Bytes of weights + gradients + optimizer moments: the part of memory that growth changes."""
-    tensors = [p for p in raw.parameters()] + [p.grad for p in raw.parameters() if p.grad is not None]
-    tensors += [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v) and v.dim()]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Bytes of weights + their gradients + optimizer moments: the memory growth adds to. Gradients are
+    counted at their size during the step (zero_grad frees them between steps)."""
+    params = [p for p in raw.parameters() if p.requires_grad]
+    moments = [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v) and v.dim()]
+    return sum(2 * p.numel() * p.element_size() for p in params) + sum(v.numel() * v.element_size() for v in moments)
 
 
 def plot_losses(runs, png):
