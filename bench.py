@@ -33,6 +33,7 @@ import torch
 
 import emo
 
+HERE = Path(__file__).resolve().parent
 
 def naive_moe(moe, x):
     """The nanoMoE / HF-Mixtral baseline: for each expert, find its tokens with a mask and run them."""
@@ -268,7 +269,7 @@ def bench_repro(args):
         folders = {}
         for name, flags in repro_arms(args).items():
             out = Path(args.out_dir) / f"{name}-seed{seed}"
-            command = [sys.executable, "train.py", *flags, f"--seed={seed}", f"--total_tokens={args.total_tokens}",
+            command = [sys.executable, str(HERE / "train.py"), *flags, f"--seed={seed}", f"--total_tokens={args.total_tokens}",
                        f"--phase_in_steps={args.phase_in_steps}", "--sample_tokens=0", *shlex.split(args.train_args),
                        f"--out_dir={out}"]
             if not finished(out, command):
@@ -286,16 +287,19 @@ def bench_repro(args):
 
 
 def finished(out, command):
-    """Does `out` hold a run of exactly this command that reached its last step?"""
+    """Does `out` hold a finished run with exactly these train.py flags? (command.json is written last)"""
     done = out / "command.json"
-    return done.exists() and json.loads(done.read_text()) == command
+    return done.exists() and json.loads(done.read_text())[2:] == command[2:]
 
 
 def repro_row(name, seed, out):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in records if r["kind"] == "eval"][-1]
     stages = [r for r in records if r["kind"] == "stage"]
+    cv = [r["load_cv"] for r in records if r["kind"] == "step"]
     return dict(arm=name, seed=seed, val_loss=final["val_loss"], per_domain=final["val_loss_per_domain"],
+                load_cv_first_tenth=statistics.mean(cv[:len(cv) // 10 or 1]),
+                load_cv_last_tenth=statistics.mean(cv[-(len(cv) // 10 or 1):]),
                 train_seconds=sum(st["train_seconds"] for st in stages), wall_seconds=stages[-1]["seconds"],
                 stages=[{k: st[k] for k in ("experts", "tokens", "tokens_per_second", "peak_memory", "state_memory")}
                         for st in stages])
@@ -329,11 +333,12 @@ def print_repro(result, args):
           f"train.py flags: {args.train_args or '(defaults)'}; {machine(torch.device('cpu'))}, torch {torch.__version__}")
     domains = list(result["runs"][0]["per_domain"])
     print(f"{'arm':>20} {'seed':>4} {'val loss':>8} " + " ".join(f"{d:>7}" for d in domains)
-          + f" {'train s':>8} {'wall s':>7}")
+          + f" {'train s':>8} {'wall s':>7} {'load CV first/last 10%':>23}")
     for r in result["runs"]:
         print(f"{r['arm']:>20} {r['seed']:>4} {r['val_loss']:>8.4f} "
               + " ".join(f"{r['per_domain'][d]:>7.3f}" for d in domains)
-              + f" {r['train_seconds']:>8.0f} {r['wall_seconds']:>7.0f}")
+              + f" {r['train_seconds']:>8.0f} {r['wall_seconds']:>7.0f} "
+              f"{r['load_cv_first_tenth']:>15.2f} / {r['load_cv_last_tenth']:.2f}")
     base = result["arms"][0]["arm"]
     print(f"\n{'arm':>20} {'val loss (min-max)':>25} {'vs ' + base:>13} {'train time':>11} {'stage-1 state':>13}"
           f" {'stage-1 peak':>12}")

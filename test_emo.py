@@ -642,6 +642,9 @@ def test_a_progressive_run_grows_at_the_planned_step_and_the_loss_falls(corpus, 
     stage_records = records(tmp_path, "stage")
     assert [(r["experts"], r["tokens"]) for r in stage_records] == [(2, 3072), (4, 6144)]
     assert stage_records[1]["val_loss"] < stage_records[0]["val_loss"]
+    for r in stage_records:  # cost per stage: fp32 weights + grads + two Adam moments = 16 B per parameter
+        assert r["state_memory"] == 16 * r["params_total"] and r["tokens_per_second"] > 0 < r["train_seconds"]
+        assert r["peak_memory"] is None or r["peak_memory"] > r["state_memory"]
     assert {"latest.pt", "stage1.pt", "stage2.pt", "config.json"} <= {p.name for p in tmp_path.iterdir()}
 
 
@@ -1000,3 +1003,104 @@ def test_retention_keeps_stage_ends_and_the_latest_n_checkpoints(corpus, tmp_pat
     names = {p.name for p in tmp_path.glob("*.pt")}
     assert names == {"latest.pt", "stage1.pt", "stage2.pt", "step15.pt", "step20.pt", "step24.pt"}
     assert torch.load(tmp_path / "step20.pt", weights_only=False)["step"] == 20
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring: peak memory, plots, bench.py step and repro, plan.py --step_times
+# ---------------------------------------------------------------------------------------------
+
+import argparse  # noqa: E402
+
+import bench  # noqa: E402
+
+
+def test_a_peak_memory_window_sees_a_big_allocation_and_forgets_it_after_a_reset():
+    cpu = torch.device("cpu")
+    if not train.reset_peak_memory(cpu):
+        pytest.skip("no resettable peak RSS on this OS")
+    base = train.peak_memory(cpu)
+    big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    assert train.peak_memory(cpu) >= base + 60 * 2**20
+    del big
+    train.reset_peak_memory(cpu)
+    assert train.peak_memory(cpu) < base + 32 * 2**20
+
+
+def write_metrics(folder, evals, growth_steps=()):
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [{"kind": "step", "step": s, "tokens": 100 * s} for s in range(1, 11)]
+    lines += [{"kind": "eval", "step": s, "val_loss": v} for s, v in evals]
+    lines += [{"kind": "growth", "step": s, "val_loss": 5.0} for s in growth_steps]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+def test_the_loss_plot_is_optional_and_says_so_without_matplotlib(tmp_path, monkeypatch):
+    write_metrics(tmp_path / "run", [(5, 6.0), (10, 5.0)], growth_steps=[5])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    message = train.plot_losses({"run": tmp_path / "run"}, tmp_path / "loss.png")
+    assert "matplotlib is not installed" in message and not (tmp_path / "loss.png").exists()
+
+
+def test_the_loss_plot_is_a_png_with_every_run(tmp_path):
+    pytest.importorskip("matplotlib")  # optional: CI has none
+    write_metrics(tmp_path / "a", [(5, 6.0), (10, 5.0)], growth_steps=[5])
+    write_metrics(tmp_path / "b", [(5, 6.5), (10, 5.5)])
+    assert train.plot_losses({"a": tmp_path / "a", "b": tmp_path / "b"}, tmp_path / "loss.png").startswith("wrote")
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def step_args(**overrides):
+    args = dict(experts="2,4", repeats=1, train_args="--d_model=32 --n_layer=2 --n_head=2 --d_expert=16 "
+                "--batch_size=2 --seq_len=16 --vocab_size=256")
+    return argparse.Namespace(**{**args, **overrides})
+
+
+def test_bench_step_times_each_e_and_counts_exactly_the_memory_growth_adds():
+    result = bench.bench_step(step_args())
+    small, big = result["rows"]
+    assert (small["experts"], big["experts"], small["step_time_ratio"]) == (2, 4, 1.0)
+    added = 2 * 2 * (32 * 2 * 16 + 16 * 32 + 32)  # 2 layers x 2 experts x (w_in, w_out, router row)
+    assert big["state_memory"] - small["state_memory"] == 16 * added
+    assert 0 < small["optimizer_share"] < 1 and small["growth_seconds"] > 0
+    assert result["step_time_exponent"] == pytest.approx(
+        emo.step_time_exponent([2, 4], [small["step_seconds"], big["step_seconds"]]))
+
+
+def test_plan_py_fits_the_step_time_exponent_to_bench_step_output(tmp_path, capsys):
+    import plan
+
+    measured = {"rows": [{"experts": 8, "step_seconds": 1.0}, {"experts": 128, "step_seconds": 1.08}]}
+    (tmp_path / "step.json").write_text(json.dumps(measured))
+    for given in (str(tmp_path / "step.json"), "8:1.0,128:1.08"):
+        plan.main(["--experts=8,128", f"--step_times={given}", "--json"])
+        stages = json.loads(capsys.readouterr().out)["stages"]
+        assert stages[0]["step_time"] == pytest.approx(1 / 1.08)  # the paper's Fig. 1 ratio, read back
+    with pytest.raises(SystemExit, match="--step_times=8:1.0: needs positive step times at two or more"):
+        plan.main(["--step_times=8:1.0"])
+
+
+def test_repro_compares_each_arm_to_fixed_e_max_seed_by_seed():
+    def run(arm, seed, val, seconds, state):
+        stage = dict(experts=8, tokens=1, tokens_per_second=1.0, peak_memory=None, state_memory=state)
+        return dict(arm=arm, seed=seed, val_loss=val, train_seconds=seconds, stages=[stage])
+
+    rows = [run("fixed-8", 0, 2.0, 100, 800), run("fixed-8", 1, 2.2, 200, 800),
+            run("progressive", 0, 2.02, 90, 200), run("progressive", 1, 2.2, 160, 200)]
+    fixed, progressive = bench.repro_summary(rows)
+    assert (fixed["gap"], fixed["time_ratio"]) == (0.0, 1.0)
+    assert progressive["gap"] == pytest.approx((0.01 + 0.0) / 2)  # seed 0 vs seed 0, seed 1 vs seed 1
+    assert progressive["time_ratio"] == pytest.approx((0.9 + 0.8) / 2)
+    assert (progressive["val_loss_min"], progressive["val_loss_max"]) == (2.02, 2.2)
+    assert progressive["first_stage_state_ratio"] == 0.25 and progressive["first_stage_memory_ratio"] is None
+
+
+def test_bench_repro_runs_every_arm_once_and_reuses_finished_runs(corpus, tmp_path, capsys):
+    args = argparse.Namespace(seeds="0", experts="2,4", inits="gaussian", total_tokens=2048, phase_in_steps=20,
+                              out_dir=str(tmp_path), train_args=" ".join(a for a in tiny_run(corpus, "x")
+                                                                        if a.split("=")[0] not in
+                                                                        ("--out_dir", "--total_tokens", "--stages")))
+    first = bench.bench_repro(args)
+    assert [r["arm"] for r in first["runs"]] == ["fixed-4", "fixed-2", "progressive-gaussian"]
+    assert [st["experts"] for st in first["runs"][2]["stages"]] == [2, 4]
+    assert "running" in capsys.readouterr().err
+    assert bench.bench_repro(args)["runs"] == first["runs"] and "running" not in capsys.readouterr().err
