@@ -297,7 +297,10 @@ def repro_row(name, seed, out):
     final = [r for r in records if r["kind"] == "eval"][-1]
     stages = [r for r in records if r["kind"] == "stage"]
     cv = [r["load_cv"] for r in records if r["kind"] == "step"]
-    return dict(arm=name, seed=seed, val_loss=final["val_loss"], per_domain=final["val_loss_per_domain"],
+    curve = {r["step"]: r["val_loss"] for r in records if r["kind"] == "eval"}
+    growths = growth_row(records, name, seed, None)["events"]  # spike and adoption at each growth
+    return dict(arm=name, seed=seed, val_loss=final["val_loss"], per_domain=final["val_loss_per_domain"], curve=curve,
+                growths=growths,
                 load_cv_first_tenth=statistics.mean(cv[:len(cv) // 10 or 1]),
                 load_cv_last_tenth=statistics.mean(cv[-(len(cv) // 10 or 1):]),
                 train_seconds=sum(st["train_seconds"] for st in stages), wall_seconds=stages[-1]["seconds"],
@@ -310,6 +313,7 @@ def repro_summary(rows):
     by seed (the same seed shares data order and initial weights); per stage mean tokens/s and memory."""
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     base = {r["seed"]: r for r in rows if r["arm"] == arms[0]}
+    common_steps = sorted(set.intersection(*(set(r["curve"]) for r in rows)))  # evals every arm made
     summary = []
     for arm in arms:
         runs = [r for r in rows if r["arm"] == arm]
@@ -318,6 +322,7 @@ def repro_summary(rows):
                   for i in range(len(runs[0]["stages"]))]
         summary.append(dict(
             arm=arm, seeds=len(runs), val_loss=mean([r["val_loss"] for r in runs]),
+            curve={step: mean([r["curve"][step] for r in runs]) for step in common_steps},
             val_loss_min=min(r["val_loss"] for r in runs), val_loss_max=max(r["val_loss"] for r in runs),
             gap=mean([r["val_loss"] / base[r["seed"]]["val_loss"] - 1 for r in runs]),
             time_ratio=mean([r["train_seconds"] / base[r["seed"]]["train_seconds"] for r in runs]),
@@ -346,11 +351,20 @@ def print_repro(result, args):
         peak = "-" if a["first_stage_memory_ratio"] is None else f"{a['first_stage_memory_ratio']:.2f}x"
         print(f"{a['arm']:>20} {a['val_loss']:>8.4f} ({a['val_loss_min']:.4f}-{a['val_loss_max']:.4f}) "
               f"{a['gap']:>+12.2%} {a['time_ratio']:>10.3f}x {a['first_stage_state_ratio']:>12.2f}x {peak:>12}")
+    steps = list(result["arms"][0]["curve"])
+    print(f"\n{'val loss at step':>20} " + " ".join(f"{s:>6}" for s in steps) + "   (means over seeds)")
+    for a in result["arms"]:
+        print(f"{a['arm']:>20} " + " ".join(f"{a['curve'][s]:>6.3f}" for s in steps))
     print(f"\n{'arm':>20} per stage (means over seeds): E tokens/s | peak MB | weights+grads+Adam MB")
     for a in result["arms"]:
         print(f"{a['arm']:>20} " + "  ".join(f"E={st['experts']:.0f} {st['tokens_per_second']:,.0f} | "
                                              f"{st['peak_memory'] / 2**20:,.0f} | {st['state_memory'] / 2**20:,.0f}"
                                              for st in a["stages"]))
+    print(f"\n{'arm':>20} {'seed':>4} at each growth: E, val-loss spike, steps until the new experts get half their "
+          "balanced share")
+    for r in (r for r in result["runs"] if r["growths"]):
+        print(f"{r['arm']:>20} {r['seed']:>4} " + "  ".join(f"{g['experts']} {g['spike']:+.3f} {g['steps_to_adopt']}"
+                                                          for g in r["growths"]))
     print("train time: the sum of training steps (no evals, growth or checkpoints), as a ratio to the first arm's "
           "run of the same seed; peak: " + ("CUDA allocator" if "cuda" in args.train_args else
                                           "the process's resident set (Python and torch included)"))
