@@ -314,10 +314,10 @@ def repro_summary(rows):
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     base = {r["seed"]: r for r in rows if r["arm"] == arms[0]}
     common_steps = sorted(set.intersection(*(set(r["curve"]) for r in rows)))  # evals every arm made
-    summary = []
+    mean, summary = statistics.mean, []
     for arm in arms:
         runs = [r for r in rows if r["arm"] == arm]
-        mean = lambda xs: sum(xs) / len(xs)
+        first_stage_ratio = lambda key: mean([r["stages"][0][key] / base[r["seed"]]["stages"][0][key] for r in runs])
         stages = [{k: mean([run["stages"][i][k] or 0 for run in runs]) for k in runs[0]["stages"][i]}
                   for i in range(len(runs[0]["stages"]))]
         summary.append(dict(
@@ -326,16 +326,17 @@ def repro_summary(rows):
             val_loss_min=min(r["val_loss"] for r in runs), val_loss_max=max(r["val_loss"] for r in runs),
             gap=mean([r["val_loss"] / base[r["seed"]]["val_loss"] - 1 for r in runs]),
             time_ratio=mean([r["train_seconds"] / base[r["seed"]]["train_seconds"] for r in runs]),
-            first_stage_memory_ratio=stages[0]["peak_memory"] / base[runs[0]["seed"]]["stages"][0]["peak_memory"]
-            if stages[0]["peak_memory"] else None,
-            first_stage_state_ratio=stages[0]["state_memory"] / base[runs[0]["seed"]]["stages"][0]["state_memory"],
+            first_stage_memory_ratio=first_stage_ratio("peak_memory") if stages[0]["peak_memory"] else None,
+            first_stage_state_ratio=first_stage_ratio("state_memory"),
             stages=stages))
     return summary
 
 
 def print_repro(result, args):
+    on_gpu = torch.cuda.is_available() and "--device=cpu" not in args.train_args  # where train.py's "auto" ran
     print(f"repro: {args.total_tokens:,.0f} tokens per run, stages up to E={args.experts.split(',')[-1]}, "
-          f"train.py flags: {args.train_args or '(defaults)'}; {machine(torch.device('cpu'))}, torch {torch.__version__}")
+          f"train.py flags: {args.train_args or '(defaults)'}; {machine(torch.device('cuda' if on_gpu else 'cpu'))}, "
+          f"torch {torch.__version__}")
     domains = list(result["runs"][0]["per_domain"])
     print(f"{'arm':>20} {'seed':>4} {'val loss':>8} " + " ".join(f"{d:>7}" for d in domains)
           + f" {'train s':>8} {'wall s':>7} {'load CV first/last 10%':>23}")
@@ -366,7 +367,7 @@ def print_repro(result, args):
         print(f"{r['arm']:>20} {r['seed']:>4} " + "  ".join(f"{g['experts']} {g['spike']:+.3f} {g['steps_to_adopt']}"
                                                           for g in r["growths"]))
     print("train time: the sum of training steps (no evals, growth or checkpoints), as a ratio to the first arm's "
-          "run of the same seed; peak: " + ("CUDA allocator" if "cuda" in args.train_args else
+          "run of the same seed; peak: " + ("CUDA allocator" if on_gpu else
                                           "the process's resident set (Python and torch included)"))
     for line in result["plots"]:
         print(line)

@@ -515,7 +515,7 @@ def run(argv):
     preemption = Preemption()
     idle = torch.zeros(0)  # per layer and expert: steps since it last got a token
     t_last, tokens_since, start_time, start_step = time.time(), 0, time.time(), step
-    cost = None  # this stage's training time, tokens and peak memory (what the stage record reports)
+    cost = None  # this stage's training time, tokens and peak memory in this process (after a resume: since it)
     try:
         while step < total_steps:
             stage = next(st for st in stages if st["start"] <= step < st["end"])
