@@ -1082,7 +1082,7 @@ def test_plan_py_fits_the_step_time_exponent_to_bench_step_output(tmp_path, caps
 def test_repro_compares_each_arm_to_fixed_e_max_seed_by_seed():
     def run(arm, seed, val, seconds, state):
         stage = dict(experts=8, tokens=1, tokens_per_second=1.0, peak_memory=None, state_memory=state)
-        return dict(arm=arm, seed=seed, val_loss=val, train_seconds=seconds, stages=[stage])
+        return dict(arm=arm, seed=seed, val_loss=val, train_seconds=seconds, stages=[stage], curve={10: val})
 
     rows = [run("fixed-8", 0, 2.0, 100, 800), run("fixed-8", 1, 2.2, 200, 800),
             run("progressive", 0, 2.02, 90, 200), run("progressive", 1, 2.2, 160, 200)]
@@ -1092,6 +1092,7 @@ def test_repro_compares_each_arm_to_fixed_e_max_seed_by_seed():
     assert progressive["time_ratio"] == pytest.approx((0.9 + 0.8) / 2)
     assert (progressive["val_loss_min"], progressive["val_loss_max"]) == (2.02, 2.2)
     assert progressive["first_stage_state_ratio"] == 0.25 and progressive["first_stage_memory_ratio"] is None
+    assert progressive["curve"] == {10: pytest.approx(2.11)}
 
 
 def test_bench_repro_runs_every_arm_once_and_reuses_finished_runs(corpus, tmp_path, capsys):
