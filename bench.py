@@ -244,8 +244,9 @@ def print_step(result, args):
               f"{peak:>8} {r['state_memory'] / 2**20:>9,.1f} {r['growth_seconds'] * 1e3:>14.1f}")
     rows = result["rows"]
     if result["step_time_exponent"] is not None:
-        print(f"step time ~ E^{result['step_time_exponent']:.4f}: {rows[-1]['step_time_ratio']:.3f}x from E={rows[0]['experts']} "
-              f"to {rows[-1]['experts']} (the paper, Fig. 1: 1.08x from 8 to 128 at ~1.1B active, E^{emo.STEP_TIME_EXPONENT:.4f})")
+        print(f"step time ~ E^{result['step_time_exponent']:.4f}: {rows[-1]['step_time_ratio']:.3f}x from "
+              f"E={rows[0]['experts']} to {rows[-1]['experts']} (the paper, Fig. 1: 1.08x from 8 to 128 at ~1.1B "
+              f"active, E^{emo.STEP_TIME_EXPONENT:.4f})")
     print("state: weights + gradients + AdamW moments; peak: " + ("CUDA allocator" if device.type == "cuda" else
           "the process's resident set (Python and torch included)") + "; grow: grow_experts + grow_optimizer")
 
@@ -262,6 +263,7 @@ def repro_arms(args):
 
 
 def bench_repro(args):
+    """Each arm for each seed as its own train.py process (a clean process: fair time and memory)."""
     import train
 
     rows, plots = [], []
@@ -269,9 +271,9 @@ def bench_repro(args):
         folders = {}
         for name, flags in repro_arms(args).items():
             out = Path(args.out_dir) / f"{name}-seed{seed}"
-            command = [sys.executable, str(HERE / "train.py"), *flags, f"--seed={seed}", f"--total_tokens={args.total_tokens}",
-                       f"--phase_in_steps={args.phase_in_steps}", "--sample_tokens=0", *shlex.split(args.train_args),
-                       f"--out_dir={out}"]
+            command = [sys.executable, str(HERE / "train.py"), *flags, f"--seed={seed}",
+                       f"--total_tokens={args.total_tokens}", f"--phase_in_steps={args.phase_in_steps}",
+                       "--sample_tokens=0", *shlex.split(args.train_args), f"--out_dir={out}"]
             if not finished(out, command):
                 shutil.rmtree(out, ignore_errors=True)
                 out.mkdir(parents=True)
@@ -293,15 +295,16 @@ def finished(out, command):
 
 
 def repro_row(name, seed, out):
+    """One run's results from its metrics.jsonl: final losses, the val-loss curve, growth events, balance,
+    time and the per-stage costs."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in records if r["kind"] == "eval"][-1]
     stages = [r for r in records if r["kind"] == "stage"]
     cv = [r["load_cv"] for r in records if r["kind"] == "step"]
     curve = {r["step"]: r["val_loss"] for r in records if r["kind"] == "eval"}
     growths = growth_row(records, name, seed, None)["events"]  # spike and adoption at each growth
-    return dict(arm=name, seed=seed, val_loss=final["val_loss"], per_domain=final["val_loss_per_domain"], curve=curve,
-                growths=growths,
-                load_cv_first_tenth=statistics.mean(cv[:len(cv) // 10 or 1]),
+    return dict(arm=name, seed=seed, val_loss=final["val_loss"], per_domain=final["val_loss_per_domain"],
+                curve=curve, growths=growths, load_cv_first_tenth=statistics.mean(cv[:len(cv) // 10 or 1]),
                 load_cv_last_tenth=statistics.mean(cv[-(len(cv) // 10 or 1):]),
                 train_seconds=sum(st["train_seconds"] for st in stages), wall_seconds=stages[-1]["seconds"],
                 stages=[{k: st[k] for k in ("experts", "tokens", "tokens_per_second", "peak_memory", "state_memory")}
@@ -402,8 +405,8 @@ def main():
     args.experts = args.experts or ("8,16,32,64,128" if args.what == "step" else "2,4,8,16,32")
     args.total_tokens = int(args.total_tokens or (1_000_000 if args.what == "repro" else 400_000))
     emo.keep_freed_memory()
-    bench, show = {"moe": (bench_moe, print_moe), "growth": (bench_growth, print_growth), "step": (bench_step, print_step),
-                   "repro": (bench_repro, print_repro)}[args.what]
+    bench, show = {"moe": (bench_moe, print_moe), "growth": (bench_growth, print_growth),
+                   "step": (bench_step, print_step), "repro": (bench_repro, print_repro)}[args.what]
     try:
         rows = bench(args)
     except ValueError as err:  # train.py's SettingError included: one line, no trace
