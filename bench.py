@@ -32,8 +32,10 @@ from pathlib import Path
 import torch
 
 import emo
+import train
 
 HERE = Path(__file__).resolve().parent
+
 
 def naive_moe(moe, x):
     """The nanoMoE / HF-Mixtral baseline: for each expert, find its tokens with a mask and run them."""
@@ -47,19 +49,21 @@ def naive_moe(moe, x):
     return y
 
 
+def timed(fn, device):
+    """Wall time of fn(), with the GPU's queued work finished on both sides."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def seconds_per_call(fn, x, repeats, device):
     """Median wall time of fn(x) forward + backward, after two warm-up calls."""
-    times = []
-    for i in range(repeats + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn(x).float().square().mean().backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = [timed(lambda: fn(x).float().square().mean().backward(), device) for _ in range(repeats + 2)]
+    return statistics.median(times[2:])
 
 
 def bench_moe(args):
@@ -121,8 +125,6 @@ def print_moe(rows, args):
 
 
 def bench_growth(args):
-    import train
-
     rows = []
     for seed in [int(x) for x in args.seeds.split(",")]:
         for init in ("gaussian", "copy", "silent"):
@@ -132,7 +134,7 @@ def bench_growth(args):
             train.run([f"--out_dir={out}", f"--growth_init={init}", f"--total_tokens={args.total_tokens}",
                        f"--seed={seed}", f"--phase_in_steps={args.phase_in_steps}", "--eval_interval=5",
                        "--eval_batches=4", "--log_interval=1000000", "--sample_tokens=0"])
-            records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            records = train.read_metrics(out)
             rows.append(growth_row(records, init, seed, time.time() - start))
     return rows
 
@@ -182,20 +184,8 @@ class RandomTokens:
         return x[:, :-1], x[:, 1:]
 
 
-def timed(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def bench_step(args):
     """train.py's step (train.train_step: forward, backward, clipping, AdamW, balancing) for each E."""
-    import train
-
     s, model_settings, _ = train.parse(shlex.split(args.train_args))
     _, _, device = train.setup_distributed(s.device)
     data = RandomTokens(model_settings.get("vocab_size", emo.Config.vocab_size))
@@ -264,8 +254,6 @@ def repro_arms(args):
 
 def bench_repro(args):
     """Each arm for each seed as its own train.py process (a clean process: fair time and memory)."""
-    import train
-
     rows, plots = [], []
     for seed in [int(x) for x in args.seeds.split(",")]:
         folders = {}
@@ -297,7 +285,7 @@ def finished(out, command):
 def repro_row(name, seed, out):
     """One run's results from its metrics.jsonl: final losses, the val-loss curve, growth events, balance,
     time and the per-stage costs."""
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = train.read_metrics(out)
     final = [r for r in records if r["kind"] == "eval"][-1]
     stages = [r for r in records if r["kind"] == "stage"]
     cv = [r["load_cv"] for r in records if r["kind"] == "step"]

@@ -970,6 +970,18 @@ def _epoch_order(seed, epoch, n):
 # ---------------------------------------------------------------------------------------------
 
 
+def _glibc():
+    """The C library, where it is glibc (mallopt, malloc_trim); None elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
 def keep_freed_memory():
     """Ask glibc to keep freed memory in the process instead of returning each large block to the OS.
 
@@ -977,24 +989,15 @@ def keep_freed_memory():
     over 32 MB fresh and unmaps it on free, so every step pays page faults. On a 2-core CPU that was half
     the MoE layer's time (bench.py moe: system time 26 s -> 2 s, E=128 tokens/s 1.8x). No-op off glibc.
     """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = _glibc()
+    if libc:
         libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: serve blocks up to 1 GiB from the heap
         libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never shrink the heap
-    except (OSError, AttributeError):
-        pass
 
 
 def release_freed_memory():
     """Give the memory keep_freed_memory() kept back to the OS (glibc's malloc_trim), so the process's
     resident set is what is live again: train.py calls it before measuring a stage's peak memory."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _glibc()
+    if libc:
+        libc.malloc_trim(0)

@@ -629,8 +629,7 @@ def tiny_run(corpus, out_dir, *extra):
 
 
 def records(out_dir, kind):
-    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+    return [r for r in train.read_metrics(out_dir) if r["kind"] == kind]
 
 
 def test_a_progressive_run_grows_at_the_planned_step_and_the_loss_falls(corpus, tmp_path):

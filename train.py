@@ -520,7 +520,7 @@ def run(argv):
         while step < total_steps:
             stage = next(st for st in stages if st["start"] <= step < st["end"])
             if cost is None or cost["stage"] != stage["stage"]:
-                cost = dict(stage=stage["stage"], seconds=0.0, tokens=0, peak=reset_peak_memory(device))
+                cost = dict(stage=stage["stage"], seconds=0.0, tokens=0, tracked=reset_peak_memory(device))
             if raw.config.n_experts != stage["experts"]:  # the first step of a new stage: grow
                 t0 = time.time()
                 old = raw.config.n_experts
@@ -576,7 +576,7 @@ def run(argv):
                            params_total=raw.num_params(), tokens=step * batch_tokens, val_loss=val,
                            seconds=time.time() - start_time, train_seconds=cost["seconds"],
                            tokens_per_second=cost["tokens"] / cost["seconds"],
-                           peak_memory=peak_memory(device) if cost["peak"] else None,
+                           peak_memory=peak_memory(device) if cost["tracked"] else None,
                            state_memory=state_memory(raw, optimizer))
             stop = s.stop_at and step >= s.stop_at
             preempted = preemption.agreed(world, device)
@@ -594,8 +594,7 @@ def run(argv):
                 break
         if master and step == total_steps and s.sample_tokens:
             log("sample: " + repr(sample(raw, s.sample_tokens, device)))
-        if master and step == total_steps:
-            metrics.flush()
+        if master and step == total_steps:  # record() flushed every line: the plot reads them all
             log(plot_losses({out_dir.name: out_dir}, out_dir / "loss.png"))
     finally:  # also when the run stops on an error: give back the signal handlers, close the log
         preemption.restore()
@@ -659,6 +658,11 @@ def state_memory(raw, optimizer):
     return sum(2 * p.numel() * p.element_size() for p in params) + sum(v.numel() * v.element_size() for v in moments)
 
 
+def read_metrics(folder):
+    """A run folder's metrics.jsonl as a list of records (step, eval, growth, stage, warning)."""
+    return [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 def plot_losses(runs, png):
     """Validation loss against tokens for each run folder in `runs` ({label: folder}), a dotted line at
     each growth. matplotlib is optional: without it this writes nothing and says so."""
@@ -671,7 +675,7 @@ def plot_losses(runs, png):
     fig, ax = plt.subplots(figsize=(8, 5))
     lowest = float("inf")
     for i, (label, folder) in enumerate(runs.items()):
-        records = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+        records = read_metrics(folder)
         tokens = {0: 0, **{r["step"]: r["tokens"] for r in records if r["kind"] == "step"}}
         evals = [r for r in records if r["kind"] == "eval"]
         color = f"C{i % 10}"
