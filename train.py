@@ -596,6 +596,8 @@ def run(argv):
             log("sample: " + repr(sample(raw, s.sample_tokens, device)))
         if master and step == total_steps:  # record() flushed every line: the plot reads them all
             log(plot_losses({out_dir.name: out_dir}, out_dir / "loss.png"))
+        if world > 1:  # wait for rank 0's sample and plot: a rank that tears down gloo early can abort
+            dist.barrier()
     finally:  # also when the run stops on an error: give back the signal handlers, close the log
         preemption.restore()
         if metrics:
