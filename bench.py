@@ -20,6 +20,7 @@ python bench.py repro [--seeds=0,1] [--experts=2,4,8,16,32] [--total_tokens=1e6]
 
 import argparse
 import json
+import math
 import platform
 import shlex
 import shutil
@@ -33,6 +34,8 @@ import torch
 
 import emo
 import train
+from data.corpus import DataError
+from emo import SettingError, require
 
 HERE = Path(__file__).resolve().parent
 
@@ -172,53 +175,39 @@ def print_growth(rows, args):
           "experts get half their balanced share of tokens")
 
 
-class RandomTokens:
-    """Stands in for emo.Corpus in train.train_step: timing needs tokens, not text."""
-
-    def __init__(self, vocab_size):
-        self.vocab_size = vocab_size
-
-    def batch(self, step, batch_size, seq_len, seed=0, rank=0, world_size=1):
-        g = torch.Generator().manual_seed(step)
-        x = torch.randint(self.vocab_size, (batch_size, seq_len + 1), generator=g)
-        return x[:, :-1], x[:, 1:]
-
-
 def bench_step(args):
-    """train.py's step (train.train_step: forward, backward, clipping, AdamW, balancing) for each E."""
-    s, model_settings, _ = train.parse(shlex.split(args.train_args))
-    _, _, device = train.setup_distributed(s.device)
-    data = RandomTokens(model_settings.get("vocab_size", emo.Config.vocab_size))
-    rows = []
-    for n_experts in [int(E) for E in args.experts.split(",")]:
-        torch.manual_seed(0)
-        raw = emo.Transformer(emo.Config(**{**model_settings, "n_experts": n_experts})).to(device)
-        optimizer = train.make_optimizer(raw, s, device)
-        model = train.wrap(raw, s, device, 1)
-        step = lambda i: train.train_step(model, raw, optimizer, data, s, i, s.lr, 1, 0, 1, device)
-        for i in range(2):  # warm-up: first-call allocations, compilation, optimizer state
-            step(i)
-        tracked = train.reset_peak_memory(device)
-        seconds = statistics.median(timed(lambda: step(i), device) for i in range(2, 2 + args.repeats))
-        peak = train.peak_memory(device) if tracked else None
-        # the optimizer step alone, on gradients of the size the training step leaves (zero_grad freed them)
-        for p in raw.parameters():
-            p.grad = torch.zeros_like(p)
-        optimizer_seconds = statistics.median(timed(optimizer.step, device) for _ in range(args.repeats))
-        optimizer.zero_grad(set_to_none=True)
-        state = train.state_memory(raw, optimizer)
-        growth = timed(lambda: (emo.grow_experts(raw, 2 * n_experts, init="gaussian"),
-                                emo.grow_optimizer(optimizer, "reset")), device)
-        rows.append(dict(experts=n_experts, step_seconds=seconds, tokens_per_second=s.batch_size
-                         * raw.config.seq_len / seconds, optimizer_seconds=optimizer_seconds,
-                         optimizer_share=optimizer_seconds / seconds, peak_memory=peak, state_memory=state,
-                         growth_seconds=growth))
-        del raw, optimizer, model
+    """train.py's step (forward, backward, clipping, AdamW, balancing; train.timed_step) for each E."""
+    argv = shlex.split(args.train_args)
+    rows = [step_row(argv, int(E), args.repeats) for E in args.experts.split(",")]
     for r in rows:
         r["step_time_ratio"] = r["step_seconds"] / rows[0]["step_seconds"]
     rho = emo.step_time_exponent([r["experts"] for r in rows], [r["step_seconds"] for r in rows]) \
         if len(rows) > 1 else None
-    return dict(rows=rows, step_time_exponent=rho, settings=dict(**vars(s), **model_settings), device=str(device))
+    s, model_settings, _ = train.parse(argv)
+    return dict(rows=rows, step_time_exponent=rho, settings=dict(**vars(s), **model_settings),
+                device=rows[0]["device"])
+
+
+def step_row(argv, n_experts, repeats):
+    """One E: step time, the optimizer's share of it, peak and state memory, and one growth E -> 2E."""
+    raw, optimizer, device, step = train.timed_step(argv, n_experts)
+    for i in range(2):  # warm-up: first-call allocations, compilation, optimizer state
+        step(i)
+    tracked = train.reset_peak_memory(device)
+    seconds = statistics.median(timed(lambda: step(i), device) for i in range(2, 2 + repeats))
+    peak = train.peak_memory(device) if tracked else None
+    # the optimizer step alone, on gradients of the size the training step leaves (zero_grad freed them)
+    for p in raw.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer_seconds = statistics.median(timed(optimizer.step, device) for _ in range(repeats))
+    optimizer.zero_grad(set_to_none=True)
+    state = train.state_memory(raw, optimizer)
+    growth = timed(lambda: (emo.grow_experts(raw, 2 * n_experts, init="gaussian"),
+                            emo.grow_optimizer(optimizer, "reset")), device)
+    tokens = raw.config.seq_len * train.parse(argv)[0].batch_size
+    return dict(experts=n_experts, step_seconds=seconds, tokens_per_second=tokens / seconds,
+                optimizer_seconds=optimizer_seconds, optimizer_share=optimizer_seconds / seconds, peak_memory=peak,
+                state_memory=state, growth_seconds=growth, device=str(device))
 
 
 def print_step(result, args):
@@ -364,7 +353,25 @@ def print_repro(result, args):
         print(line)
 
 
-def main():
+def check_args(args):
+    """bench.py's own flags, before any work: one line naming the flag."""
+    for flag in ("tokens", "d_model", "d_expert", "top_k", "repeats", "phase_in_steps"):
+        require(getattr(args, flag) >= 1, f"--{flag}", getattr(args, flag), "a positive integer")
+    require(math.isfinite(args.total_tokens) and args.total_tokens >= 1, "--total_tokens", args.total_tokens,
+            "a finite number of tokens >= 1")
+    for flag, lo in (("seeds", 0), ("experts", 1)):
+        try:
+            values = [int(v) for v in getattr(args, flag).split(",")]
+        except ValueError:
+            values = []
+        require(values and min(values) >= lo, f"--{flag}", getattr(args, flag),
+                f"comma-separated integers >= {lo}")
+    inits = args.inits.split(",")
+    require(all(i in emo.GROWTH_INITS for i in inits), "--inits", args.inits,
+            f"a comma-separated subset of {','.join(emo.GROWTH_INITS)}")
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["moe", "growth", "step", "repro"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -387,17 +394,21 @@ def main():
     parser.add_argument("--train_args", default="", help="step, repro: train.py flags (model, batch, device, "
                         "compile), e.g. a --config")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     args.out_dir = args.out_dir or f"runs/{'repro' if args.what == 'repro' else 'bench'}"
     args.experts = args.experts or ("8,16,32,64,128" if args.what == "step" else "2,4,8,16,32")
-    args.total_tokens = int(args.total_tokens or (1_000_000 if args.what == "repro" else 400_000))
-    emo.keep_freed_memory()
+    if args.total_tokens is None:
+        args.total_tokens = 1_000_000 if args.what == "repro" else 400_000
+    train.keep_freed_memory()
     bench, show = {"moe": (bench_moe, print_moe), "growth": (bench_growth, print_growth),
                    "step": (bench_step, print_step), "repro": (bench_repro, print_repro)}[args.what]
     try:
+        check_args(args)
+        args.total_tokens = int(args.total_tokens)
+        train.resolve_device(args.device)
         rows = bench(args)
-    except ValueError as err:  # train.py's SettingError included: one line, no trace
+    except (SettingError, DataError, train.TrainingError) as err:
         sys.exit(f"bench.py: {err}")
     if args.json:
         result = rows if isinstance(rows, dict) else {"rows": rows}  # step and repro return several tables

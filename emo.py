@@ -16,13 +16,9 @@ Papers: EMO-progressive (arXiv 2605.13247) grows the expert pool E in stages at 
 EMO-modular (arXiv 2605.06663) routes each document inside a pool of experts.
 """
 
-import functools
-import json
 import math
 from dataclasses import dataclass, replace
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -71,7 +67,7 @@ class Config:
         _require(self, "top_k", self.top_k <= self.n_experts, f"at most n_experts={self.n_experts}")
         _require(self, "d_model", self.d_model % self.n_head == 0, f"a multiple of n_head={self.n_head}")
         _require(self, "d_model", (self.d_model // self.n_head) % 2 == 0,
-                 f"such that the head size d_model/n_head is even (RoPE rotates pairs)")
+                 "such that the head size d_model/n_head is even (RoPE rotates pairs)")
         uses_documents = self.pool_size is not None or self.pool_size_range is not None or self.doc_attention
         _require(self, "eot_id", _is_int(self.eot_id) and (0 <= self.eot_id < self.vocab_size or not uses_documents),
                  f"a token id below vocab_size={self.vocab_size} (it delimits documents)")
@@ -112,8 +108,17 @@ def pool_count(value, cfg):
 
 
 def _require(cfg, name, ok, allowed):
+    require(ok, f"Config.{name}", getattr(cfg, name), allowed)
+
+
+class SettingError(ValueError):
+    """A setting outside what is allowed: the scripts print it as one line, before any heavy work."""
+
+
+def require(ok, name, value, allowed):
+    """The one validation idiom of emo: fail with one line naming the setting, its value and what is allowed."""
     if not ok:
-        raise ValueError(f"Config.{name}={getattr(cfg, name)!r} is not allowed: must be {allowed}")
+        raise SettingError(f"{name}={value!r} is not allowed: must be {allowed}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,23 +452,6 @@ def flops_per_token(cfg):
     return 6 * count_params(cfg)[1] + 12 * cfg.n_layer * cfg.d_model * cfg.seq_len
 
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def peak_flops(device):
-    """Dense bf16 peak FLOP/s of a CUDA device, or None where we do not know it (CPU, other GPUs)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
-
-
-def mfu(tokens_per_second, cfg, device):
-    """Model FLOPs utilisation from active parameters, or None on devices without a known peak."""
-    peak = peak_flops(device)
-    return None if peak is None else tokens_per_second * flops_per_token(cfg) / peak
-
 
 # ---------------------------------------------------------------------------------------------
 # 6. Load balancing: one call after every optimizer step
@@ -518,11 +506,11 @@ def grow_experts(model, n_experts, init="gaussian"):
     model = unwrap(model)
     cfg = model.config
     if not _is_int(n_experts) or n_experts <= cfg.n_experts:
-        raise ValueError(f"grow_experts: n_experts={n_experts!r} must be an integer > the current {cfg.n_experts}")
+        raise SettingError(f"grow_experts: n_experts={n_experts!r} must be an integer > the current {cfg.n_experts}")
     if init not in GROWTH_INITS:
-        raise ValueError(f"grow_experts: init={init!r} must be one of {', '.join(GROWTH_INITS)}")
+        raise SettingError(f"grow_experts: init={init!r} must be one of {', '.join(GROWTH_INITS)}")
     if init == "silent" and cfg.router != "sigmoid":
-        raise ValueError("grow_experts: init='silent' needs router='sigmoid': softmax gates are normalised over "
+        raise SettingError("grow_experts: init='silent' needs router='sigmoid': softmax gates are normalised over "
                          "all experts, so any new expert changes every output")
     replace(cfg, n_experts=n_experts)  # validates before anything changes
     cfg.n_experts = n_experts  # the config every layer shares records the new E (checkpoints rebuild shapes)
@@ -574,7 +562,7 @@ def grow_optimizer(optimizer, mode="reset"):
     """Fit optimizer state to grown parameters. reset: drop all state (the paper's choice).
     keep: old slices keep their Adam moments, new experts' slices start at zero."""
     if mode not in OPTIMIZER_MODES:
-        raise ValueError(f"grow_optimizer: mode={mode!r} must be one of {', '.join(OPTIMIZER_MODES)}")
+        raise SettingError(f"grow_optimizer: mode={mode!r} must be one of {', '.join(OPTIMIZER_MODES)}")
     if mode == "reset":
         optimizer.state.clear()
         return
@@ -659,10 +647,10 @@ class ScalingLaw:
         records: dicts with n_active, tokens, experts, top_k and val_loss. Returns a new ScalingLaw."""
         unknown = set(free) - set(LAW_COEFFICIENTS)
         if unknown:
-            raise ValueError(f"ScalingLaw.fit: free={sorted(unknown)} are not coefficients; allowed: "
+            raise SettingError(f"ScalingLaw.fit: free={sorted(unknown)} are not coefficients; allowed: "
                              f"{', '.join(LAW_COEFFICIENTS)}")
         if len(records) <= len(free):
-            raise ValueError(f"ScalingLaw.fit: {len(records)} records cannot fit {len(free)} coefficients; "
+            raise SettingError(f"ScalingLaw.fit: {len(records)} records cannot fit {len(free)} coefficients; "
                              f"give more runs or fewer free coefficients")
         cols = {key: torch.tensor([float(r[key]) for r in records], dtype=torch.float64)
                 for key in ("n_active", "tokens", "experts", "top_k", "val_loss")}
@@ -736,7 +724,7 @@ def plan_stages(n_active, total_tokens, experts, top_k, law=None, batch_tokens=N
     for i, (E, end) in enumerate(zip(experts, ends)):
         tokens, e = end - start, E / top_k
         if tokens <= 0:
-            raise ValueError(f"experts={experts}: stage {i + 1} (E={E}) gets no tokens after rounding to "
+            raise SettingError(f"experts={experts}: stage {i + 1} (E={E}) gets no tokens after rounding to "
                              f"batch_tokens={batch_tokens}; give more total_tokens or fewer stages")
         # predicted loss at the stage end: continue this E's curve from the loss the last stage reached
         already = 0 if loss is None else law.tokens_to_reach(loss, n_active, e)
@@ -753,20 +741,20 @@ def plan_stages(n_active, total_tokens, experts, top_k, law=None, batch_tokens=N
 
 def _check_plan(n_active, total_tokens, experts, top_k, batch_tokens):
     if not _is_number(n_active) or n_active <= 0:
-        raise ValueError(f"n_active={n_active!r} must be a positive number of active parameters")
+        raise SettingError(f"n_active={n_active!r} must be a positive number of active parameters")
     if not _is_int(total_tokens) or total_tokens <= 0:
-        raise ValueError(f"total_tokens={total_tokens!r} must be a positive integer")
+        raise SettingError(f"total_tokens={total_tokens!r} must be a positive integer")
     if not experts or not all(_is_int(E) and E > 0 for E in experts):
-        raise ValueError(f"experts={experts!r} must be a list of positive integers")
+        raise SettingError(f"experts={experts!r} must be a list of positive integers")
     if any(b <= a for a, b in zip(experts, experts[1:])):
-        raise ValueError(f"experts={experts!r} must be strictly increasing (the pool only grows)")
+        raise SettingError(f"experts={experts!r} must be strictly increasing (the pool only grows)")
     if not _is_int(top_k) or not 1 <= top_k <= experts[0]:
-        raise ValueError(f"top_k={top_k!r} must be an integer from 1 to the first stage's E={experts[0]}")
+        raise SettingError(f"top_k={top_k!r} must be an integer from 1 to the first stage's E={experts[0]}")
     if batch_tokens is not None:
         if not _is_int(batch_tokens) or batch_tokens <= 0:
-            raise ValueError(f"batch_tokens={batch_tokens!r} must be a positive integer")
+            raise SettingError(f"batch_tokens={batch_tokens!r} must be a positive integer")
         if total_tokens % batch_tokens:
-            raise ValueError(f"total_tokens={total_tokens} must be a whole number of batches of "
+            raise SettingError(f"total_tokens={total_tokens} must be a whole number of batches of "
                              f"batch_tokens={batch_tokens} (e.g. {total_tokens // batch_tokens * batch_tokens})")
 
 
@@ -839,7 +827,7 @@ def prune_experts(model, chosen):
     cfg = model.config
     n = len(chosen[0])
     if not 1 <= n <= cfg.n_experts or any(len(keep) != n for keep in chosen):
-        raise ValueError(f"prune_experts: keep the same number of experts (1..{cfg.n_experts}) in every layer")
+        raise SettingError(f"prune_experts: keep the same number of experts (1..{cfg.n_experts}) in every layer")
     cfg.n_experts, cfg.top_k = n, min(cfg.top_k, n)
     for moe, keep in zip(model.moe_layers(), chosen):
         keep = keep.to(moe.router.device)
@@ -886,118 +874,3 @@ def routing_report(counts):
     return dict(nmi=(mutual / entropy(p_domain).clamp(min=1e-12)).item(),
                 entropy=[(entropy(row) / math.log(counts.shape[1])).item() for row in within],
                 top=[row.topk(min(3, len(row))).indices.tolist() for row in counts])
-
-
-# ---------------------------------------------------------------------------------------------
-# 10. Data: batches from a corpus prepared by data/prepare.py
-# ---------------------------------------------------------------------------------------------
-
-
-class Corpus:
-    """One split of a prepared corpus: a uint16 token memmap plus each document's start offset and domain."""
-
-    def __init__(self, folder, split="train"):
-        folder = Path(folder)
-        if not (folder / "meta.json").exists():
-            raise ValueError(f"data={folder}: no prepared corpus there (meta.json missing); make it with: "
-                             f"python data/prepare.py" + ("" if folder.name == "default" else
-                                                          f" --source=PATH --name={folder.name}"))
-        try:
-            meta = json.loads((folder / "meta.json").read_text())
-            info = meta["splits"][split]
-            dtype, n_tokens = meta["dtype"], info["tokens"]
-        except (ValueError, KeyError, TypeError):
-            raise ValueError(f"data={folder}: meta.json is not a data/prepare.py corpus with a {split!r} split; "
-                             f"prepare it again") from None
-        path = folder / f"{split}.bin"
-        size = path.stat().st_size if path.exists() else -1
-        if dtype != "uint16" or size != 2 * n_tokens:
-            raise ValueError(f"data={folder}: {path.name} has {size} bytes but meta.json says {n_tokens} {dtype} "
-                             f"tokens (truncated or from another corpus); prepare it again")
-        self.tokens = np.memmap(path, dtype=np.uint16, mode="r")
-        docs = np.load(folder / f"{split}_docs.npy")
-        self.doc_start, self.doc_domain = docs[:, 0], docs[:, 1]
-        self.domains, self.vocab_size, self.eot_id = meta["domains"], meta["vocab_size"], meta["eot_id"]
-
-    def n_windows(self, seq_len):
-        """Windows of seq_len + 1 tokens that tile the stream, each sharing one token with the next."""
-        return (len(self.tokens) - 1) // seq_len
-
-    def windows(self, step, batch_size, seq_len, seed=0, rank=0, world_size=1):
-        """Which windows micro-batch `step` of `rank` reads, fully determined by (seed, step, rank,
-        world_size) so a resumed or multi-GPU run sees exactly defined data: each epoch visits every window
-        once in a seeded order; global batch `step` takes the next batch_size * world_size windows of that
-        order and rank r takes the r-th slice of them, so ranks never overlap."""
-        n = self.n_windows(seq_len)
-        if n < 1:
-            raise ValueError(f"seq_len={seq_len} is longer than this corpus split ({len(self.tokens)} tokens)")
-        position = (step * world_size + rank) * batch_size + np.arange(batch_size)
-        return np.array([_epoch_order(seed, int(p // n), n)[p % n] for p in position])
-
-    def batch(self, step, batch_size, seq_len, seed=0, rank=0, world_size=1, with_docs=False):
-        """Micro-batch `step` of `rank` (see windows): x, y [batch_size, seq_len], and with_docs each x
-        token's document id (index into doc_start / doc_domain)."""
-        starts = self.windows(step, batch_size, seq_len, seed, rank, world_size) * seq_len
-        rows = torch.from_numpy(np.stack([self.tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64))
-        x, y = rows[:, :-1], rows[:, 1:]
-        if not with_docs:
-            return x, y
-        doc = np.searchsorted(self.doc_start, starts[:, None] + np.arange(seq_len), side="right") - 1
-        return x, y, torch.from_numpy(doc)
-
-
-    def domain_batch(self, domain, rows, seq_len):
-        """Up to `rows` consecutive windows from one domain's documents, in corpus order: x, y [rows, seq_len]
-        (a domain's examples for selecting experts, or its own validation set)."""
-        ends = np.append(self.doc_start[1:], len(self.tokens))
-        docs = np.flatnonzero(self.doc_domain == domain)
-        stream = np.concatenate([self.tokens[self.doc_start[d]:ends[d]] for d in docs]) if len(docs) else []
-        n = min(rows, (len(stream) - 1) // seq_len)
-        if n < 1:
-            raise ValueError(f"domain {self.domains[domain]!r} has fewer than seq_len={seq_len} tokens here")
-        windows = np.stack([stream[i * seq_len:(i + 1) * seq_len + 1] for i in range(n)]).astype(np.int64)
-        return torch.from_numpy(windows[:, :-1]), torch.from_numpy(windows[:, 1:])
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_order(seed, epoch, n):
-    """The seeded random order in which epoch `epoch` visits the n windows."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-# ---------------------------------------------------------------------------------------------
-# Runtime
-# ---------------------------------------------------------------------------------------------
-
-
-def _glibc():
-    """The C library, where it is glibc (mallopt, malloc_trim); None elsewhere."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-def keep_freed_memory():
-    """Ask glibc to keep freed memory in the process instead of returning each large block to the OS.
-
-    Training allocates and frees the same large activations every step; by default glibc maps each block
-    over 32 MB fresh and unmaps it on free, so every step pays page faults. On a 2-core CPU that was half
-    the MoE layer's time (bench.py moe: system time 26 s -> 2 s, E=128 tokens/s 1.8x). No-op off glibc.
-    """
-    libc = _glibc()
-    if libc:
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: serve blocks up to 1 GiB from the heap
-        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never shrink the heap
-
-
-def release_freed_memory():
-    """Give the memory keep_freed_memory() kept back to the OS (glibc's malloc_trim), so the process's
-    resident set is what is live again: train.py calls it before measuring a stage's peak memory."""
-    libc = _glibc()
-    if libc:
-        libc.malloc_trim(0)

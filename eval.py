@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 import emo
 import train
+from data.corpus import Corpus, DataError
+from emo import SettingError, require
 
 
 @torch.no_grad()
@@ -51,6 +53,17 @@ def specialization(model, val_data, rows):
     return emo.specialization(model, batches)
 
 
+def parse_shares(text):
+    """--keep's comma-separated shares of each layer's experts, each in (0, 1]."""
+    try:
+        shares = [float(v) for v in text.split(",")]
+    except ValueError:
+        shares = []
+    require(shares and all(0 < v <= 1 for v in shares), "--keep", text, "comma-separated shares in (0, 1], "
+            "e.g. 1,0.5,0.25")
+    return shares
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint, or a run folder (its latest.pt)")
@@ -61,22 +74,17 @@ def main(argv=None):
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     try:
-        keep = [float(v) for v in args.keep.split(",")]
-        if not all(0 < v <= 1 for v in keep):
-            raise ValueError
-    except ValueError:
-        sys.exit(f"eval.py: --keep={args.keep}: expected shares in (0, 1], e.g. 1,0.5,0.25")
-    try:
-        state = train.load_checkpoint(args.checkpoint)
-        cfg = emo.Config(**{**state["config"], "pool_size": None, "pool_size_range": None})
-        model = emo.Transformer(cfg)
-        model.load_state_dict(train.strip_prefixes(state["model"]))
-        model.eval()
+        keep = parse_shares(args.keep)
+        for flag in ("calib_rows", "eval_rows"):
+            require(getattr(args, flag) >= 1, f"--{flag}", getattr(args, flag), "a positive integer")
+        state, path = train.load_checkpoint(args.checkpoint, flag="--checkpoint")
+        model = train.model_from_checkpoint(state, path, pool_size=None, pool_size_range=None).eval()
+        cfg = model.config
         data = args.data or state["settings"]["data"]
-        train_data, val_data = emo.Corpus(data, "train"), emo.Corpus(data, "val")
+        train_data, val_data = Corpus(data, "train"), Corpus(data, "val")
         losses, sizes = evaluate_subsets(model, train_data, val_data, keep, args.calib_rows, args.eval_rows)
         report = specialization(model, val_data, args.eval_rows)
-    except ValueError as err:  # train.SettingError included
+    except (SettingError, DataError) as err:
         sys.exit(f"eval.py: {err}")
     if args.json:
         print(json.dumps({"losses": losses, "params": sizes, "specialization": report}, indent=1))

@@ -16,6 +16,7 @@ import sys
 from dataclasses import replace
 
 import emo
+from emo import SettingError, require
 
 # The paper's main run (notes-progressive.md): 16 layers, d_model 2048, fine-grained experts of hidden 768,
 # 8 active + 1 shared, seq 8192, 8M-token batches, 1.92T tokens, E = 8 -> 128. Our embedding is tied, so
@@ -63,14 +64,28 @@ def parse_args(argv):
     return args
 
 
-def build_plan(args):
-    """Everything plan.py prints, as a dict: the stages, the fixed-E baseline and the savings."""
+def check_args(args):
+    """plan.py's own flags, before any planning: one line naming the flag."""
+    finite = math.isfinite
+    require(finite(args.total_tokens) and args.total_tokens >= 1 and args.total_tokens == int(args.total_tokens),
+            "--total_tokens", args.total_tokens, "a whole number of tokens >= 1")
+    require(args.n_active is None or (finite(args.n_active) and args.n_active > 0), "--n_active", args.n_active,
+            "a finite number > 0")
+    require(args.batch_tokens >= 0, "--batch_tokens", args.batch_tokens, "an integer >= 0 (0: no rounding)")
+    require(finite(args.peak_flops) and args.peak_flops > 0, "--peak_flops", args.peak_flops, "a finite number > 0")
+    require(0 < args.mfu <= 1, "--mfu", args.mfu, "a fraction in (0, 1]")
+    require(finite(args.step_time_exponent), "--step_time_exponent", args.step_time_exponent, "a finite number")
     try:
         experts = [int(E) for E in str(args.experts).split(",")]
     except ValueError:
-        raise ValueError(f"--experts={args.experts!r} must be comma-separated integers, e.g. 8,16,32") from None
-    if args.total_tokens != int(args.total_tokens):
-        raise ValueError(f"--total_tokens={args.total_tokens} must be a whole number of tokens")
+        experts = None
+    require(experts, "--experts", args.experts, "comma-separated integers, e.g. 8,16,32")
+    return experts
+
+
+def build_plan(args):
+    """Everything plan.py prints, as a dict: the stages, the fixed-E baseline and the savings."""
+    experts = check_args(args)
     if args.batch_tokens and args.total_tokens >= args.batch_tokens:  # plan whole optimizer steps
         args.total_tokens = int(args.total_tokens) // args.batch_tokens * args.batch_tokens
     cfg = emo.Config(vocab_size=args.vocab_size, seq_len=args.seq_len, n_layer=args.n_layer, n_head=args.n_head,
@@ -100,16 +115,24 @@ def build_plan(args):
                 early_memory_saving=1 - sum(s["memory_bytes"] * s["fraction"] for s in stages) / fixed["memory_bytes"])
 
 
+FIT_KEYS = ("n_active", "tokens", "experts", "top_k", "val_loss")
+
+
 def read_stage_records(path):
-    """train.py's per-stage summary records (kind == "stage") from a metrics JSONL file."""
+    """train.py's per-stage summary records (kind == "stage") from a metrics JSONL file, each with positive
+    finite numbers for what the fit reads."""
     try:
         with open(path) as f:
             records = [json.loads(line) for line in f if line.strip()]
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"--fit={path}: cannot read JSONL records ({err})") from None
-    stages = [r for r in records if r.get("kind") == "stage"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SettingError(f"--fit={path}: cannot read JSONL records ({type(err).__name__})") from None
+    stages = [r for r in records if isinstance(r, dict) and r.get("kind") == "stage"]
     if not stages:
-        raise ValueError(f"--fit={path}: no stage records (lines with \"kind\": \"stage\") in the file")
+        raise SettingError(f"--fit={path}: no stage records (lines with \"kind\": \"stage\") in the file")
+    for n, r in enumerate(stages, 1):
+        bad = [k for k in FIT_KEYS if not (isinstance(r.get(k), (int, float)) and math.isfinite(r[k]) and r[k] > 0)]
+        if bad:
+            raise SettingError(f"--fit={path}: stage record {n} needs positive numbers for {', '.join(bad)}")
     return stages
 
 
@@ -123,10 +146,10 @@ def read_step_times(value):
         else:
             pairs = [(int(E), float(sec)) for E, sec in (item.split(":") for item in value.split(","))]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"--step_times={value}: expected bench.py step's --json output or E:seconds pairs like "
+        raise SettingError(f"--step_times={value}: expected bench.py step's --json output or E:seconds pairs like "
                          f"8:0.101,128:0.109 ({err})") from None
-    if len({E for E, _ in pairs}) < 2 or any(E <= 0 or sec <= 0 for E, sec in pairs):
-        raise ValueError(f"--step_times={value}: needs positive step times at two or more different E")
+    if len({E for E, _ in pairs}) < 2 or any(E <= 0 or not sec > 0 or not math.isfinite(sec) for E, sec in pairs):
+        raise SettingError(f"--step_times={value}: needs positive step times at two or more different E")
     return [E for E, _ in pairs], [sec for _, sec in pairs]
 
 
@@ -166,7 +189,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         plan = build_plan(args)
-    except ValueError as err:
+    except SettingError as err:
         sys.exit(f"plan.py: {err}")
     if args.json:
         print(json.dumps(plan, indent=1, default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else v))

@@ -1,13 +1,17 @@
 """emo's test suite: every fast path against a slow, obviously right reference. Run: python -m pytest -q"""
 
 import math
+import os
+import re
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import emo
+from data.corpus import Corpus, DataError, gpt2_encoding, offline_gpt2_encoding, prepare
 
 
 def tiny(**overrides):
@@ -210,7 +214,6 @@ def test_parameter_counts_from_shapes_match_the_model():
     assert model.num_params() == total
     assert model.num_params(active=True) == total - 2 * (8 - 2) * per_expert
     assert emo.flops_per_token(model.config) == 6 * model.num_params(active=True) + 12 * 2 * 64 * 32
-    assert emo.peak_flops("cpu") is None and emo.mfu(1e6, model.config, "cpu") is None
 
 
 def test_generate_appends_tokens_and_greedy_is_deterministic():
@@ -471,17 +474,6 @@ def test_plan_py_bad_flag_exits_with_one_line(capsys):
 # ---------------------------------------------------------------------------------------------
 
 
-def load_prepare():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("prepare", Path(__file__).parent / "data" / "prepare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-prepare = load_prepare()
 DOCS = {"poems": ["Roses are red,\nviolets are blue.", "The fog comes\non little cat feet.", "Ode to a café: naïve?",
                   "Tyger Tyger, burning bright", "Shall I compare thee", "I wandered lonely as a cloud"],
         "code": ["def f(x):\n    return x + 1\n", "for i in range(3):\n\tprint(i)", "x = {'a': [1, 2]}",
@@ -494,13 +486,13 @@ def two_domain_corpus(tmp_path):
         (tmp_path / "src" / domain).mkdir(parents=True)
         for i, text in enumerate(texts):
             (tmp_path / "src" / domain / f"{i}.txt").write_text(text)
-    return prepare.prepare(str(tmp_path / "src"), "tiny", val_fraction=0.34, out_root=tmp_path / "out")
+    return prepare(str(tmp_path / "src"), "tiny", val_fraction=0.34, out_root=tmp_path / "out")
 
 
 def read_documents(folder, split):
-    corpus = emo.Corpus(folder, split)
+    corpus = Corpus(folder, split)
     ends = list(corpus.doc_start[1:]) + [len(corpus.tokens)]
-    enc = prepare.gpt2_encoding()
+    enc = gpt2_encoding()
     return corpus, [(corpus.domains[d], enc.decode(corpus.tokens[s:e].tolist()))
                     for s, e, d in zip(corpus.doc_start, ends, corpus.doc_domain)]
 
@@ -516,8 +508,8 @@ def test_prepared_documents_round_trip_with_their_domains_and_a_whole_document_s
 
 
 def test_preparation_is_deterministic_under_its_seed(two_domain_corpus, tmp_path):
-    again = prepare.prepare(str(tmp_path / "src"), "again", val_fraction=0.34, out_root=tmp_path / "out")
-    other = prepare.prepare(str(tmp_path / "src"), "other", val_fraction=0.34, seed=1, out_root=tmp_path / "out")
+    again = prepare(str(tmp_path / "src"), "again", val_fraction=0.34, out_root=tmp_path / "out")
+    other = prepare(str(tmp_path / "src"), "other", val_fraction=0.34, seed=1, out_root=tmp_path / "out")
     for split in ("train", "val"):
         assert (two_domain_corpus / f"{split}.bin").read_bytes() == (again / f"{split}.bin").read_bytes()
     assert (two_domain_corpus / "val.bin").read_bytes() != (other / "val.bin").read_bytes()
@@ -526,12 +518,12 @@ def test_preparation_is_deterministic_under_its_seed(two_domain_corpus, tmp_path
 def test_jsonl_sources_carry_their_own_domains(tmp_path):
     lines = [{"text": f"story number {i}", "domain": "stories" if i % 2 else "news"} for i in range(6)]
     (tmp_path / "a.jsonl").write_text("\n".join(__import__("json").dumps(r) for r in lines))
-    folder = prepare.prepare(str(tmp_path / "a.jsonl"), "j", val_fraction=0.34, out_root=tmp_path / "out")
-    assert emo.Corpus(folder).domains == ["news", "stories"]
+    folder = prepare(str(tmp_path / "a.jsonl"), "j", val_fraction=0.34, out_root=tmp_path / "out")
+    assert Corpus(folder).domains == ["news", "stories"]
 
 
 def test_loader_is_deterministic_and_ranks_share_an_epoch_without_overlap(two_domain_corpus):
-    corpus = emo.Corpus(two_domain_corpus)
+    corpus = Corpus(two_domain_corpus)
     a = corpus.batch(3, 2, 4, seed=7)
     assert all(torch.equal(u, v) for u, v in zip(a, corpus.batch(3, 2, 4, seed=7)))
     assert not torch.equal(a[0], corpus.batch(3, 2, 4, seed=8)[0])
@@ -546,7 +538,7 @@ def test_loader_is_deterministic_and_ranks_share_an_epoch_without_overlap(two_do
 
 
 def test_loader_document_ids_point_at_the_document_holding_each_token(two_domain_corpus):
-    corpus = emo.Corpus(two_domain_corpus)
+    corpus = Corpus(two_domain_corpus)
     x, _, doc = corpus.batch(0, 4, 8, with_docs=True)
     for row, docs in zip(x, doc):
         for token, d in zip(row.tolist(), docs.tolist()):
@@ -562,7 +554,7 @@ def test_offline_tokenizer_equals_gpt2_bpe():
 
     samples = ["Hello world", "naïve café, 日本語 and emoji 🙂", "def f(x):\n\treturn x**2  # squared",
                "  leading spaces\n\n\nnewlines", "<|endoftext|> is plain text here"]
-    offline = prepare.offline_gpt2_encoding()
+    offline = offline_gpt2_encoding()
     try:
         reference = tiktoken.get_encoding("gpt2").encode_ordinary
     except Exception:
@@ -580,18 +572,18 @@ def test_offline_tokenizer_equals_gpt2_bpe():
     (lambda p: (p / "blank.txt").write_text("  \n") and str(p / "blank.txt"), "no non-empty documents"),
 ])
 def test_bad_sources_fail_with_one_line_and_leave_nothing_behind(tmp_path, make, match):
-    with pytest.raises(prepare.DataError, match=match):
-        prepare.prepare(make(tmp_path), "x", out_root=tmp_path / "out")
+    with pytest.raises(DataError, match=match):
+        prepare(make(tmp_path), "x", out_root=tmp_path / "out")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_a_truncated_or_missing_corpus_is_refused_clearly(two_domain_corpus, tmp_path):
     with pytest.raises(ValueError, match="no prepared corpus there.*python data/prepare.py"):
-        emo.Corpus(tmp_path / "nowhere")
+        Corpus(tmp_path / "nowhere")
     data = (two_domain_corpus / "train.bin").read_bytes()
     (two_domain_corpus / "train.bin").write_bytes(data[:-2])
     with pytest.raises(ValueError, match="truncated or from another corpus"):
-        emo.Corpus(two_domain_corpus)
+        Corpus(two_domain_corpus)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -617,7 +609,7 @@ def corpus(tmp_path_factory):
         (root / "src" / domain).mkdir(parents=True)
         for i in range(20):
             (root / "src" / domain / f"{i}.txt").write_text(" ".join(rng.choice(vocab) for _ in range(150)))
-    return prepare.prepare(str(root / "src"), "small", out_root=root / "out", val_fraction=0.2)
+    return prepare(str(root / "src"), "small", out_root=root / "out", val_fraction=0.2)
 
 
 def tiny_run(corpus, out_dir, *extra):
@@ -626,6 +618,13 @@ def tiny_run(corpus, out_dir, *extra):
             "--batch_size=8", "--n_layer=2", "--d_model=64", "--n_head=4", "--d_expert=32", "--vocab_size=50304",
             "--warmup_steps=3", "--rewarm_steps=3", "--eval_interval=100", "--eval_batches=2", "--log_interval=100",
             "--sample_tokens=0", "--stages=2:0.5,4:0.5", "--lr=3e-3", *extra]
+
+
+def stopped(args):
+    """Run train.py's main on args that stop early: it exits with EXIT_STOPPED, not 0."""
+    with pytest.raises(SystemExit) as exit_:
+        train.main(args)
+    assert exit_.value.code == train.EXIT_STOPPED
 
 
 def records(out_dir, kind):
@@ -657,13 +656,13 @@ def test_the_solver_schedule_sets_stage_lengths_when_no_stages_are_given(corpus,
 @pytest.mark.parametrize("stop_at", [7, 12])  # mid-stage, and right at the stage boundary
 def test_a_resumed_run_continues_exactly(corpus, tmp_path, stop_at):
     train.main(tiny_run(corpus, tmp_path / "a"))
-    train.main(tiny_run(corpus, tmp_path / "b", f"--stop_at={stop_at}"))
+    stopped(tiny_run(corpus, tmp_path / "b", f"--stop_at={stop_at}"))
     assert records(tmp_path / "b", "step")[-1]["step"] == stop_at
     train.main([f"--resume={tmp_path / 'b'}", f"--out_dir={tmp_path / 'b'}"])
     a, b = records(tmp_path / "a", "step"), records(tmp_path / "b", "step")
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
-    final_a = torch.load(tmp_path / "a" / "latest.pt", weights_only=False)["model"]
-    final_b = torch.load(tmp_path / "b" / "latest.pt", weights_only=False)["model"]
+    final_a = torch.load(tmp_path / "a" / "latest.pt", weights_only=True)["model"]
+    final_b = torch.load(tmp_path / "b" / "latest.pt", weights_only=True)["model"]
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
 
 
@@ -680,49 +679,274 @@ def test_torchrun_with_two_cpu_processes_matches_one_process(corpus, tmp_path):
         assert a["load_cv"] == pytest.approx(b["load_cv"], abs=1e-6)  # balancing saw the global counts
 
 
-@pytest.mark.parametrize("flags,match", [
+def assert_one_line(err, match):
+    """A refusal is one line that names what was wrong (SystemExit's text, or an exception's)."""
+    text = str(err.value.code if isinstance(err.value, SystemExit) else err.value)
+    assert re.search(match, text), f"{match!r} not in {text!r}"
+    assert "\n" not in text and "Traceback" not in text
+
+
+# Bad inputs the suite tries, one table per command; every one must give one line naming the setting.
+# "{tmp}" is the test's folder. train.py rows run with tiny_run's flags plus these (last wins).
+TRAIN_BAD = [
     (["--lr_schedule=linear"], "--lr_schedule='linear' is not allowed"), (["--n_expert=4"], "unknown setting --n_expert"),
     (["--lr=fast"], "--lr=fast: expected float"), (["--top_k=3", "--experts=2,4"], "top_k=3 is not allowed: must be at most the first stage's E=2"),
     (["--experts=4,2"], "strictly increasing"), (["--n_experts=4"], "--experts"),
     (["--batch_tokens=100"], "multiple of batch_size"), (["--seq_len=8192", "--batch_size=1", "--total_tokens=16384"], "longer than the train split"),
     (["--d_model=66"], "Config.d_model=66"), (["--stages=2:0.5,4:0.4"], "summing to 1"),
-    (["--vocab_size=1000"], "smaller than the corpus vocabulary"),
-])
-def test_bad_settings_fail_with_one_line_naming_the_setting(corpus, tmp_path, flags, match):
-    args = tiny_run(corpus, tmp_path) + flags
-    if any(f.startswith("--experts") for f in flags):
-        args = [a for a in args if not a.startswith("--stages")]
-    with pytest.raises(SystemExit, match=match):
+    (["--vocab_size=1000"], "smaller than the corpus vocabulary"), (["--experts=2,4", "--stages=2:0.5,4:0.5"], "not both"),
+    (["--device=tpu"], "--device='tpu' is not allowed: must be auto, cpu, cuda or cuda:N"),
+    (["--device=cuda:7"], "--device='cuda:7' is not allowed"),
+    (["--beta1=1"], "--beta1=1.0 is not allowed: must be in \\[0, 1\\)"), (["--beta2=-0.1"], "--beta2=-0.1 is not allowed"),
+    (["--beta2=nan"], "--beta2=nan is not allowed"), (["--seed=-1"], "--seed=-1 is not allowed"),
+    (["--seed=4294967296"], "--seed=4294967296 is not allowed"), (["--grad_clip=-1"], "--grad_clip=-1.0 is not allowed"),
+    (["--weight_decay=nan"], "--weight_decay=nan is not allowed"), (["--weight_decay=-0.1"], "--weight_decay=-0.1"),
+    (["--lr=inf"], "--lr=inf is not allowed"), (["--lr=nan"], "--lr=nan is not allowed"), (["--lr=0"], "--lr=0.0 is not allowed"),
+    (["--min_lr_frac=2"], "--min_lr_frac=2.0 is not allowed"), (["--decay_frac=nan"], "--decay_frac=nan is not allowed"),
+    (["--max_load_cv=0"], "--max_load_cv=0.0 is not allowed"), (["--total_tokens=inf"], "--total_tokens=inf: expected int"),
+    (["--total_tokens=nan"], "--total_tokens=nan: expected int"), (["--total_tokens=1e99999"], "--total_tokens=1e99999: expected int"),
+    (["--router=softmax", "--growth_init=silent"], "--growth_init='silent' is not allowed: must be gaussian or copy with --router=softmax"),
+    (["--out_dir="], "--out_dir='' is not allowed"), (["--out_dir={tmp}/afile"], "--out_dir=.*afile is a file"),
+    (["--out_dir=/proc/emo-run"], "--out_dir=/proc/emo-run: cannot create it"),
+    (["--schedule=fixed"], "--stages gives a progressive schedule: --schedule=fixed takes --experts=E"),
+    (["--eot_id=5", "--pool_size=2"], "--eot_id=5 is not the corpus's end-of-text id 50256"),
+    (["--batch_size=0"], "--batch_size=0 is not allowed"), (["--eval_interval=0"], "--eval_interval=0 is not allowed"),
+    (["--warmup_steps=-1"], "--warmup_steps=-1 is not allowed"), (["--compile=maybe"], "--compile=maybe: expected true/false"),
+    (["--pool_size=abc"], "--pool_size=abc: expected a number"), (["--config={tmp}/missing.json"], "--config=.*cannot read a JSON object"),
+    (["--config={tmp}/list.json"], "--config=.*must hold a JSON object"), (["positional"], "unexpected argument 'positional'"),
+    (["--data={tmp}/nowhere"], "no prepared corpus there"), (["--dtype=fp16"], "--dtype='fp16' is not allowed"),
+    (["--stages=2:0.5,x:0.5"], "--stages=2:0.5,x:0.5: expected comma-separated E:fraction"),
+    (["--total_tokens=300"], "--total_tokens=300 is not allowed: must be at least one optimizer step"),
+    (["--keep_latest=0"], "--keep_latest=0 is not allowed"), (["--pool_size_range=4,2"], "Config.pool_size_range=\\(4, 2\\)"),
+]
+
+
+@pytest.mark.parametrize("flags,match", TRAIN_BAD)
+def test_bad_train_settings_fail_with_one_line_before_any_work(corpus, tmp_path, flags, match):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    base = tiny_run(corpus, tmp_path / "run")
+    if any(f.startswith("--experts") for f in flags):  # a row's own --stages, if any, comes after
+        base = [a for a in base if not a.startswith("--stages")]
+    args = base + flags
+    with pytest.raises(SystemExit) as err:
         train.main(args)
-    assert not (tmp_path / "metrics.jsonl").exists()  # refused before any training
+    assert_one_line(err, match)
+    assert not (tmp_path / "run" / "config.json").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_stages_and_experts_together_are_refused(corpus, tmp_path):
-    with pytest.raises(SystemExit, match="not both"):
-        train.main(tiny_run(corpus, tmp_path) + ["--experts=2,4"])
+PLAN_BAD = [
+    (["--mfu=0"], "--mfu=0.0 is not allowed: must be a fraction in \\(0, 1\\]"), (["--mfu=1.5"], "--mfu=1.5 is not allowed"),
+    (["--mfu=-0.4"], "--mfu=-0.4 is not allowed"), (["--mfu=nan"], "--mfu=nan is not allowed"),
+    (["--peak_flops=0"], "--peak_flops=0.0 is not allowed"), (["--peak_flops=nan"], "--peak_flops=nan is not allowed"),
+    (["--total_tokens=nan"], "--total_tokens=nan is not allowed"), (["--total_tokens=0"], "--total_tokens=0.0 is not allowed"),
+    (["--total_tokens=1.5e6", "--total_tokens=1000000.5"], "--total_tokens=1000000.5 is not allowed"),
+    (["--n_active=-1"], "--n_active=-1.0 is not allowed"), (["--batch_tokens=-1"], "--batch_tokens=-1 is not allowed"),
+    (["--experts=a,b"], "--experts='a,b' is not allowed: must be comma-separated integers"),
+    (["--experts=16,8"], "experts=\\[16, 8\\] must be strictly increasing"), (["--top_k=16"], "top_k=16 must be an integer from 1"),
+    (["--step_time_exponent=nan"], "--step_time_exponent=nan is not allowed"),
+    (["--fit={tmp}/missing.jsonl"], "--fit=.*missing.jsonl: cannot read JSONL records"),
+    (["--fit={tmp}/nostage.jsonl"], "--fit=.*no stage records"), (["--fit={tmp}/badstage.jsonl"], "--fit=.*stage record 1 needs positive numbers for val_loss"),
+    (["--fit={tmp}/binary.jsonl"], "--fit=.*cannot read JSONL records"), (["--step_times=8:1.0"], "--step_times=8:1.0: needs positive step times at two or more"),
+    (["--step_times=x"], "--step_times=x: expected bench.py step's --json output"), (["--step_times=8:1,16:nan"], "needs positive step times"),
+]
+
+
+@pytest.mark.parametrize("flags,match", PLAN_BAD)
+def test_bad_plan_flags_fail_with_one_line(tmp_path, flags, match):
+    import plan
+
+    (tmp_path / "nostage.jsonl").write_text('{"kind": "step", "step": 1}\n')
+    (tmp_path / "badstage.jsonl").write_text('{"kind": "stage", "n_active": 1e6, "tokens": 1e7, "experts": 8, "top_k": 2, '
+                                             '"val_loss": "low"}\n')
+    (tmp_path / "binary.jsonl").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(SystemExit) as err:
+        plan.main([f.replace("{tmp}", str(tmp_path)) for f in flags])
+    assert_one_line(err, "^plan.py: .*" + match)
+
+
+BENCH_BAD = [
+    (["moe", "--tokens=0"], "--tokens=0 is not allowed"), (["moe", "--repeats=0"], "--repeats=0 is not allowed"),
+    (["moe", "--d_model=0"], "--d_model=0 is not allowed"), (["moe", "--device=tpu"], "--device='tpu' is not allowed"),
+    (["growth", "--seeds=a"], "--seeds='a' is not allowed"), (["growth", "--seeds=-1"], "--seeds='-1' is not allowed"),
+    (["step", "--experts=x"], "--experts='x' is not allowed"), (["repro", "--total_tokens=nan"], "--total_tokens=nan is not allowed"),
+    (["repro", "--total_tokens=0"], "--total_tokens=0.0 is not allowed"), (["repro", "--inits=zeros"], "--inits='zeros' is not allowed"),
+    (["step", "--experts=2", "--train_args=--lr=fast"], "--lr=fast: expected float"),
+    (["step", "--experts=2", "--train_args=--d_model=66"], "Config.d_model=66 is not allowed"),
+]
+
+
+@pytest.mark.parametrize("argv,match", BENCH_BAD)
+def test_bad_bench_flags_fail_with_one_line(argv, match):
+    with pytest.raises(SystemExit) as err:
+        bench.main(argv)
+    assert_one_line(err, "^bench.py: .*" + match)
+
+
+EVAL_BAD = [(["--keep=0"], "--keep='0' is not allowed: must be comma-separated shares in \\(0, 1\\]"),
+            (["--keep=abc"], "--keep='abc' is not allowed"), (["--keep=1.5"], "--keep='1.5' is not allowed"),
+            (["--calib_rows=0"], "--calib_rows=0 is not allowed"), (["--eval_rows=-1"], "--eval_rows=-1 is not allowed"),
+            (["--checkpoint={tmp}/none.pt"], "--checkpoint=.*none.pt: no such checkpoint")]
+
+
+@pytest.mark.parametrize("flags,match", EVAL_BAD)
+def test_bad_eval_flags_fail_with_one_line(tmp_path, flags, match):
+    import eval as evaluate
+
+    with pytest.raises(SystemExit) as err:
+        evaluate.main([f"--checkpoint={tmp_path}"] + [f.replace("{tmp}", str(tmp_path)) for f in flags])
+    assert_one_line(err, "^eval.py: .*" + match)
+
+
+PREPARE_BAD = [(["--max_tokens=nan"], "--max_tokens=nan is not allowed"), (["--max_tokens=inf"], "--max_tokens=inf is not allowed"),
+               (["--max_tokens=0"], "--max_tokens=0.0 is not allowed"), (["--val_fraction=1"], "--val_fraction=1.0 is not allowed"),
+               (["--val_fraction=nan"], "--val_fraction=nan is not allowed"), (["--source={tmp}/missing"], "no such file, folder or glob"),
+               (["--source={tmp}/one_each"], "the val split would be empty: 2 documents in 2 domains")]
+
+
+@pytest.mark.parametrize("flags,match", PREPARE_BAD)
+def test_bad_prepare_flags_fail_with_one_line(tmp_path, flags, match):
+    for domain in ("a", "b"):  # one document per domain: nothing can go to val
+        (tmp_path / "one_each" / domain).mkdir(parents=True)
+        (tmp_path / "one_each" / domain / "0.txt").write_text(f"the only {domain} document")
+    args = [f.replace("{tmp}", str(tmp_path)) for f in flags] + [f"--name={tmp_path / 'out'}"]
+    done = subprocess.run([sys.executable, "data/prepare.py", *args], cwd=Path(__file__).parent, capture_output=True,
+                          text=True, timeout=120)
+    error = [line for line in done.stderr.splitlines() if line.startswith("data/prepare.py")]  # the rest: progress
+    assert done.returncode == 1 and len(error) == 1 and re.search(match, error[0]), done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
+def test_the_suite_tries_every_bad_input_table():
+    """RESULTS.md quotes this count: every row of these tables must give one line naming the setting."""
+    tables = (TRAIN_BAD, CORPUS_BAD, CHECKPOINT_BAD, PLAN_BAD, BENCH_BAD, EVAL_BAD, PREPARE_BAD)
+    assert sum(map(len, tables)) >= 110
+
+
+def damage(folder, how):
+    """Copy-free damage to a prepared corpus folder, one way per name."""
+    docs = np.load(folder / "train_docs.npy")
+    tokens = np.fromfile(folder / "train.bin", dtype=np.uint16)
+    if how == "one column":
+        np.save(folder / "train_docs.npy", docs[:, :1])
+    elif how == "starts not rising":
+        docs[2, 0] = docs[1, 0]
+        np.save(folder / "train_docs.npy", docs)
+    elif how == "unknown domain":
+        docs[0, 1] = 7
+        np.save(folder / "train_docs.npy", docs)
+    elif how == "token id past the vocabulary":
+        tokens[3] = 60000
+        tokens.tofile(folder / "train.bin")
+    elif how == "document without its end":
+        tokens[docs[1, 0] - 1] = 11
+        tokens.tofile(folder / "train.bin")
+    elif how == "meta not json":
+        (folder / "meta.json").write_text("{not json")
+    elif how == "docs not an array":
+        (folder / "train_docs.npy").write_bytes(b"garbage")
+
+
+CORPUS_BAD = [("one column", "must be an \\[n_documents, 2\\] integer array"),
+              ("starts not rising", "document starts must rise strictly"), ("unknown domain", "domain ids must lie in 0..1"),
+              ("token id past the vocabulary", "holds token id 60000, outside the corpus vocabulary of 50257"),
+              ("document without its end", "a document does not end with the end-of-text id 50256"),
+              ("meta not json", "meta.json is not a data/prepare.py corpus"), ("docs not an array", "train_docs.npy is missing or not")]
+
+
+@pytest.mark.parametrize("how,match", CORPUS_BAD)
+def test_a_damaged_corpus_is_refused_in_one_line_when_opened(corpus, tmp_path, how, match):
+    import shutil
+
+    folder = tmp_path / "corpus"
+    shutil.copytree(corpus, folder)
+    damage(folder, how)
+    with pytest.raises(SystemExit) as err:
+        train.main(tiny_run(folder, tmp_path / "run"))
+    assert_one_line(err, "train.py: --data=.*" + match)
+
+
+def write_checkpoint(path, change):
+    """A checkpoint edited by `change(state)` and saved again."""
+    state = torch.load(path, weights_only=True)
+    change(state)
+    torch.save(state, path.parent / "edited.pt")
+    return path.parent / "edited.pt"
+
+
+class Crafted:
+    """A pickle that would write a marker file when unpickled by a loader that runs code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "code ran"))
+
+
+CHECKPOINT_BAD = [
+    (lambda p, m: (p.write_bytes(b"not a checkpoint"), p)[1], "not a loadable emo checkpoint"),
+    (lambda p, m: torch.save({"format": "emo-checkpoint-2", "model": Crafted(m)}, p) or p, "not a loadable emo checkpoint"),
+    (lambda p, m: torch.save({"format": "emo-checkpoint-1", "step": 3}, p) or p, "not an emo-checkpoint-2 checkpoint \\(found 'emo-checkpoint-1'\\)"),
+    (lambda p, m: write_checkpoint(p, lambda s: s.pop("model")), "the checkpoint lacks model \\(corrupt\\)"),
+    (lambda p, m: write_checkpoint(p, lambda s: s["model"].update({"blocks.0.moe.w_in": torch.zeros(3, 3)})),
+     "its weights do not match its config \\(blocks.0.moe.w_in has shape \\[3, 3\\], the config needs \\[2, 64, 64\\]"),
+    (lambda p, m: write_checkpoint(p, lambda s: s["model"].pop("norm.weight")), "norm.weight is missing"),
+    (lambda p, m: write_checkpoint(p, lambda s: s["config"].update({"n_kv_head": 2})), "fields this emo.py does not know: n_kv_head"),
+]
+
+
+@pytest.mark.parametrize("make,match", CHECKPOINT_BAD)
+def test_a_bad_or_hostile_checkpoint_is_refused_in_one_line_and_runs_no_code(corpus, tmp_path, make, match):
+    import eval as evaluate
+
+    stopped(tiny_run(corpus, tmp_path, "--stop_at=2"))
+    marker = tmp_path / "marker"
+    path = make(tmp_path / "latest.pt", marker)
+    with pytest.raises(SystemExit) as err:
+        train.main([f"--resume={path}", f"--out_dir={tmp_path / 'branch'}"])
+    assert_one_line(err, "train.py: .*" + match)
+    if "config" not in match:  # eval.py names its own flag
+        with pytest.raises(SystemExit) as err:
+            evaluate.main([f"--checkpoint={path}"])
+        assert_one_line(err, "eval.py: (--checkpoint=)?.*" + match)
+    assert not marker.exists()
+
+
+def test_resume_refuses_another_world_size_or_batch(corpus, tmp_path):
+    stopped(tiny_run(corpus, tmp_path, "--stop_at=2"))
+    two = write_checkpoint(tmp_path / "latest.pt", lambda s: s.update(world_size=2))
+    with pytest.raises(SystemExit) as err:
+        train.main([f"--resume={two}", f"--out_dir={tmp_path / 'branch'}"])
+    assert_one_line(err, "the run used 2 process\\(es\\), this one has 1")
+    with pytest.raises(SystemExit) as err:
+        train.main([f"--resume={tmp_path}", "--batch_size=4"])
+    assert_one_line(err, "cannot change mid-run: batch_size \\(checkpoint 8\\)")
 
 
 def test_resume_refuses_a_different_model_or_a_foreign_file(corpus, tmp_path):
-    train.main(tiny_run(corpus, tmp_path, "--stop_at=2"))
+    stopped(tiny_run(corpus, tmp_path, "--stop_at=2"))
     with pytest.raises(SystemExit, match="cannot change mid-run: d_model"):
         train.main([f"--resume={tmp_path}", "--d_model=128"])
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit, match="not a readable checkpoint"):
+    with pytest.raises(SystemExit, match="not a loadable emo checkpoint"):
         train.main([f"--resume={tmp_path / 'junk.pt'}"])
 
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.glob("configs/*.json")), ids=lambda p: p.name)
 def test_shipped_configs_parse_and_validate(path):
     settings, model, _ = train.parse([f"--config={path}"])
-    model["n_experts"] = train.stage_experts(settings)[0]
-    train.validate(settings, emo.Config(**model), world_size=8)
+    experts, _ = train.parse_stages(settings)
+    model["n_experts"] = experts[0]
+    train.validate(settings, emo.Config(**model), world=8, n_stages=len(experts))
 
 
 def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
     lines = [{"kind": "step", "step": 11}, {"kind": "eval", "step": 12}, {"kind": "stage", "step": 12},
              {"kind": "growth", "step": 12}, {"kind": "step", "step": 13}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    train.trim_metrics(tmp_path / "metrics.jsonl", 12)
+    train.trim_metrics(tmp_path / "metrics.jsonl", tmp_path / "metrics.jsonl", 12)
     kept = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert kept == lines[:3]
 
@@ -927,9 +1151,27 @@ def test_collapse_warnings_name_the_layer_and_the_idle_experts():
     assert "layer 0: expert load CV 1.52 > --max_load_cv=1.0" == train.collapse_warnings(idle, loads, s, check_cv=True)[1]
 
 
-def test_a_non_finite_loss_stops_the_run_with_one_line(corpus, tmp_path):
-    with pytest.raises(SystemExit, match="non-finite loss or gradient at step .*last good checkpoint"):
-        train.main(tiny_run(corpus, tmp_path, "--lr=1e30", "--grad_clip=0", "--warmup_steps=0"))
+def test_a_non_finite_loss_stops_before_the_step_with_advice_the_program_accepts(corpus, tmp_path):
+    args = tiny_run(corpus, tmp_path, "--lr=1e30", "--grad_clip=0", "--warmup_steps=0", "--checkpoint_interval=1")
+    with pytest.raises(SystemExit, match=r"non-finite loss or gradient at step \d+ .*the step was not taken") as err:
+        train.main(args)
+    advice = re.search(r"python train.py (--resume=\S+ --lr=\S+)", str(err.value)).group(1).split()
+    s, _, _, _, resume = train.setup(advice)  # resuming with a lower lr is allowed
+    assert s.lr == 2.5e29 and resume[0]["step"] == len(records(tmp_path, "step"))
+
+
+def test_a_step_with_a_non_finite_gradient_changes_nothing():
+    model = seeded_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, 128, (2, 33))
+    with torch.no_grad():
+        model.blocks[0].attn.proj.weight[0, 0] = float("inf")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(train.NonFiniteLoss):
+        train.train_step(model, optimizer, [(x[:, :-1], x[:, 1:])], 1e-3, 1.0, None)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights, bias and counts untouched
+    assert not optimizer.state and all(p.grad is None for p in model.parameters())
 
 
 def train_process(args):
@@ -948,7 +1190,7 @@ def wait_for_steps(out_dir, n, timeout=60):
 
 
 def final_weights(out_dir):
-    return torch.load(Path(out_dir) / "latest.pt", weights_only=False)["model"]
+    return torch.load(Path(out_dir) / "latest.pt", weights_only=True)["model"]
 
 
 def test_sigterm_saves_at_the_next_step_and_the_run_resumes_exactly(corpus, tmp_path):
@@ -959,8 +1201,8 @@ def test_sigterm_saves_at_the_next_step_and_the_run_resumes_exactly(corpus, tmp_
     wait_for_steps(tmp_path / "b", 3)
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=60)
-    assert process.returncode == 0 and "stopped at step" in output and "(signal)" in output
-    stopped = torch.load(tmp_path / "b" / "latest.pt", weights_only=False)["step"]
+    assert process.returncode == train.EXIT_STOPPED and "stopped at step" in output and "(signal)" in output
+    stopped = torch.load(tmp_path / "b" / "latest.pt", weights_only=True)["step"]
     assert 3 <= stopped < 24
     train.main([f"--resume={tmp_path / 'b'}"])
     a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
@@ -990,7 +1232,7 @@ def test_kill_9_at_random_points_loses_nothing(corpus, tmp_path):
         process.kill()
         process.wait()
         kills += 1
-        mid_write += (tmp_path / "b" / "latest.pt.tmp").exists()
+        mid_write += any((tmp_path / "b").glob("latest.pt.tmp.*"))
     print(f"kill -9 points tried: {kills}, {mid_write} of them mid-checkpoint-write; nothing lost")
     assert kills >= 3
     a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
@@ -1001,7 +1243,112 @@ def test_retention_keeps_stage_ends_and_the_latest_n_checkpoints(corpus, tmp_pat
     train.main(tiny_run(corpus, tmp_path, "--checkpoint_interval=5", "--keep_latest=3"))
     names = {p.name for p in tmp_path.glob("*.pt")}
     assert names == {"latest.pt", "stage1.pt", "stage2.pt", "step15.pt", "step20.pt", "step24.pt"}
-    assert torch.load(tmp_path / "step20.pt", weights_only=False)["step"] == 20
+    assert torch.load(tmp_path / "step20.pt", weights_only=True)["step"] == 20
+
+
+def test_retention_touches_only_the_checkpoints_it_wrote(corpus, tmp_path):
+    tmp_path.mkdir(exist_ok=True)
+    mine = {"step5000.pt": b"my own", "step_best.pt": b"my best", "step10.pt": b"mine too"}
+    for name, data in mine.items():
+        (tmp_path / name).write_bytes(data)
+    stopped(tiny_run(corpus, tmp_path, "--checkpoint_interval=5", "--keep_latest=2", "--stop_at=15"))
+    train.main([f"--resume={tmp_path}"])  # retention resumes from the list the checkpoint carries
+    assert all((tmp_path / name).read_bytes() == data for name, data in mine.items())
+    assert {p.name for p in tmp_path.glob("step*.pt")} == set(mine) | {"step20.pt", "step24.pt"}
+
+
+def test_a_new_run_never_overwrites_a_folder_that_holds_one(corpus, tmp_path):
+    stopped(tiny_run(corpus, tmp_path, "--stop_at=3"))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(SystemExit) as err:
+        train.main(tiny_run(corpus, tmp_path))
+    assert_one_line(err, f"--out_dir={tmp_path} already holds a run: continue it with --resume={tmp_path}, or start "
+                         "over in another --out_dir")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_a_second_process_on_the_same_folder_is_refused(corpus, tmp_path):
+    first = train_process(tiny_run(corpus, tmp_path, "--total_tokens=61440", "--checkpoint_interval=1"))
+    try:
+        wait_for_steps(tmp_path, 2)  # it has saved latest.pt at step 1 by now
+        for args in (tiny_run(corpus, tmp_path), [f"--resume={tmp_path}"]):
+            with pytest.raises(SystemExit) as err:
+                train.main(args)
+            assert_one_line(err, f"another training process \\(pid {first.pid}\\) is running there")
+    finally:
+        first.kill()
+        first.wait()
+    train.claim_folder(tmp_path, resuming=True).close()  # the lock died with the killed process
+
+
+def test_stale_temp_files_are_cleaned_and_temp_names_never_collide(tmp_path):
+    (tmp_path / "latest.pt.tmp.4242").write_bytes(b"half a checkpoint")
+    (tmp_path / "notes.tmp.1").write_text("a user's file")
+    lock = train.claim_folder(tmp_path, resuming=True)
+    lock.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "notes.tmp.1"]
+    train.atomic_write(tmp_path / "config.json", lambda f: f.write(b"{}"))
+    assert f"config.json.tmp.{os.getpid()}" not in os.listdir(tmp_path)  # the temp name is this process's own
+
+
+def test_replacing_a_stage_checkpoint_or_a_file_is_atomic(tmp_path, monkeypatch):
+    (tmp_path / "stage1.pt").write_bytes(b"old stage end")
+    (tmp_path / "latest.pt").write_bytes(b"new")
+
+    def crash(*args):
+        raise KeyboardInterrupt  # a kill at the worst moment
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.link_atomically(tmp_path / "latest.pt", tmp_path / "stage1.pt")
+    with pytest.raises(KeyboardInterrupt):
+        train.atomic_write(tmp_path / "latest.pt", lambda f: f.write(b"newer"))
+    monkeypatch.undo()
+    assert (tmp_path / "stage1.pt").read_bytes() == b"old stage end" and (tmp_path / "latest.pt").read_bytes() == b"new"
+
+
+def test_resuming_a_copy_writes_into_the_copy_and_leaves_the_original_alone(corpus, tmp_path):
+    import shutil
+
+    stopped(tiny_run(corpus, tmp_path / "a", "--stop_at=5"))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    original = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir() if p.is_file()}
+    train.main([f"--resume={tmp_path / 'b'}"])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir() if p.is_file()} == original
+    assert records(tmp_path / "b", "step")[-1]["step"] == 24
+
+
+def test_an_older_checkpoint_resumes_only_as_a_branch_into_a_new_folder(corpus, tmp_path):
+    train.main(tiny_run(corpus, tmp_path / "a"))
+    finished = (tmp_path / "a" / "metrics.jsonl").read_bytes()
+    with pytest.raises(SystemExit) as err:
+        train.main([f"--resume={tmp_path / 'a' / 'stage1.pt'}"])
+    assert_one_line(err, "is not .*latest checkpoint: continuing there would overwrite its later progress; give "
+                         "--out_dir=NEW_FOLDER")
+    train.main([f"--resume={tmp_path / 'a' / 'stage1.pt'}", f"--out_dir={tmp_path / 'b'}"])
+    assert (tmp_path / "a" / "metrics.jsonl").read_bytes() == finished
+    assert [r["loss"] for r in records(tmp_path / "b", "step")] == [r["loss"] for r in records(tmp_path / "a", "step")]
+
+
+def test_a_torn_last_metrics_line_does_not_stop_a_resume(corpus, tmp_path):
+    stopped(tiny_run(corpus, tmp_path, "--stop_at=5"))
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "step", "st')  # a kill in the middle of a write
+    assert records(tmp_path, "step")[-1]["step"] == 5
+    train.main([f"--resume={tmp_path}"])
+    assert [r["step"] for r in records(tmp_path, "step")] == list(range(1, 25))
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"torn": \n{"kind": "step", "step": 99}\n')
+    with pytest.raises(DataError, match="metrics.jsonl:.*not a JSON record"):
+        train.read_metrics(tmp_path)
+
+
+def test_paths_are_relative_to_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as err:
+        train.main(["--total_tokens=8192"])
+    assert_one_line(err, f"no prepared corpus there \\({tmp_path}/data/default/meta.json is missing; paths are "
+                         "relative to the working directory\\)")
 
 
 # ---------------------------------------------------------------------------------------------

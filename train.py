@@ -6,13 +6,17 @@ torchrun --standalone --nproc_per_node=8 train.py --config=configs/gpu-8x.json
 python train.py --resume=runs/default              # continue exactly where a run stopped
 python train.py --schedule=fixed --experts=8       # the fixed-E baseline
 
-Every Settings and emo.Config field is a --key=value flag. The run folder (--out_dir) gets config.json,
-metrics.jsonl (one record per step, eval, growth and stage end), latest.pt and one checkpoint per stage.
+Every Settings and emo.Config field is a --key=value flag; paths are relative to the working directory.
+The run folder (--out_dir) gets config.json, metrics.jsonl (one record per step, eval, growth and stage
+end), latest.pt and one checkpoint per stage; one run at a time owns it. Exit status: 0 the run finished,
+75 it stopped early and can be resumed (a signal or --stop_at), 1 an error (printed as one line).
 """
 
+import fcntl
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -26,9 +30,12 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import emo
+from data.corpus import Corpus, DataError, gpt2_encoding, prepare
+from emo import SettingError, require
 
 HERE = Path(__file__).resolve().parent
-CHECKPOINT_FORMAT = "emo-checkpoint-1"
+CHECKPOINT_FORMAT = "emo-checkpoint-2"
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped before the end on purpose; `--resume` continues it
 
 
 @dataclass
@@ -56,9 +63,10 @@ class Settings:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # 0: no clipping
     # running
     device: str = "auto"  # auto, cpu, cuda, cuda:N
+    dtype: str = "auto"  # autocast: bf16 or fp32 (auto: bf16 on CUDA, fp32 on CPU)
     compile: bool = False
     seed: int = 0
     eval_interval: int = 50  # steps between validation evals (and at every stage end)
@@ -72,20 +80,17 @@ class Settings:
     max_load_cv: float = 2.0  # warn when a layer's expert-load coefficient of variation exceeds this
 
 
-SCHEDULES, LR_SCHEDULES = ("progressive", "fixed"), ("wsd", "cosine")
-# settings a resumed run may change; anything else must match the checkpoint
-RESUMABLE = {"resume", "config", "device", "compile", "eval_interval", "eval_batches", "log_interval",
+SCHEDULES, LR_SCHEDULES, DTYPES = ("progressive", "fixed"), ("wsd", "cosine"), ("auto", "bf16", "fp32")
+# settings a resumed run may change; anything else must match the checkpoint. lr and grad_clip may change
+# so that a run that diverged can go on from its last checkpoint more gently.
+RESUMABLE = {"resume", "config", "device", "dtype", "compile", "eval_interval", "eval_batches", "log_interval",
              "sample_tokens", "stop_at", "checkpoint_interval", "keep_latest", "out_dir", "collapse_steps",
-             "max_load_cv"}
+             "max_load_cv", "lr", "grad_clip"}
 PER_INVOCATION = {"resume", "config", "stop_at"}  # orders for this command only, never inherited on resume
 
 
-class SettingError(ValueError):
-    """A bad flag, file or value: printed as one line before any data loading or device allocation."""
-
-
 class TrainingError(RuntimeError):
-    """The run cannot go on (a non-finite loss): printed as one line naming the step and the last checkpoint."""
+    """The run cannot go on (a non-finite loss): printed as one line naming the step and what to do."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,60 +157,92 @@ def convert(key, value, kind):
                 raise ValueError
             return int(number)
         return kind(value.strip('"') if kind is str else value)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: int("inf")
         raise SettingError(f"--{key}={value}: expected {'true/false' if kind is bool else kind.__name__}") from None
 
 
-def validate(s, cfg, world_size):
-    """Everything that can be checked before touching data or a device."""
-    def need(ok, key, allowed):
-        if not ok:
-            raise SettingError(f"--{key}={getattr(s, key)!r} is not allowed: must be {allowed}")
+def validate(s, cfg, world, n_stages):
+    """Everything that can be checked before touching data or a device: one line naming the setting."""
+    def choice(key, allowed):
+        require(getattr(s, key) in allowed, f"--{key}", getattr(s, key), f"one of {', '.join(allowed)}")
 
-    need(s.schedule in SCHEDULES, "schedule", f"one of {', '.join(SCHEDULES)}")
-    need(s.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {', '.join(LR_SCHEDULES)}")
-    need(s.growth_init in emo.GROWTH_INITS, "growth_init", f"one of {', '.join(emo.GROWTH_INITS)}")
-    need(s.growth_optimizer in emo.OPTIMIZER_MODES, "growth_optimizer", f"one of {', '.join(emo.OPTIMIZER_MODES)}")
+    choice("schedule", SCHEDULES)
+    choice("lr_schedule", LR_SCHEDULES)
+    choice("growth_init", emo.GROWTH_INITS)
+    choice("growth_optimizer", emo.OPTIMIZER_MODES)
+    choice("dtype", DTYPES)
     for key in ("total_tokens", "batch_size", "eval_interval", "eval_batches", "log_interval", "collapse_steps",
                 "keep_latest"):
-        need(getattr(s, key) >= 1, key, "a positive integer")
+        require(getattr(s, key) >= 1, f"--{key}", getattr(s, key), "a positive integer")
     for key in ("batch_tokens", "warmup_steps", "rewarm_steps", "sample_tokens", "stop_at", "checkpoint_interval"):
-        need(getattr(s, key) >= 0, key, "an integer >= 0")
-    need(s.lr > 0, "lr", "> 0")
-    need(s.max_load_cv > 0, "max_load_cv", "> 0")
-    need(0 <= s.min_lr_frac <= 1, "min_lr_frac", "in [0, 1]")
-    need(0 <= s.decay_frac <= 1, "decay_frac", "in [0, 1]")
-    need(s.weight_decay >= 0 and s.grad_clip >= 0, "weight_decay", ">= 0 (grad_clip too)")
-    micro_tokens = s.batch_size * cfg.seq_len * world_size
-    need(s.batch_tokens % micro_tokens == 0, "batch_tokens",
-         f"a multiple of batch_size * seq_len * processes = {s.batch_size}*{cfg.seq_len}*{world_size} = {micro_tokens}")
-    stages = stage_experts(s)
-    need(s.total_tokens >= (s.batch_tokens or micro_tokens) * len(stages), "total_tokens",
-         f"at least one optimizer step ({s.batch_tokens or micro_tokens} tokens) per stage")
+        require(getattr(s, key) >= 0, f"--{key}", getattr(s, key), "an integer >= 0")
+    require(0 <= s.seed < 2**32, "--seed", s.seed, "an integer in [0, 2**32)")
+    for key in ("lr", "max_load_cv"):
+        require(math.isfinite(getattr(s, key)) and getattr(s, key) > 0, f"--{key}", getattr(s, key), "a finite number > 0")
+    for key in ("weight_decay", "grad_clip"):
+        require(math.isfinite(getattr(s, key)) and getattr(s, key) >= 0, f"--{key}", getattr(s, key),
+                "a finite number >= 0")
+    for key in ("min_lr_frac", "decay_frac"):  # NaN fails every comparison
+        require(0 <= getattr(s, key) <= 1, f"--{key}", getattr(s, key), "in [0, 1]")
+    for key in ("beta1", "beta2"):
+        require(0 <= getattr(s, key) < 1, f"--{key}", getattr(s, key), "in [0, 1)")
+    require(s.out_dir != "", "--out_dir", s.out_dir, "a folder path (it is empty)")
+    micro_tokens = s.batch_size * cfg.seq_len * world
+    require(s.batch_tokens % micro_tokens == 0, "--batch_tokens", s.batch_tokens,
+            f"a multiple of batch_size * seq_len * processes = {s.batch_size}*{cfg.seq_len}*{world} = {micro_tokens}")
+    require(s.total_tokens >= (s.batch_tokens or micro_tokens) * n_stages, "--total_tokens", s.total_tokens,
+            f"at least one optimizer step ({s.batch_tokens or micro_tokens} tokens) per stage")
+    require(not (s.growth_init == "silent" and cfg.router == "softmax" and n_stages > 1), "--growth_init",
+            s.growth_init, "gaussian or copy with --router=softmax (softmax gates are normalised over all experts, "
+            "so no growth can leave the output unchanged)")
+    resolve_device(s.device)
 
 
-def stage_experts(s):
-    """The E of each stage, from --stages or --experts."""
+def resolve_device(setting):
+    """'auto' -> cuda if this machine has one, else cpu; a device the machine lacks is refused."""
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    require(re.fullmatch(r"cpu|cuda(:\d+)?", setting), "--device", setting, "auto, cpu, cuda or cuda:N")
+    if setting.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        require(count > 0, "--device", setting, "cpu or auto: this machine has no CUDA device")
+        require(int(setting.partition(":")[2] or 0) < count, "--device", setting, f"cuda:0..cuda:{count - 1}")
+    return setting
+
+
+def parse_stages(s):
+    """--stages (E:fraction,...) or --experts (E,...) -> (the E of each stage, fractions or None)."""
     key, text = ("stages", s.stages) if s.stages else ("experts", s.experts)
     try:
-        experts = [int(part.split(":")[0]) for part in text.split(",")]
+        parts = [part.split(":") for part in text.split(",")]
+        experts = [int(part[0]) for part in parts]
+        fractions = [float(part[1]) if len(part) == 2 else math.nan for part in parts] if s.stages else None
     except ValueError:
         raise SettingError(f"--{key}={text}: expected comma-separated {'E:fraction' if s.stages else 'integers'}") from None
-    if s.schedule == "fixed" and not s.stages:
+    if s.stages and s.schedule == "fixed":
+        raise SettingError("--stages gives a progressive schedule: --schedule=fixed takes --experts=E instead")
+    if s.schedule == "fixed":
         experts = experts[-1:]
     if any(E < 1 for E in experts) or any(b <= a for a, b in zip(experts, experts[1:])):
         raise SettingError(f"--{key}={text}: expert counts must be positive and strictly increasing")
-    return experts
+    if fractions and (any(not f > 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6):
+        raise SettingError(f"--stages={s.stages}: each stage needs E:fraction, fractions > 0 summing to 1")
+    return experts, fractions
 
 
-def plan_schedule(s, cfg, total_steps, batch_tokens):
-    """Stages as [{experts, start, end}] in optimizer steps: explicit --stages, one fixed stage, or the
-    scaling-law solver (emo.plan_stages) for this model's active size."""
-    experts = stage_experts(s)
-    if s.stages:
-        fractions = [float(part.split(":")[1]) if ":" in part else math.nan for part in s.stages.split(",")]
-        if any(not f > 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-            raise SettingError(f"--stages={s.stages}: each stage needs E:fraction, fractions > 0 summing to 1")
+@dataclass(frozen=True)
+class Stage:
+    index: int  # 1, 2, ...
+    experts: int  # E during the stage
+    start: int  # first optimizer step
+    end: int  # the step after its last
+
+
+def plan_schedule(s, cfg, batch_tokens, experts, fractions):
+    """The run's stages in optimizer steps: explicit --stages fractions, one fixed stage, or the scaling-law
+    solver (emo.plan_stages) for this model's active size."""
+    total_steps = s.total_tokens // batch_tokens
+    if fractions:
         ends = [round(total_steps * sum(fractions[:i + 1])) for i in range(len(fractions))]
     else:
         n_active = emo.count_params(emo.Config(**{**asdict(cfg), "n_experts": experts[-1]}))[1]
@@ -214,12 +251,25 @@ def plan_schedule(s, cfg, total_steps, batch_tokens):
     starts = [0] + ends[:-1]
     if any(e <= b for b, e in zip(starts, ends)):
         raise SettingError(f"the schedule gives a stage no steps (ends at steps {ends}); give more --total_tokens")
-    return [dict(stage=i + 1, experts=E, start=b, end=e) for i, (E, b, e) in enumerate(zip(experts, starts, ends))]
+    return [Stage(i + 1, E, b, e) for i, (E, b, e) in enumerate(zip(experts, starts, ends))]
 
 
 # ---------------------------------------------------------------------------------------------
 # Learning rate: warmup-stable-decay (or cosine), re-warmed after each growth
 # ---------------------------------------------------------------------------------------------
+
+
+def lr_at(step, s, total_steps, stage):
+    """Base schedule times a linear (re-)warmup from the stage's first step (the paper re-warms at growth)."""
+    warm_steps = s.warmup_steps if stage.index == 1 else s.rewarm_steps
+    warm = min(1.0, (step - stage.start + 1) / warm_steps) if warm_steps else 1.0
+    low = s.lr * s.min_lr_frac
+    if s.lr_schedule == "wsd":
+        decay_start = total_steps * (1 - s.decay_frac)
+        frac = max(0.0, (step - decay_start) / max(total_steps - decay_start, 1))
+        return warm * (s.lr - (s.lr - low) * frac)
+    progress = step / max(total_steps - 1, 1)
+    return warm * (low + 0.5 * (s.lr - low) * (1 + math.cos(math.pi * progress)))
 
 
 def collapse_warnings(idle, loads, s, check_cv):
@@ -236,88 +286,137 @@ def collapse_warnings(idle, loads, s, check_cv):
     return warnings
 
 
-def previous_experts(stages, stage):
-    """E before this stage's growth (the stage's own E in stage 1): experts from there on are the new ones."""
-    return stages[stage["stage"] - 2]["experts"] if stage["stage"] > 1 else stage["experts"]
-
-
-def lr_at(step, s, total_steps, stage):
-    """Base schedule times a linear (re-)warmup from the stage's first step (the paper re-warms at growth)."""
-    warm_steps = s.warmup_steps if stage["stage"] == 1 else s.rewarm_steps
-    warm = min(1.0, (step - stage["start"] + 1) / warm_steps) if warm_steps else 1.0
-    low = s.lr * s.min_lr_frac
-    if s.lr_schedule == "wsd":
-        decay_start = total_steps * (1 - s.decay_frac)
-        frac = max(0.0, (step - decay_start) / max(total_steps - decay_start, 1))
-        return warm * (s.lr - (s.lr - low) * frac)
-    progress = step / max(total_steps - 1, 1)
-    return warm * (low + 0.5 * (s.lr - low) * (1 + math.cos(math.pi * progress)))
-
-
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: atomic writes, exact resume
+# The run folder: one owner, atomic files, checkpoints that cannot run code
 # ---------------------------------------------------------------------------------------------
 
+RUN_FILES = ("config.json", "metrics.jsonl", "latest.pt")  # a folder holding any of these holds a run
+TEMP_NAME = re.compile(r"(latest|stage\d+|step\d+)\.pt\.tmp\.\d+|(config\.json|metrics\.jsonl)\.tmp\.\d+")
 
-def save_checkpoint(path, raw, optimizer, s, step):
-    """temp file + fsync + rename: a crash mid-write leaves the previous checkpoint intact."""
-    state = {"format": CHECKPOINT_FORMAT, "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
-             "config": asdict(raw.config), "settings": asdict(s), "step": step,
-             "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
+
+def claim_folder(out_dir, resuming):
+    """Make out_dir this run's own: create it, refuse a file or a read-only folder, refuse a new run into a
+    folder that holds one, and lock it against a second process (the lock dies with the process, kill -9
+    included). Returns the open lock file, to keep for the run's lifetime."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SettingError(f"--out_dir={out_dir} is a file: give a folder")
     try:
-        os.fsync(directory)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SettingError(f"--out_dir={out_dir}: cannot create it ({err.strerror})") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise SettingError(f"--out_dir={out_dir} is not writable")
+    lock = open(out_dir / ".lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        owner = lock.read().strip() or "?"
+        lock.close()
+        raise SettingError(f"--out_dir={out_dir}: another training process (pid {owner}) is running there; wait "
+                           f"for it or give another --out_dir") from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    if not resuming and any((out_dir / name).exists() for name in RUN_FILES):
+        lock.close()
+        raise SettingError(f"--out_dir={out_dir} already holds a run: continue it with --resume={out_dir}, or "
+                           f"start over in another --out_dir (or delete this folder first)")
+    for path in out_dir.iterdir():  # temp files of a process killed mid-write: we hold the lock, they are stale
+        if TEMP_NAME.fullmatch(path.name):
+            path.unlink()
+    return lock
+
+
+def fsync_folder(folder):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
     finally:
-        os.close(directory)
+        os.close(fd)
 
 
-def keep_latest(out_dir, step, n):
-    """Retention: with n > 1 the n newest checkpoints stay as stepS.pt, hard links (no second write) of
-    what latest.pt was at step S; stage-end checkpoints stageN.pt are always kept."""
-    if n > 1:
-        link = out_dir / f"step{step}.pt"
-        link.unlink(missing_ok=True)
-        os.link(out_dir / "latest.pt", link)
-    links = sorted(out_dir.glob("step*.pt"), key=lambda p: int(p.stem[4:]))
-    for path in links[:max(len(links) - n, 0) if n > 1 else len(links)]:
-        path.unlink()
+def atomic_write(path, write):
+    """Write path so that a crash leaves the old file or the new one, never a torn one: a temp file named
+    by this process (two processes never collide), fsync, rename, fsync the folder."""
+    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_folder(path.parent)
 
 
-def load_checkpoint(path):
+def link_atomically(src, dst):
+    """dst becomes a hard link of src (the same checkpoint, no second write), replacing an old dst in one
+    rename, so a kill at any moment leaves the old dst or the new one."""
+    tmp = dst.with_name(f"{dst.name}.tmp.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    os.link(src, tmp)
+    os.replace(tmp, dst)
+
+
+def save_checkpoint(path, raw, optimizer, s, step, world, retained):
+    """Everything a resume needs, as tensors, numbers, strings, lists and dicts (loadable with weights_only)."""
+    state = {"format": CHECKPOINT_FORMAT, "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
+             "config": asdict(raw.config), "settings": asdict(s), "step": step, "world_size": world,
+             "retained": list(retained), "rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "config", "settings", "step", "world_size", "retained", "rng", "cuda_rng")
+
+
+def load_checkpoint(path, flag="--resume"):
+    """A checkpoint file, or a run folder's latest.pt, loaded with weights_only=True: a crafted file can only
+    fail to load, never run code. Returns (state, the file's path)."""
     path = Path(path)
     if path.is_dir():
         path = path / "latest.pt"
-    if not path.exists():
-        raise SettingError(f"--resume={path}: no such checkpoint")
+    if not path.is_file():
+        raise SettingError(f"{flag}={path}: no such checkpoint")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise SettingError(f"--resume={path}: not a readable checkpoint ({type(err).__name__}: corrupt or "
-                           f"truncated)") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unpickling failure: a corrupt, truncated or foreign (maybe hostile) file
+        raise SettingError(f"{flag}={path}: not a loadable emo checkpoint ({type(err).__name__}); corrupt, "
+                           f"truncated, or not made by train.py") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise SettingError(f"--resume={path}: not an emo checkpoint")
-    return state
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise SettingError(f"{flag}={path}: not an {CHECKPOINT_FORMAT} checkpoint (found {found!r})")
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise SettingError(f"{flag}={path}: the checkpoint lacks {', '.join(missing)} (corrupt)")
+    unknown = set(state["config"]) - set(emo.Config.__dataclass_fields__)
+    if unknown:
+        raise SettingError(f"{flag}={path}: its model config has fields this emo.py does not know: "
+                           f"{', '.join(sorted(unknown))} (made by another version?)")
+    return state, path
 
 
-def resumed_settings(state, s, model, given):
-    """The checkpoint's settings and model; flags may change only RESUMABLE settings, else one clear line."""
-    old = Settings(**state["settings"])
-    changed = [k for k in given if k in Settings.__dataclass_fields__ and k not in RESUMABLE
-               and getattr(s, k) != getattr(old, k)]
-    changed += [k for k in given if k in emo.Config.__dataclass_fields__ and model[k] != state["config"][k]]
-    if changed:
-        raise SettingError("--resume: these settings differ from the checkpoint's and cannot change mid-run: "
-                           + ", ".join(f"{k} (checkpoint {state['config'].get(k, getattr(old, k, None))!r})"
-                                       for k in changed))
-    for k in (given & RESUMABLE) | PER_INVOCATION:
-        setattr(old, k, getattr(s, k))
-    return old, state["config"]
+def model_from_checkpoint(state, path, **overrides):
+    """Rebuild the checkpoint's Transformer (from load_checkpoint); weights that do not fit give one line."""
+    raw = emo.Transformer(emo.Config(**{**state["config"], **overrides}))
+    load_weights(raw, state["model"], path)
+    return raw
+
+
+def load_weights(raw, state_dict, path):
+    """load_state_dict, after checking names and shapes so a mismatch is one line, not a page of them."""
+    state_dict = strip_prefixes(state_dict)
+    expected = raw.state_dict()
+    wrong = sorted(expected.keys() ^ state_dict.keys()) or \
+        [k for k in expected if tuple(expected[k].shape) != tuple(state_dict[k].shape)]
+    if wrong:
+        k = wrong[0]
+        detail = (f"{k} has shape {list(state_dict[k].shape)}, the config needs {list(expected[k].shape)}"
+                  if k in expected and k in state_dict else f"{k} is {'missing' if k in expected else 'unexpected'}")
+        raise SettingError(f"{path}: its weights do not match its config ({detail}; {len(wrong)} such): corrupt")
+    raw.load_state_dict(state_dict)
 
 
 def strip_prefixes(state_dict):
@@ -330,24 +429,99 @@ def strip_prefixes(state_dict):
     return out
 
 
+def resumed_settings(state, s, model, given):
+    """The checkpoint's settings and model; flags may change only RESUMABLE settings, else one clear line."""
+    try:
+        old = Settings(**state["settings"])
+    except TypeError:
+        raise SettingError("--resume: the checkpoint's settings are not this train.py's (made by another "
+                           "version?)") from None
+    changed = [k for k in given if k in Settings.__dataclass_fields__ and k not in RESUMABLE
+               and getattr(s, k) != getattr(old, k)]
+    changed += [k for k in given if k in emo.Config.__dataclass_fields__ and model[k] != state["config"].get(k)]
+    if changed:
+        raise SettingError("--resume: these settings differ from the checkpoint's and cannot change mid-run: "
+                           + ", ".join(f"{k} (checkpoint {state['config'].get(k, getattr(old, k, None))!r})"
+                                       for k in changed))
+    for k in (given & RESUMABLE) | PER_INVOCATION:
+        setattr(old, k, getattr(s, k))
+    return old, dict(state["config"])
+
+
+def resume_destination(checkpoint, s, given):
+    """Where a resumed run writes: the folder it was resumed from, continued in place, which needs that
+    folder's newest checkpoint (an older one would overwrite later progress); or a new --out_dir, a branch
+    that starts with the source's metrics up to the checkpoint. Returns (out_dir, branching)."""
+    source = checkpoint.parent
+    out_dir = Path(s.out_dir) if "out_dir" in given else source
+    if out_dir.resolve() != source.resolve():
+        return out_dir, True
+    latest = source / "latest.pt"
+    if not latest.exists() or not os.path.samefile(checkpoint, latest):
+        raise SettingError(f"--resume={checkpoint} is not {source}'s latest checkpoint: continuing there would "
+                           f"overwrite its later progress; give --out_dir=NEW_FOLDER to branch from it")
+    return out_dir, False
+
+
 # ---------------------------------------------------------------------------------------------
-# The run
+# metrics.jsonl: one JSON record per line, appended and flushed as the run goes
 # ---------------------------------------------------------------------------------------------
 
 
-def setup_distributed(device_setting):
-    """(rank, world_size, device): torchrun sets RANK/WORLD_SIZE; NCCL on GPU, gloo on CPU."""
-    if device_setting == "auto":
-        device_setting = "cuda" if torch.cuda.is_available() else "cpu"
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device(device_setting)
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if device_setting.startswith("cuda"):
+def read_metrics(folder):
+    """A run folder's metrics.jsonl as a list of records (step, eval, growth, stage, warning). A torn last
+    line (a process killed mid-write) is left out; damage anywhere else is an error."""
+    path = Path(folder) / "metrics.jsonl"
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for n, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n < len(lines):
+                raise DataError(f"{path}:{n}: not a JSON record (the file is damaged)") from None
+    return records
+
+
+def logged_by(record, step):
+    """Was this record written before the checkpoint at `step`? A growth at `step` comes right after it."""
+    return record["step"] < step if record["kind"] == "growth" else record["step"] <= step
+
+
+def trim_metrics(source, dest, step):
+    """Write to dest the records of source logged up to the checkpoint at `step` (what comes after is about
+    to be redone; a growth at `step` itself happened after the checkpoint was written)."""
+    kept = [r for r in read_metrics(source.parent) if logged_by(r, step)] if source.exists() else []
+    atomic_write(dest, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices, processes, memory
+# ---------------------------------------------------------------------------------------------
+
+
+def setup_distributed(device_setting, world):
+    """(rank, device): torchrun sets RANK/WORLD_SIZE; NCCL on GPU, gloo on CPU."""
+    device = resolve_device(device_setting)
+    if world == 1:
+        return 0, torch.device(device)
+    rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device.startswith("cuda"):
         torch.cuda.set_device(local)
         dist.init_process_group("nccl", device_id=torch.device("cuda", local))
-        return rank, world, torch.device("cuda", local)
+        return rank, torch.device("cuda", local)
     dist.init_process_group("gloo")
-    return rank, world, torch.device("cpu")
+    return rank, torch.device("cpu")
+
+
+def autocast_dtype(s, device):
+    """bf16 autocast on CUDA by default; --dtype=bf16 on a CPU emulates the GPU path's numerics."""
+    bf16 = s.dtype == "bf16" or (s.dtype == "auto" and device.type == "cuda")
+    return torch.bfloat16 if bf16 else None
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def make_optimizer(raw, s, device):
@@ -367,20 +541,123 @@ def wrap(raw, s, device, world):
     return model
 
 
-def autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
-def mean_over_ranks(values, world):
+def mean_over_ranks(values):
     t = torch.tensor(values, dtype=torch.float64)
-    if world > 1:
+    if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
-        t /= world
+        t /= dist.get_world_size()
     return t.tolist()
 
 
+# Dense bf16 peak FLOP/s by CUDA device name, most specific first (the vendors' data sheets, without sparsity)
+PEAK_BF16_FLOPS = (("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H200 NVL", 835e12),
+                   ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12))
+
+
+def peak_flops(device):
+    """Dense bf16 peak FLOP/s of a CUDA device, or None where we do not know it (CPU, other GPUs)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+def mfu(tokens_per_second, cfg, device):
+    """Model FLOPs utilisation from active parameters, or None on devices without a known peak."""
+    peak = peak_flops(device)
+    return None if peak is None else tokens_per_second * emo.flops_per_token(cfg) / peak
+
+
+def _glibc():
+    """The C library, where it is glibc (mallopt, malloc_trim); None elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def keep_freed_memory():
+    """Ask glibc to keep freed memory in the process instead of returning each large block to the OS.
+
+    Training allocates and frees the same large activations every step; by default glibc maps each block
+    over 32 MB fresh and unmaps it on free, so every step pays page faults. On a 2-core CPU that was half
+    the MoE layer's time (bench.py moe: system time 26 s -> 2 s, E=128 tokens/s 1.8x). No-op off glibc.
+    """
+    libc = _glibc()
+    if libc:
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: serve blocks up to 1 GiB from the heap
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never shrink the heap
+
+
+def reset_peak_memory(device):
+    """Start a peak-memory window: CUDA's allocator peak, or on Linux the process's peak resident set
+    (writing 5 to /proc/self/clear_refs resets VmHWM). Returns False where neither can be reset."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    libc = _glibc()
+    if libc:
+        libc.malloc_trim(0)  # give back what keep_freed_memory kept, else the window starts at that heap
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory(device):
+    """Bytes since reset_peak_memory: peak allocated tensors on CUDA; peak RSS of the whole process on CPU
+    (the Python and torch runtime included, so compare CPU values as differences)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) * 1024  # reported in kB
+
+
+def state_memory(raw, optimizer):
+    """Bytes of weights + their gradients + optimizer moments: the memory growth adds to. Gradients are
+    counted at their size during the step (zero_grad frees them between steps)."""
+    params = [p for p in raw.parameters() if p.requires_grad]
+    moments = [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v) and v.dim()]
+    return sum(2 * p.numel() * p.element_size() for p in params) + sum(v.numel() * v.element_size() for v in moments)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def open_data(s, cfg, rank, world):
+    """The train and val splits, checked against the model; the default corpus is prepared if missing."""
+    folder = Path(s.data)
+    if not (folder / "meta.json").exists() and folder.resolve() == (HERE / "data" / "default").resolve():
+        if rank == 0:
+            print("preparing the default corpus (python data/prepare.py) ...")
+            prepare()
+        if world > 1:
+            dist.barrier()
+    train_data, val_data = Corpus(folder, "train"), Corpus(folder, "val")
+    if train_data.vocab_size > cfg.vocab_size:
+        raise SettingError(f"--vocab_size={cfg.vocab_size} is smaller than the corpus vocabulary "
+                           f"({train_data.vocab_size}, {folder}/meta.json)")
+    uses_documents = cfg.pool_size is not None or cfg.pool_size_range is not None or cfg.doc_attention
+    if uses_documents and cfg.eot_id != train_data.eot_id:
+        raise SettingError(f"--eot_id={cfg.eot_id} is not the corpus's end-of-text id {train_data.eot_id} "
+                           f"({folder}/meta.json): document pools would split documents in the wrong places")
+    for name, split in (("train", train_data), ("val", val_data)):
+        if split.n_windows(cfg.seq_len) < 1:
+            raise SettingError(f"--seq_len={cfg.seq_len} is longer than the {name} split of {folder} "
+                               f"({len(split.tokens)} tokens)")
+    return train_data, val_data
+
+
 @torch.no_grad()
-def evaluate(model, data, s, cfg, device, rank, world):
+def evaluate(model, data, s, cfg, device, dtype, rank, world):
     """Validation loss over eval_batches fixed batches: overall and per domain."""
     model.eval()
     n_domains = len(data.domains)
@@ -389,7 +666,7 @@ def evaluate(model, data, s, cfg, device, rank, world):
     domain_of = torch.from_numpy(data.doc_domain)
     for i in range(s.eval_batches):
         x, y, doc = data.batch(i, s.batch_size, cfg.seq_len, seed=0, rank=rank, world_size=world, with_docs=True)
-        with autocast(device):
+        with autocast(device, dtype):
             logits, _ = model(x.to(device))
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="none")
         domain = domain_of[doc.flatten()].to(device)
@@ -403,33 +680,48 @@ def evaluate(model, data, s, cfg, device, rank, world):
     return (sums.sum() / counts.sum()).item(), per_domain
 
 
-def load_prepare():
-    """data/prepare.py as a module (data/ is a folder of scripts, not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("prepare", HERE / "data" / "prepare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# ---------------------------------------------------------------------------------------------
+# The training step
+# ---------------------------------------------------------------------------------------------
 
 
-def open_data(s, cfg, rank, world):
-    folder = Path(s.data)
-    if not (folder / "meta.json").exists() and folder.resolve() == (HERE / "data" / "default").resolve():
-        if rank == 0:
-            print("preparing the default corpus (python data/prepare.py) ...")
-            load_prepare().prepare()
-        if world > 1:
-            dist.barrier()
-    train_data, val_data = emo.Corpus(folder, "train"), emo.Corpus(folder, "val")
-    if train_data.vocab_size > cfg.vocab_size:
-        raise SettingError(f"--vocab_size={cfg.vocab_size} is smaller than the corpus vocabulary "
-                           f"({train_data.vocab_size}, {folder}/meta.json)")
-    for name, split in (("train", train_data), ("val", val_data)):
-        if split.n_windows(cfg.seq_len) < 1:
-            raise SettingError(f"--seq_len={cfg.seq_len} is longer than the {name} split of {folder} "
-                               f"({len(split.tokens)} tokens)")
-    return train_data, val_data
+class NonFiniteLoss(TrainingError):
+    """The loss or the gradient norm is NaN or infinite: the step was not taken."""
+
+
+def train_step(model, optimizer, micro_batches, lr, grad_clip, dtype):
+    """One optimizer step: forward and backward over the micro-batches (DDP syncs gradients on the last),
+    gradient clipping, AdamW, then the balancing update. A non-finite loss or gradient raises NonFiniteLoss
+    before anything changes, so the weights stay those of the last good step.
+    micro_batches: [(x, y)] on the model's device. Returns (loss, cross-entropy, gradient norm, expert
+    loads [n_layer, E]), the losses averaged over micro-batches and ranks."""
+    raw = emo.unwrap(model)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = ce_sum = 0.0
+    for i, (x, y) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with (model.no_sync() if isinstance(model, DDP) and not last else nullcontext()), autocast(x.device, dtype):
+            _, loss = model(x, y)
+        (loss / len(micro_batches)).backward()
+        loss_sum += loss.detach()
+        ce_sum += raw.last_losses["ce"]
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip or float("inf"))
+    loss_value, ce_value = mean_over_ranks([float(loss_sum) / len(micro_batches), float(ce_sum) / len(micro_batches)])
+    if not (math.isfinite(loss_value) and math.isfinite(grad_norm.item())):
+        optimizer.zero_grad(set_to_none=True)
+        for moe in raw.moe_layers():  # forget this step's routing counts too: nothing of it remains
+            moe.expert_counts.zero_()
+        raise NonFiniteLoss(f"loss {loss_value}, gradient norm {grad_norm.item()}")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loads = emo.update_router_bias(raw)
+    return loss_value, ce_value, grad_norm, loads
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
 
 
 class Preemption:
@@ -455,214 +747,227 @@ class Preemption:
         return bool(flag.item())
 
 
-def run(argv):
-    s, model_settings, given = parse(argv)
-    resume_state = load_checkpoint(s.resume) if s.resume else None
-    if resume_state:
-        s, model_settings = resumed_settings(resume_state, s, model_settings, given)
-    else:  # a new run starts at the first stage's E
-        first = stage_experts(s)[0]
-        top_k = model_settings.get("top_k", emo.Config.top_k)
-        if isinstance(top_k, int) and top_k > first:
-            raise SettingError(f"--top_k={top_k} is not allowed: must be at most the first stage's E={first} "
-                               f"(--{'stages' if s.stages else 'experts'})")
-        model_settings["n_experts"] = first
-    cfg = emo.Config(**model_settings)  # validates the model settings
-    world_guess = int(os.environ.get("WORLD_SIZE", "1"))
-    validate(s, cfg, world_guess)
-    micro_tokens = s.batch_size * cfg.seq_len * world_guess
-    batch_tokens = s.batch_tokens or micro_tokens
-    accum = batch_tokens // micro_tokens
-    total_steps = s.total_tokens // batch_tokens
-    stages = plan_schedule(s, cfg, total_steps, batch_tokens)
+class Trainer:
+    """One run: the model, its optimizer, the stage plan, the data and the run folder. run() is the loop;
+    each of its steps is a method below, in the order the loop calls them."""
 
-    rank, world, device = setup_distributed(s.device)
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    out_dir = Path(s.out_dir)
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps({"settings": asdict(s), "model": asdict(cfg),
-                                                         "stages": stages}, indent=1))
-    log(json.dumps({"settings": asdict(s), "model": asdict(cfg)}))
-    log("stages: " + ", ".join(f"E={st['experts']} steps {st['start']}-{st['end']}" for st in stages)
-        + f" ({total_steps} steps of {batch_tokens} tokens, {accum} micro-batches each)")
-    train_data, val_data = open_data(s, cfg, rank, world)
+    def __init__(self, s, cfg, stages, world, resume=None):
+        self.s, self.stages, self.world = s, stages, world
+        self.micro_tokens = s.batch_size * cfg.seq_len * world
+        self.batch_tokens = s.batch_tokens or self.micro_tokens
+        self.accum = self.batch_tokens // self.micro_tokens
+        self.total_steps = stages[-1].end
+        self.out_dir = Path(s.out_dir)
+        self.lock = self.metrics = self.preemption = None
+        self.rank, self.device = setup_distributed(s.device, world)
+        self.dtype = autocast_dtype(s, self.device)
+        self.master = self.rank == 0
+        try:
+            if self.master:  # a branch from another run's checkpoint is a new run in its folder
+                self.lock = claim_folder(self.out_dir, resuming=resume is not None and not resume[2])
+            self.log(json.dumps({"settings": asdict(s), "model": asdict(cfg)}))
+            self.log("stages: " + ", ".join(f"E={st.experts} steps {st.start}-{st.end}" for st in stages)
+                     + f" ({self.total_steps} steps of {self.batch_tokens} tokens, {self.accum} micro-batches each)")
+            self.train_data, self.val_data = open_data(s, cfg, self.rank, world)
+            torch.manual_seed(s.seed)
+            keep_freed_memory()
+            self.raw = emo.Transformer(cfg).to(self.device)
+            self.optimizer = make_optimizer(self.raw, s, self.device)
+            self.step, self.retained = 0, []
+            if resume:
+                self.restore(resume)
+            self.model = wrap(self.raw, s, self.device, world)
+            if self.master:  # every check passed: only now does the folder hold a run
+                config = {"settings": asdict(s), "model": asdict(cfg), "stages": [asdict(st) for st in stages]}
+                atomic_write(self.out_dir / "config.json", lambda f: f.write(json.dumps(config, indent=1).encode()))
+                self.metrics = open(self.out_dir / "metrics.jsonl", "a")
+        except BaseException:
+            self.close()
+            raise
+        self.preemption = Preemption()
+        self.idle = torch.zeros(0)  # per layer and expert: steps since it last got a token
+        self.cost = None  # this stage's training time, tokens and peak memory in this process (since a resume)
+        self.clock = dict(start=time.time(), start_step=self.step, last=time.time(), tokens=0)
 
-    torch.manual_seed(s.seed)
-    emo.keep_freed_memory()
-    raw = emo.Transformer(cfg).to(device)
-    optimizer = make_optimizer(raw, s, device)
-    step = 0
-    if resume_state:
-        raw.load_state_dict(strip_prefixes(resume_state["model"]))
-        optimizer.load_state_dict(resume_state["optimizer"])
-        step = resume_state["step"]
-        torch.set_rng_state(resume_state["rng"])
-        if device.type == "cuda" and resume_state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(resume_state["cuda_rng"])
-        log(f"resumed from step {step} (E={raw.config.n_experts})")
-    model = wrap(raw, s, device, world)
-    if master and resume_state:
-        trim_metrics(out_dir / "metrics.jsonl", step)
-    metrics = open(out_dir / "metrics.jsonl", "a") if master else None
+    def log(self, text):
+        if self.master:
+            print(text)
 
-    def record(kind, **values):
-        if metrics:
-            metrics.write(json.dumps({"kind": kind, **values}) + "\n")
-            metrics.flush()
+    def record(self, kind, **values):
+        if self.metrics:
+            self.metrics.write(json.dumps({"kind": kind, **values}) + "\n")
+            self.metrics.flush()
 
-    preemption = Preemption()
-    idle = torch.zeros(0)  # per layer and expert: steps since it last got a token
-    t_last, tokens_since, start_time, start_step = time.time(), 0, time.time(), step
-    cost = None  # this stage's training time, tokens and peak memory in this process (after a resume: since it)
-    try:
-        while step < total_steps:
-            stage = next(st for st in stages if st["start"] <= step < st["end"])
-            if cost is None or cost["stage"] != stage["stage"]:
-                cost = dict(stage=stage["stage"], seconds=0.0, tokens=0, tracked=reset_peak_memory(device))
-            if raw.config.n_experts != stage["experts"]:  # the first step of a new stage: grow
-                t0 = time.time()
-                old = raw.config.n_experts
-                emo.grow_experts(raw, stage["experts"], init=s.growth_init)
-                emo.grow_optimizer(optimizer, s.growth_optimizer)
-                model = wrap(raw, s, device, world)
-                seconds = time.time() - t0
-                val, _ = evaluate(model, val_data, s, cfg, device, rank, world)  # the spike growth itself causes
-                log(f"step {step}: grew E {old} -> {stage['experts']} ({s.growth_init} init, optimizer "
-                    f"{s.growth_optimizer}) in {seconds:.2f}s; val loss right after: {val:.4f}")
-                record("growth", step=step, stage=stage["stage"], experts_from=old, experts=stage["experts"],
-                       init=s.growth_init, seconds=seconds, val_loss=val)
-            lr = lr_at(step, s, total_steps, stage)
-            t0 = time.time()
-            loss_value, ce_value, grad_norm, loads = train_step(model, raw, optimizer, train_data, s, step, lr, accum,
-                                                                rank, world, device)
-            cost["seconds"] += time.time() - t0  # train_step ends on .item(): the GPU work is done
-            cost["tokens"] += batch_tokens
-            step += 1
-            tokens_since += batch_tokens
-            if not math.isfinite(loss_value) or not math.isfinite(grad_norm.item()):
-                last = out_dir / "latest.pt"
-                raise TrainingError(f"non-finite loss or gradient at step {step}, stage {stage['stage']} "
-                                    f"(E={stage['experts']}); last good checkpoint: "
-                                    f"{last if last.exists() else 'none yet'} (resume it with a lower --lr)")
-            idle = (idle + 1) * (loads == 0) if idle.shape == loads.shape else (loads == 0).long()
-            for warning in collapse_warnings(idle, loads, s, check_cv=step % s.log_interval == 0):
-                log(f"step {step}: warning: {warning}")
-                record("warning", step=step, message=warning)
-            record("step", step=step, stage=stage["stage"], experts=stage["experts"], loss=loss_value, ce=ce_value,
-                   lr=lr, grad_norm=grad_norm.item(), tokens=step * batch_tokens,
-                   load_cv=(loads.std(dim=1) / loads.mean(dim=1)).mean().item(),
-                   new_share=(loads[:, previous_experts(stages, stage):].sum() / loads.sum()).item())
-            if step % s.log_interval == 0 or step == total_steps:
-                elapsed = time.time() - t_last
-                tps = tokens_since / elapsed
-                util = emo.mfu(tps / world, raw.config, device)
-                eta = (time.time() - start_time) / (step - start_step) * (total_steps - step)
-                log(f"step {step}/{total_steps} | stage {stage['stage']}/{len(stages)} E={stage['experts']} | loss "
-                    f"{loss_value:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | mfu {'-' if util is None else f'{util:.1%}'}"
-                    f" | eta {eta / 60:.1f} min")
-                t_last, tokens_since = time.time(), 0
-            stage_end = step == stage["end"]
-            if step % s.eval_interval == 0 or stage_end:
-                val, per_domain = evaluate(model, val_data, s, cfg, device, rank, world)
-                log(f"step {step}: val loss {val:.4f} | " + " ".join(f"{d} {v:.3f}" for d, v in per_domain.items()))
-                record("eval", step=step, stage=stage["stage"], experts=stage["experts"], val_loss=val,
-                       val_loss_per_domain=per_domain)
-                if stage_end:
-                    n_active = raw.num_params(active=True)
-                    record("stage", step=step, stage=stage["stage"], experts=stage["experts"], top_k=cfg.top_k,
-                           n_active=n_active,
-                           params_total=raw.num_params(), tokens=step * batch_tokens, val_loss=val,
-                           seconds=time.time() - start_time, train_seconds=cost["seconds"],
-                           tokens_per_second=cost["tokens"] / cost["seconds"],
-                           peak_memory=peak_memory(device) if cost["tracked"] else None,
-                           state_memory=state_memory(raw, optimizer))
-            stop = s.stop_at and step >= s.stop_at
-            preempted = preemption.agreed(world, device)
-            periodic = s.checkpoint_interval and step % s.checkpoint_interval == 0
-            if master and (periodic or stage_end or stop or preempted or step == total_steps):
-                save_checkpoint(out_dir / "latest.pt", raw, optimizer, s, step)
-                keep_latest(out_dir, step, s.keep_latest)
-                if stage_end:  # a hard link: the same checkpoint, kept, without a second write
-                    stage_path = out_dir / f"stage{stage['stage']}.pt"
-                    stage_path.unlink(missing_ok=True)
-                    os.link(out_dir / "latest.pt", stage_path)
-            if stop or preempted:
-                log(f"stopped at step {step} ({'signal' if preempted else '--stop_at'}); resume with: "
-                    f"python train.py --resume={out_dir}")
-                break
-        if master and step == total_steps and s.sample_tokens:
-            log("sample: " + repr(sample(raw, s.sample_tokens, device)))
-        if master and step == total_steps:  # record() flushed every line: the plot reads them all
-            log(plot_losses({out_dir.name: out_dir}, out_dir / "loss.png"))
-        if world > 1:  # wait for rank 0's sample and plot: a rank that tears down gloo early can abort
+    def restore(self, resume):
+        """Weights, optimizer, step, RNG and retention list from a checkpoint; a branch starts with the
+        source's metrics up to the checkpoint, a run continued in place drops what came after it."""
+        state, path, branching = resume
+        load_weights(self.raw, state["model"], path)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise SettingError(f"--resume={path}: its optimizer state does not fit the model ({err}): corrupt") from None
+        self.step = state["step"]
+        self.retained = [] if branching else list(state["retained"])
+        torch.set_rng_state(state["rng"])
+        if self.device.type == "cuda" and state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if self.master:
+            trim_metrics(path.parent / "metrics.jsonl", self.out_dir / "metrics.jsonl", self.step)
+        self.log(f"resumed from {path} at step {self.step} (E={self.raw.config.n_experts})"
+                 + (f"; writing to {self.out_dir}" if branching else ""))
+
+    def run(self):
+        """Train to the end, or until a signal or --stop_at; returns True when the run finished."""
+        try:
+            while self.step < self.total_steps:
+                stage = next(st for st in self.stages if st.start <= self.step < st.end)
+                self.grow_if_due(stage)
+                loss, ce, grad_norm, loads = self.train(stage)
+                self.log_step(stage, loss, ce, grad_norm, loads)
+                stage_end = self.step == stage.end
+                if self.step % self.s.eval_interval == 0 or stage_end:
+                    val = self.evaluate(stage)
+                    if stage_end:
+                        self.end_stage(stage, val)
+                stop = bool(self.s.stop_at and self.step >= self.s.stop_at)
+                preempted = self.preemption.agreed(self.world, self.device)
+                periodic = self.s.checkpoint_interval and self.step % self.s.checkpoint_interval == 0
+                if periodic or stage_end or stop or preempted or self.step == self.total_steps:
+                    self.checkpoint(stage if stage_end else None)
+                if stop or preempted:
+                    self.log(f"stopped at step {self.step} ({'signal' if preempted else '--stop_at'}); resume "
+                             f"with: python train.py --resume={self.out_dir}")
+                    return False
+            self.finish()
+            return True
+        finally:  # also when the run stops on an error: give back the signal handlers, the log, the lock
+            self.close()
+
+    def grow_if_due(self, stage):
+        """At a stage's first step: grow the experts, fit the optimizer to them, re-wrap, and evaluate once
+        (the spike growth itself causes)."""
+        if self.cost is None or self.cost["stage"] != stage.index:
+            self.cost = dict(stage=stage.index, seconds=0.0, tokens=0, tracked=reset_peak_memory(self.device))
+        if self.raw.config.n_experts == stage.experts:
+            return
+        t0, old = time.time(), self.raw.config.n_experts
+        emo.grow_experts(self.raw, stage.experts, init=self.s.growth_init)
+        emo.grow_optimizer(self.optimizer, self.s.growth_optimizer)
+        self.model = wrap(self.raw, self.s, self.device, self.world)
+        seconds = time.time() - t0
+        val, _ = evaluate(self.model, self.val_data, self.s, self.raw.config, self.device, self.dtype, self.rank,
+                          self.world)
+        self.log(f"step {self.step}: grew E {old} -> {stage.experts} ({self.s.growth_init} init, optimizer "
+                 f"{self.s.growth_optimizer}) in {seconds:.2f}s; val loss right after: {val:.4f}")
+        self.record("growth", step=self.step, stage=stage.index, experts_from=old, experts=stage.experts,
+                    init=self.s.growth_init, seconds=seconds, val_loss=val)
+
+    def train(self, stage):
+        """One optimizer step on this step's micro-batches; a non-finite loss stops the run, weights untouched."""
+        s, cfg = self.s, self.raw.config
+        lr = lr_at(self.step, s, self.total_steps, stage)
+        batches = [self.train_data.batch(self.step * self.accum + i, s.batch_size, cfg.seq_len, s.seed, self.rank,
+                                         self.world) for i in range(self.accum)]
+        t0 = time.time()
+        try:
+            loss, ce, grad_norm, loads = train_step(self.model, self.optimizer,
+                                                    [(x.to(self.device), y.to(self.device)) for x, y in batches],
+                                                    lr, s.grad_clip, self.dtype)
+        except NonFiniteLoss as err:
+            last = self.out_dir / "latest.pt"
+            where = f"resume it with a lower learning rate: python train.py --resume={self.out_dir} --lr={s.lr / 4:g}" \
+                if last.exists() else "start again with a lower --lr"
+            raise TrainingError(f"non-finite loss or gradient at step {self.step + 1} (stage {stage.index}, "
+                                f"E={stage.experts}; {err}); the step was not taken. Last checkpoint: "
+                                f"{last if last.exists() else 'none yet'}; {where}") from None
+        self.cost["seconds"] += time.time() - t0  # train_step ends on .item(): the GPU work is done
+        self.cost["tokens"] += self.batch_tokens
+        self.step += 1
+        self.clock["tokens"] += self.batch_tokens
+        self.lr = lr
+        return loss, ce, grad_norm, loads
+
+    def log_step(self, stage, loss, ce, grad_norm, loads):
+        """The step's record, router-collapse warnings, and the progress line every log_interval steps."""
+        s, step = self.s, self.step
+        self.idle = (self.idle + 1) * (loads == 0) if self.idle.shape == loads.shape else (loads == 0).long()
+        for warning in collapse_warnings(self.idle, loads, s, check_cv=step % s.log_interval == 0):
+            self.log(f"step {step}: warning: {warning}")
+            self.record("warning", step=step, message=warning)
+        new_from = self.stages[stage.index - 2].experts if stage.index > 1 else stage.experts
+        self.record("step", step=step, stage=stage.index, experts=stage.experts, loss=loss, ce=ce, lr=self.lr,
+                    grad_norm=grad_norm.item(), tokens=step * self.batch_tokens,
+                    load_cv=(loads.std(dim=1) / loads.mean(dim=1)).mean().item(),
+                    new_share=(loads[:, new_from:].sum() / loads.sum()).item())
+        if step % s.log_interval == 0 or step == self.total_steps:
+            clock, now = self.clock, time.time()
+            tps = clock["tokens"] / (now - clock["last"])
+            util = mfu(tps / self.world, self.raw.config, self.device)
+            eta = (now - clock["start"]) / (step - clock["start_step"]) * (self.total_steps - step)
+            self.log(f"step {step}/{self.total_steps} | stage {stage.index}/{len(self.stages)} E={stage.experts} | "
+                     f"loss {loss:.4f} | lr {self.lr:.2e} | {tps:,.0f} tok/s | mfu "
+                     f"{'-' if util is None else f'{util:.1%}'} | eta {eta / 60:.1f} min")
+            clock["last"], clock["tokens"] = time.time(), 0
+
+    def evaluate(self, stage):
+        val, per_domain = evaluate(self.model, self.val_data, self.s, self.raw.config, self.device, self.dtype,
+                                   self.rank, self.world)
+        self.log(f"step {self.step}: val loss {val:.4f} | " + " ".join(f"{d} {v:.3f}" for d, v in per_domain.items()))
+        self.record("eval", step=self.step, stage=stage.index, experts=stage.experts, val_loss=val,
+                    val_loss_per_domain=per_domain)
+        return val
+
+    def end_stage(self, stage, val):
+        """The stage's summary record: what plan.py --fit reads, and what the stage cost."""
+        raw, cost = self.raw, self.cost
+        self.record("stage", step=self.step, stage=stage.index, experts=stage.experts, top_k=raw.config.top_k,
+                    n_active=raw.num_params(active=True), params_total=raw.num_params(),
+                    tokens=self.step * self.batch_tokens, val_loss=val,
+                    seconds=time.time() - self.clock["start"], train_seconds=cost["seconds"],
+                    tokens_per_second=cost["tokens"] / cost["seconds"],
+                    peak_memory=peak_memory(self.device) if cost["tracked"] else None,
+                    state_memory=state_memory(raw, self.optimizer))
+
+    def checkpoint(self, ended_stage):
+        """latest.pt; at a stage end also stageN.pt; with --keep_latest=N > 1 the N newest as stepS.pt. All
+        are hard links of one write. Retention removes only stepS.pt files this run wrote (the checkpoint
+        lists them), so a user's own files in the folder are never touched."""
+        if not self.master:
+            return
+        out, step, n = self.out_dir, self.step, self.s.keep_latest
+        link = out / f"step{step}.pt"
+        keep = n > 1 and (step in self.retained or not link.exists())  # never replace a file we did not write
+        if n > 1 and not keep:
+            self.log(f"step {step}: warning: {link} exists and was not written by this run: not replaced")
+        retained = (self.retained + ([step] if keep and step not in self.retained else []))[-n:] if n > 1 else []
+        save_checkpoint(out / "latest.pt", self.raw, self.optimizer, self.s, step, self.world, retained)
+        if ended_stage:
+            link_atomically(out / "latest.pt", out / f"stage{ended_stage.index}.pt")
+        if keep:
+            link_atomically(out / "latest.pt", link)
+        for old in set(self.retained) - set(retained):
+            (out / f"step{old}.pt").unlink(missing_ok=True)
+        self.retained = retained
+
+    def finish(self):
+        """The end of a finished run: a text sample and the loss plot."""
+        if self.master and self.s.sample_tokens:
+            self.log("sample: " + repr(sample(self.raw, self.s.sample_tokens, self.device, self.dtype)))
+        if self.master:  # record() flushed every line: the plot reads them all
+            self.log(plot_losses({self.out_dir.name: self.out_dir}, self.out_dir / "loss.png"))
+        if self.world > 1:  # wait for rank 0's sample and plot: a rank that tears down gloo early can abort
             dist.barrier()
-    finally:  # also when the run stops on an error: give back the signal handlers, close the log
-        preemption.restore()
-        if metrics:
-            metrics.close()
-        if world > 1:
+
+    def close(self):
+        if self.preemption:
+            self.preemption.restore()
+        if self.metrics:
+            self.metrics.close()
+        if self.lock:
+            self.lock.close()
+        if self.world > 1:
             dist.destroy_process_group()
-    return raw
-
-
-def train_step(model, raw, optimizer, data, s, step, lr, accum, rank, world, device):
-    """One optimizer step over `accum` micro-batches, then the balancing update.
-    Returns the loss and cross-entropy (averaged over ranks), the gradient norm and the expert loads."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    loss_sum = ce_sum = 0.0
-    for micro in range(accum):
-        x, y = data.batch(step * accum + micro, s.batch_size, raw.config.seq_len, s.seed, rank, world)
-        sync = micro == accum - 1 or world == 1  # DDP all-reduces gradients on the last micro-batch only
-        with (nullcontext() if sync else model.no_sync()), autocast(device):
-            _, loss = model(x.to(device), y.to(device))
-        (loss / accum).backward()
-        loss_sum += loss.detach()
-        ce_sum += raw.last_losses["ce"]
-    grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), s.grad_clip or float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    loads = emo.update_router_bias(raw)
-    loss_value, ce_value = mean_over_ranks([float(loss_sum) / accum, float(ce_sum) / accum], world)
-    return loss_value, ce_value, grad_norm, loads
-
-
-def reset_peak_memory(device):
-    """Start a peak-memory window: CUDA's allocator peak, or on Linux the process's peak resident set
-    (writing 5 to /proc/self/clear_refs resets VmHWM). Returns False where neither can be reset."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return True
-    emo.release_freed_memory()  # else the window starts at the heap the last stage kept
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_memory(device):
-    """Bytes since reset_peak_memory: peak allocated tensors on CUDA; peak RSS of the whole process on CPU
-    (the Python and torch runtime included, so compare CPU values as differences)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    status = Path("/proc/self/status").read_text()
-    return int(status.split("VmHWM:")[1].split()[0]) * 1024  # reported in kB
-
-
-def state_memory(raw, optimizer):
-    """Bytes of weights + their gradients + optimizer moments: the memory growth adds to. Gradients are
-    counted at their size during the step (zero_grad frees them between steps)."""
-    params = [p for p in raw.parameters() if p.requires_grad]
-    moments = [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v) and v.dim()]
-    return sum(2 * p.numel() * p.element_size() for p in params) + sum(v.numel() * v.element_size() for v in moments)
-
-
-def read_metrics(folder):
-    """A run folder's metrics.jsonl as a list of records (step, eval, growth, stage, warning)."""
-    return [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def plot_losses(runs, png):
@@ -693,37 +998,86 @@ def plot_losses(runs, png):
     return f"wrote {png}"
 
 
-def logged_by(record, step):
-    """Was this record written before the checkpoint at `step`? A growth at `step` comes right after it."""
-    return record["step"] < step if record["kind"] == "growth" else record["step"] <= step
-
-
-def trim_metrics(path, step):
-    """On resume, drop what the stopped run logged after its checkpoint at `step`: it is about to be redone
-    (a growth at `step` itself happened after the checkpoint was written)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and logged_by(json.loads(line), step)]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
-
-
-def sample(raw, n_tokens, device):
-    enc = load_prepare().gpt2_encoding()
+def sample(raw, n_tokens, device, dtype):
+    enc = gpt2_encoding()
     prompt = torch.tensor([enc.encode_ordinary("def ")], device=device)
     raw.eval()
-    with autocast(device):
+    with autocast(device, dtype):
         out = raw.generate(prompt, n_tokens, temperature=0.8, top_k=50)
     raw.train()
     return enc.decode([t for t in out[0].tolist() if t < enc.n_vocab])
 
 
+def setup(argv):
+    """Flags -> (Settings, Config, stages, world size, resume) with every check that needs no data or device.
+    resume: None, or (checkpoint state, its path, whether the run branches into a new folder)."""
+    s, model_settings, given = parse(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    resume = None
+    if s.resume:
+        state, path = load_checkpoint(s.resume)
+        s, model_settings = resumed_settings(state, s, model_settings, given)
+        if state["world_size"] != world:
+            raise SettingError(f"--resume={path}: the run used {state['world_size']} process(es), this one has "
+                               f"{world}: resume with the same torchrun --nproc_per_node (the data order and the "
+                               f"batch depend on it)")
+        out_dir, branching = resume_destination(path, s, given)
+        s.out_dir = str(out_dir)
+        resume = (state, path, branching)
+    experts, fractions = parse_stages(s)
+    if not resume:  # a new run starts at the first stage's E
+        first = experts[0]
+        top_k = model_settings.get("top_k", emo.Config.top_k)
+        if isinstance(top_k, int) and top_k > first:
+            raise SettingError(f"--top_k={top_k} is not allowed: must be at most the first stage's E={first} "
+                               f"(--{'stages' if s.stages else 'experts'})")
+        model_settings["n_experts"] = first
+    cfg = emo.Config(**model_settings)  # validates the model settings
+    for E in experts:  # and every later stage's model too, so nothing is refused at a growth, mid-run
+        emo.Config(**{**model_settings, "n_experts": E})
+    validate(s, cfg, world, len(experts))
+    micro_tokens = s.batch_size * cfg.seq_len * world
+    stages = plan_schedule(s, cfg, s.batch_tokens or micro_tokens, experts, fractions)
+    return s, cfg, stages, world, resume
+
+
+def timed_step(argv, n_experts):
+    """train.py's model, optimizer and training step at E = n_experts, for bench.py: the settings, wrappers
+    (dtype, compile) and step of a run with these flags, on random tokens (timing needs tokens, not text).
+    Returns (raw model, optimizer, device, step) where step(i) takes one optimizer step on batch i."""
+    s, model_settings, _ = parse(argv)
+    cfg = emo.Config(**{**model_settings, "n_experts": n_experts})
+    validate(s, cfg, 1, 1)
+    _, device = setup_distributed(s.device, 1)
+    dtype = autocast_dtype(s, device)
+    torch.manual_seed(0)
+    raw = emo.Transformer(cfg).to(device)
+    optimizer = make_optimizer(raw, s, device)
+    model = wrap(raw, s, device, 1)
+
+    def step(i):
+        tokens = torch.randint(cfg.vocab_size, (s.batch_size, cfg.seq_len + 1), generator=torch.Generator().manual_seed(i))
+        tokens = tokens.to(device)
+        return train_step(model, optimizer, [(tokens[:, :-1], tokens[:, 1:])], s.lr, s.grad_clip, dtype)
+
+    return raw, optimizer, device, step
+
+
+def run(argv):
+    """Train as the flags say; returns (the model, whether the run finished)."""
+    s, cfg, stages, world, resume = setup(argv)
+    trainer = Trainer(s, cfg, stages, world, resume)
+    finished = trainer.run()
+    return trainer.raw, finished
+
+
 def main(argv=None):
     try:
-        return run(sys.argv[1:] if argv is None else argv)
-    except (SettingError, ValueError, TrainingError) as err:
+        _, finished = run(sys.argv[1:] if argv is None else argv)
+    except (SettingError, DataError, TrainingError) as err:
         sys.exit(f"train.py: {err}")
+    if not finished:
+        sys.exit(EXIT_STOPPED)
 
 
 if __name__ == "__main__":
