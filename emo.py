@@ -230,7 +230,7 @@ class MoE(nn.Module):
         self.register_buffer("expert_counts", torch.zeros(cfg.n_experts, dtype=torch.int64))
         self.use_grouped_mm = True  # tests and benchmarks switch it off to compare with the loop
         self.expert_mask = None  # bool [E]: route only among these experts (restrict_experts)
-        self.last_expert_idx = None  # [B, T, k] routing decision of the last forward
+        self.last_expert_idx = None  # [B, T, k] routing decision of the last eval-mode forward (specialization)
         self.last_scores = None  # [N, E] router scores of the last eval-mode forward (select_experts)
 
     @property
@@ -257,7 +257,8 @@ class MoE(nn.Module):
         y = self.dispatch(x, idx, gates, counts)
         if self.shared is not None:
             y = y + self.shared(x)
-        self.last_expert_idx = idx.detach().view(B, T, -1)
+        if not self.training:  # kept for analysis (specialization); never stored from a training graph
+            self.last_expert_idx = idx.view(B, T, -1)
         return y.view(B, T, d), aux
 
     def route(self, x, seg=None):
@@ -345,6 +346,56 @@ class MoE(nn.Module):
 # 5. Transformer
 # ---------------------------------------------------------------------------------------------
 
+LOSS_CHUNK = 2**25  # logits per chunk of the loss: 128 MB in fp32 whatever the batch (bench.py: memory)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of the LM head's logits h @ W^T, a chunk of rows at a time, so no [N, V] logits live
+    beyond one chunk (at V = 50K they were most of a small model's memory). The gradient is known inside the
+    forward (dL/dlogits = softmax - onehot), so each chunk's share of dL/dh and dL/dW is computed there and
+    nothing is recomputed (the fused linear cross-entropy of Liger-Kernel); backward only scales them.
+    Returns the summed loss and, as a tensor without gradient, each row's loss [N]."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk, dtype, grad_enabled):
+        # h [N, d], weight [V, d], targets [N]; matmuls in `dtype`, logits and softmax in fp32
+        want_h, want_w = (grad_enabled and want for want in ctx.needs_input_grad[:2])  # none in evaluation
+        hc, wc = h.to(dtype), weight.to(dtype)
+        losses = torch.empty(len(h), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+        for start in range(0, len(h), chunk):
+            rows = slice(start, start + chunk)
+            logits = (hc[rows] @ wc.T).float()  # (n, V): the only logits alive
+            lse = logits.logsumexp(dim=-1)  # (n,)
+            target = targets[rows, None]  # (n, 1)
+            losses[rows] = lse - logits.gather(1, target).squeeze(1)
+            if want_h or want_w:
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                grad = grad.scatter_add_(1, target, -torch.ones_like(lse[:, None])).to(dtype)  # - onehot
+                if want_h:
+                    grad_h[rows] = grad @ wc  # (n, d)
+                if want_w:
+                    grad_w += grad.T @ hc[rows]  # (V, d), summed in fp32
+        ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
+        ctx.mark_non_differentiable(losses)
+        return losses.sum(), losses
+
+    @staticmethod
+    def backward(ctx, grad_sum, _):
+        scaled = [None if g is None else g * grad_sum.to(g.dtype) for g in ctx.saved_tensors]  # the loss's scale
+        return *scaled, None, None, None, None
+
+
+def linear_cross_entropy(h, weight, targets):
+    """(summed loss, per-row losses [N]) of the logits h [N, d] @ weight^T against targets [N], in chunks
+    of LOSS_CHUNK logits. Under autocast the matmuls run in its dtype, as F.linear's would."""
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    chunk = max(1, LOSS_CHUNK // weight.shape[0])
+    with torch.autocast(device, enabled=False):
+        return LinearCrossEntropy.apply(h, weight, targets, chunk, dtype, torch.is_grad_enabled())
+
 
 class Block(nn.Module):
     def __init__(self, cfg):
@@ -377,7 +428,6 @@ class Transformer(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.init_weights()
-        self.last_losses = {}
 
     def init_weights(self):
         # GPT-2 init: every matrix N(0, 0.02); projections that write into the residual stream (attention
@@ -392,7 +442,12 @@ class Transformer(nn.Module):
     def moe_layers(self):
         return [block.moe for block in self.blocks]
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, reduction="mean"):
+        """idx [B, T] token ids. Without targets: the logits [B, T, V]. With targets [B, T]: a dict of losses,
+        returned rather than stored on the module (a side effect inside a compiled graph can drop the
+        loss's gradient): "loss" = ce + lb_coef * lb + z_coef * z, what to backpropagate; "ce" the
+        cross-entropy, its mean, or per token [B, T] with reduction="none"; "lb", "z" the router's
+        auxiliary losses averaged over layers (zero for the sigmoid router)."""
         B, T = idx.shape
         if T > self.config.seq_len:
             raise ValueError(f"sequence length {T} exceeds Config.seq_len={self.config.seq_len}")
@@ -406,21 +461,20 @@ class Transformer(nn.Module):
         for block in self.blocks:
             x, (layer_lb, layer_z) = block(x, cos, sin, seg if pools else None, mask)
             lb, z = lb + layer_lb, z + layer_z
-        logits = self.lm_head(self.norm(x))
+        h = self.norm(x)
         if targets is None:
-            return logits, None
-        ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        lb, z = lb / self.config.n_layer, z / self.config.n_layer  # averaged over layers
-        loss = ce + self.config.lb_coef * lb + self.config.z_coef * z
-        self.last_losses = {"ce": ce.detach(), "lb": lb.detach(), "z": z.detach()}
-        return logits, loss
+            return self.lm_head(h)
+        ce_sum, ce_tokens = linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        ce = ce_sum / ce_tokens.numel()
+        lb, z = lb / cfg.n_layer, z / cfg.n_layer  # averaged over layers
+        return {"loss": ce + cfg.lb_coef * lb + cfg.z_coef * z, "ce": ce_tokens.view(B, T) if reduction == "none"
+                else ce, "lb": lb, "z": z}
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
         """Sample max_new_tokens after idx [B, T]; temperature 0 is greedy."""
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.seq_len:])
-            logits = logits[:, -1, :].float()
+            logits = self(idx[:, -self.config.seq_len:])[:, -1, :].float()
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:

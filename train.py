@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import emo
@@ -667,8 +666,7 @@ def evaluate(model, data, s, cfg, device, dtype, rank, world):
     for i in range(s.eval_batches):
         x, y, doc = data.batch(i, s.batch_size, cfg.seq_len, seed=0, rank=rank, world_size=world, with_docs=True)
         with autocast(device, dtype):
-            logits, _ = model(x.to(device))
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="none")
+            loss = model(x.to(device), y.to(device), reduction="none")["ce"].flatten()
         domain = domain_of[doc.flatten()].to(device)
         sums.index_add_(0, domain, loss.double())
         counts.index_add_(0, domain, torch.ones_like(loss, dtype=torch.float64))
@@ -702,10 +700,10 @@ def train_step(model, optimizer, micro_batches, lr, grad_clip, dtype):
     for i, (x, y) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with (model.no_sync() if isinstance(model, DDP) and not last else nullcontext()), autocast(x.device, dtype):
-            _, loss = model(x, y)
-        (loss / len(micro_batches)).backward()
-        loss_sum += loss.detach()
-        ce_sum += raw.last_losses["ce"]
+            losses = model(x, y)
+        (losses["loss"] / len(micro_batches)).backward()
+        loss_sum += losses["loss"].detach()
+        ce_sum += losses["ce"].detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip or float("inf"))
     loss_value, ce_value = mean_over_ranks([float(loss_sum) / len(micro_batches), float(ce_sum) / len(micro_batches)])
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm.item())):
