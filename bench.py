@@ -11,6 +11,13 @@ python bench.py step [--experts=8,16,32,64,128] [--train_args="..."] [--json]
     train.py's training step (its model and settings; --train_args changes them) at each E, top-k fixed:
     step time and its ratio to the first E, the optimizer step's share, peak and weight+grad+Adam memory,
     and the time of one growth E -> 2E. The fitted exponent of time ~ E^rho feeds plan.py --step_times.
+python bench.py gpu [--train_args="..."] [--json]
+    every CUDA path in one command, ~8 minutes on one H100: bf16 grouped dispatch vs the per-expert loop vs an
+    fp32 per-token reference (both routers, pools, before and after growth); idle experts' zero gradient and
+    no read past the last offset; a compiled bf16 progressive run (graphs per stage, falling loss, a resume at
+    a stage boundary); torchrun with NCCL; moe and step at a GPU size. Writes runs/gpu/gpu.json and a table.
+    On a machine without CUDA it runs the CPU-checkable part (the GPU path's numerics emulated) and names
+    what it skipped. Exit status 1 if a check failed.
 python bench.py repro [--seeds=0,1] [--experts=2,4,8,16,32] [--total_tokens=1e6] [--train_args="..."] [--json]
     the paper's claim at small scale: same model, data and tokens for fixed E_max, fixed E_max/2 and
     progressive growth up to E_max with each growth init, one train.py process per run. Final val loss
@@ -31,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import emo
 import train
@@ -72,43 +80,55 @@ def seconds_per_call(fn, x, repeats, device):
 def bench_moe(args):
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    rows = []
-    for n_experts in (8, 32, 128):
-        cfg = emo.Config(d_model=args.d_model, d_expert=args.d_expert, n_experts=n_experts, top_k=args.top_k,
-                         n_shared=0, n_head=4, n_layer=1)
-        torch.manual_seed(0)
-        moe = emo.MoE(cfg).to(device)
-        dense = emo.SwiGLU(args.d_model, args.top_k * args.d_expert).to(device)  # same active parameters
-        x = torch.randn(args.tokens, args.d_model, device=device, requires_grad=True)
+    return [moe_row(args, int(E), device, dtype) for E in args.experts.split(",")]
 
-        def grouped(x):
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                return moe(x.unsqueeze(0))[0]
 
-        def loop(x):
-            moe.use_grouped_mm = False
-            try:
-                return grouped(x)
-            finally:
-                moe.use_grouped_mm = True
+def moe_row(args, n_experts, device, dtype):
+    """One E: tokens/s of every path, CUDA peak memory, the grouped path's MFU on active parameters."""
+    cfg = emo.Config(d_model=args.d_model, d_expert=args.d_expert, n_experts=n_experts, top_k=args.top_k,
+                     n_shared=0, n_head=4, n_layer=1)
+    torch.manual_seed(0)
+    moe = emo.MoE(cfg).to(device)
+    dense = emo.SwiGLU(args.d_model, args.top_k * args.d_expert).to(device)  # same active parameters
+    x = torch.randn(args.tokens, args.d_model, device=device, requires_grad=True)
+    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-        def naive(x):
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                return naive_moe(moe, x)
+    def grouped(x):
+        with autocast():
+            return moe(x.unsqueeze(0))[0]
 
-        def dense_ffn(x):
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                return dense(x)
+    def loop(x):
+        moe.use_grouped_mm = False
+        try:
+            return grouped(x)
+        finally:
+            moe.use_grouped_mm = True
 
-        paths = {"grouped": grouped, "loop": loop, "naive": naive, "dense": dense_ffn}
-        if args.compile:
-            paths["grouped+compile"] = torch.compile(grouped, dynamic=False)
-            paths["dense+compile"] = torch.compile(dense_ffn, dynamic=False)
-        tps = {name: args.tokens / seconds_per_call(fn, x, args.repeats, device) for name, fn in paths.items()}
-        rows.append({"experts": n_experts, "tokens_per_s": tps,
-                     "grouped_vs_dense": tps["grouped"] / tps["dense"],
-                     "grouped_vs_naive": tps["grouped"] / tps["naive"]})
-    return rows
+    def naive(x):
+        with autocast():
+            return naive_moe(moe, x)
+
+    def dense_ffn(x):
+        with autocast():
+            return dense(x)
+
+    paths = {"grouped": grouped, "loop": loop, "naive": naive, "dense": dense_ffn}
+    if args.compile:
+        paths["grouped+compile"] = torch.compile(grouped, dynamic=False)
+        paths["dense+compile"] = torch.compile(dense_ffn, dynamic=False)
+    tps, peak = {}, {}
+    for name, fn in paths.items():
+        tracked = train.reset_peak_memory(device) and device.type == "cuda"  # a CPU's RSS says little per path
+        tps[name] = args.tokens / seconds_per_call(fn, x, args.repeats, device)
+        peak[name] = train.peak_memory(device) if tracked else None
+    best = "grouped+compile" if args.compile else "grouped"
+    active = args.top_k * 3 * args.d_model * args.d_expert + n_experts * args.d_model  # experts a token uses + router
+    top = train.peak_flops(device)
+    return {"experts": n_experts, "tokens_per_s": tps, "peak_memory": peak,
+            "grouped_vs_dense": tps["grouped"] / tps["dense"], "grouped_vs_loop": tps["grouped"] / tps["loop"],
+            "grouped_vs_naive": tps["grouped"] / tps["naive"],
+            "compiled_grouped_vs_dense": tps["grouped+compile"] / tps["dense+compile"] if args.compile else None,
+            "mfu": None if top is None else tps[best] * 6 * active / top}
 
 
 def machine(device):
@@ -121,10 +141,17 @@ def print_moe(rows, args):
     print(f"MoE layer fwd+bwd, {args.tokens} tokens, d_model={args.d_model}, d_expert={args.d_expert}, "
           f"top_k={args.top_k}, {args.dtype}, {machine(torch.device(args.device))}, torch {torch.__version__}")
     names = list(rows[0]["tokens_per_s"])
-    print(f"{'E':>5} " + " ".join(f"{n + ' tok/s':>22}" for n in names) + f" {'grouped/dense':>14} {'grouped/naive':>14}")
+    print(f"{'E':>5} " + " ".join(f"{n + ' tok/s':>22}" for n in names)
+          + f" {'grouped/dense':>14} {'grouped/loop':>13} {'grouped/naive':>14} {'MFU':>6}")
     for r in rows:
         cells = " ".join(f"{r['tokens_per_s'][n]:>22,.0f}" for n in names)
-        print(f"{r['experts']:>5} {cells} {r['grouped_vs_dense']:>13.2f}x {r['grouped_vs_naive']:>13.2f}x")
+        print(f"{r['experts']:>5} {cells} {r['grouped_vs_dense']:>13.2f}x {r['grouped_vs_loop']:>12.2f}x "
+              f"{r['grouped_vs_naive']:>13.2f}x {percent(r['mfu']):>6}")
+    if rows[0]["peak_memory"]["grouped"] is not None:
+        print("CUDA peak MB: " + "; ".join(f"E={r['experts']}: " + ", ".join(
+            f"{n} {v / 2**20:,.0f}" for n, v in r["peak_memory"].items()) for r in rows))
+    print("MFU: the " + ("compiled " if args.compile else "") + "grouped path's FLOPs on active parameters "
+          "(6 x top_k experts + router per token) over the GPU's dense bf16 peak")
 
 
 def bench_growth(args):
@@ -196,6 +223,8 @@ def step_row(argv, n_experts, repeats):
     tracked = train.reset_peak_memory(device)
     seconds = statistics.median(timed(lambda: step(i), device) for i in range(2, 2 + repeats))
     peak = train.peak_memory(device) if tracked else None
+    tokens = raw.config.seq_len * train.parse(argv)[0].batch_size
+    mfu = train.mfu(tokens / seconds, raw.config, device)
     # the optimizer step alone, on gradients of the size the training step leaves (zero_grad freed them)
     for p in raw.parameters():
         p.grad = torch.zeros_like(p)
@@ -204,8 +233,7 @@ def step_row(argv, n_experts, repeats):
     state = train.state_memory(raw, optimizer)
     growth = timed(lambda: (emo.grow_experts(raw, 2 * n_experts, init="gaussian"),
                             emo.grow_optimizer(optimizer, "reset")), device)
-    tokens = raw.config.seq_len * train.parse(argv)[0].batch_size
-    return dict(experts=n_experts, step_seconds=seconds, tokens_per_second=tokens / seconds,
+    return dict(experts=n_experts, step_seconds=seconds, tokens_per_second=tokens / seconds, mfu=mfu,
                 optimizer_seconds=optimizer_seconds, optimizer_share=optimizer_seconds / seconds, peak_memory=peak,
                 state_memory=state, growth_seconds=growth, device=str(device))
 
@@ -214,12 +242,12 @@ def print_step(result, args):
     device = torch.device(result["device"])
     print(f"training step vs E at fixed top-k; train.py flags: {args.train_args or '(defaults)'}; {machine(device)}, "
           f"torch {torch.__version__}; median of {args.repeats} steps")
-    print(f"{'E':>5} {'step ms':>9} {'vs first':>9} {'tok/s':>9} {'optimizer ms':>13} {'share':>6} {'peak MB':>8} "
-          f"{'state MB':>9} {'grow E->2E ms':>14}")
+    print(f"{'E':>5} {'step ms':>9} {'vs first':>9} {'tok/s':>9} {'MFU':>6} {'optimizer ms':>13} {'share':>6} "
+          f"{'peak MB':>8} {'state MB':>9} {'grow E->2E ms':>14}")
     for r in result["rows"]:
         peak = "-" if r["peak_memory"] is None else f"{r['peak_memory'] / 2**20:,.0f}"
         print(f"{r['experts']:>5} {r['step_seconds'] * 1e3:>9.1f} {r['step_time_ratio']:>8.3f}x "
-              f"{r['tokens_per_second']:>9,.0f} {r['optimizer_seconds'] * 1e3:>13.1f} {r['optimizer_share']:>6.1%} "
+              f"{r['tokens_per_second']:>9,.0f} {percent(r['mfu']):>6} {r['optimizer_seconds'] * 1e3:>13.1f} {r['optimizer_share']:>6.1%} "
               f"{peak:>8} {r['state_memory'] / 2**20:>9,.1f} {r['growth_seconds'] * 1e3:>14.1f}")
     rows = result["rows"]
     if result["step_time_exponent"] is not None:
@@ -353,6 +381,249 @@ def print_repro(result, args):
         print(line)
 
 
+# ---------------------------------------------------------------------------------------------
+# bench.py gpu: every CUDA path in one command (on a CPU: the part a CPU can check, the rest named)
+# ---------------------------------------------------------------------------------------------
+
+BF16_TOLERANCE = 3e-2  # ||bf16 - fp32 reference|| / ||fp32 reference||, for outputs and every gradient
+CPU_RUN = ["--n_layer=1", "--d_model=64", "--n_head=4", "--d_expert=32", "--seq_len=32", "--batch_size=8",
+           "--total_tokens=9216", "--stages=2:0.34,4:0.33,8:0.33", "--warmup_steps=3", "--rewarm_steps=3"]
+GPU_RUN = ["--n_layer=2", "--d_model=256", "--n_head=4", "--d_expert=128", "--top_k=4", "--seq_len=256",
+           "--batch_size=32", "--total_tokens=1228800", "--stages=8:0.34,16:0.33,32:0.33", "--warmup_steps=20",
+           "--rewarm_steps=10"]
+GPU_SIZE = dict(d_model=768, d_expert=384, top_k=8, n_head=12, n_layer=4, seq_len=1024, batch_size=16)
+CUDA_ONLY = ["torchrun --nproc_per_node=1 with NCCL", "bench moe at d_model 768, d_expert 384, top-8, E 8..128 "
+             "(bf16, compiled)", "bench step at the same size, 4 layers (bf16, compiled)"]
+
+
+def bench_gpu(args):
+    """Each check appends to report["checks"] ({check, ok, detail, ...}); gpu.json is rewritten after every
+    section, so a run cut short still leaves what it measured."""
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = dict(machine=machine(device), torch=torch.__version__, checks=[],
+                  skipped=[] if cuda else [f"{name}: needs CUDA" for name in CUDA_ONLY])
+    sections = [dispatch_numerics, empty_experts, compiled_run] + ([torchrun_nccl, gpu_moe, gpu_step] if cuda else [])
+    for section in sections:
+        start = time.time()
+        section(args, device, report)
+        print(f"{section.__name__}: {time.time() - start:.0f} s", file=sys.stderr)
+        (out / "gpu.json").write_text(json.dumps(report, indent=1, default=str))
+    report["ok"] = all(c["ok"] for c in report["checks"])
+    (out / "gpu.json").write_text(json.dumps(report, indent=1, default=str))
+    return report
+
+
+def per_token_reference(moe, x, seg):
+    """The MoE layer in fp32, one token and one expert at a time: no sorting, no grouped matmul."""
+    idx, gates, _, aux = moe.route(x, seg)
+    rows = []
+    for t in range(len(x)):
+        y = 0
+        for gate, e in zip(gates[t], idx[t]):
+            g, u = (x[t] @ moe.w_in[e]).chunk(2)
+            y = y + gate * ((F.silu(g) * u) @ moe.w_out[e])
+        rows.append(y)
+    return torch.stack(rows) + (moe.shared(x) if moe.shared is not None else 0), aux
+
+
+def output_and_gradients(moe, x, seg, weights, path):
+    """The layer's output [N, d] and the gradients of a fixed projection of it (plus the auxiliary losses)
+    with respect to x and every parameter, along one path: reference (fp32), grouped or loop (bf16)."""
+    x = x.detach().clone().requires_grad_()
+    moe.zero_grad(set_to_none=True)
+    if path == "reference":
+        y, aux = per_token_reference(moe, x, seg)
+    else:
+        moe.use_grouped_mm = path == "grouped"
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            y, aux = moe(x.unsqueeze(0), seg)
+        moe.use_grouped_mm = True
+        y = y.squeeze(0)
+    ((y.float() * weights).sum() + aux[0] + aux[1]).backward()
+    return {"output": y.detach().float(), "grad x": x.grad,
+            **{f"grad {n}": p.grad.float() for n, p in moe.named_parameters()}}
+
+
+def relative_error(a, b):
+    return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
+
+
+def dispatch_numerics(args, device, report):
+    """bf16 grouped dispatch and the bf16 per-expert loop against the fp32 per-token reference: the output
+    and every gradient, both routers, with and without document pools, before and after a growth."""
+    grouped = emo.grouped_mm_supported(torch.empty(1, dtype=torch.bfloat16, device=device))
+    for router in emo.ROUTERS:
+        for pools in (False, True):
+            torch.manual_seed(0)
+            model = emo.Transformer(emo.Config(vocab_size=64, eot_id=63, n_layer=1, n_head=4, d_model=128,
+                                               d_expert=64, n_experts=8, top_k=2, router=router,
+                                               pool_size=4 if pools else None)).to(device).eval()
+            ids = torch.randint(0, 63, (1, 128), device=device)
+            ids[:, 15::16] = 63  # documents of 16 tokens
+            seg = emo.document_segments(ids, 63) if pools else None
+            x, weights = torch.randn(128, 128, device=device), torch.randn(128, 128, device=device)
+            for when in ("before growth", "after growth 8->16"):
+                if when != "before growth":
+                    emo.grow_experts(model, 16)
+                moe = model.blocks[0].moe
+                reference = output_and_gradients(moe, x, seg, weights, "reference")
+                errors = {f"{path} {name}": relative_error(value, reference[name])
+                          for path in ("grouped", "loop")
+                          for name, value in output_and_gradients(moe, x, seg, weights, path).items()}
+                worst = max(errors, key=errors.get)
+                report["checks"].append(dict(
+                    check=f"bf16 dispatch = fp32 per-token reference: {router} router{', pools' if pools else ''}, "
+                          f"{when}", ok=errors[worst] <= BF16_TOLERANCE, errors=errors,
+                    detail=f"worst {worst} {errors[worst]:.1e} (tolerance {BF16_TOLERANCE:.0e}); grouped matmul "
+                           + ("ran" if grouped else "not supported here: both paths looped")))
+
+
+def empty_experts(args, device, report):
+    """Reported broken in some torch/GPU combinations (pytorch issues 172439, 193633): an expert that gets
+    no token must get exactly zero weight gradient, and the grouped matmul must never read rows past the
+    last offset (here: NaN rows after it may not reach the output's valid rows or any gradient)."""
+    torch.manual_seed(0)
+    model = emo.Transformer(emo.Config(vocab_size=64, n_layer=1, n_head=4, d_model=128, d_expert=64,
+                                       n_experts=8, top_k=2)).to(device)
+    moe = model.blocks[0].moe
+    emo.restrict_experts(model, [torch.arange(6)])  # experts 6 and 7 get no token
+    x = torch.randn(1, 256, 128, device=device)
+    for path in ("grouped", "loop"):
+        moe.zero_grad(set_to_none=True)
+        moe.use_grouped_mm = path == "grouped"
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            y, _ = moe(x)
+        y.float().square().sum().backward()
+        zero = all(bool((p.grad[6:] == 0).all()) for p in (moe.w_in, moe.w_out))
+        used = all(bool((p.grad[:6] != 0).any()) for p in (moe.w_in, moe.w_out))
+        report["checks"].append(dict(check=f"experts with no token get exactly zero weight gradient ({path}, bf16)",
+                                     ok=zero and used, detail=f"idle experts exactly zero: {zero}; used ones "
+                                     f"nonzero: {used}"))
+    moe.use_grouped_mm = True
+    if not emo.grouped_mm_supported(x.to(torch.bfloat16)):
+        report["skipped"].append("rows past the last offset: no grouped matmul here")
+        return
+    counts = torch.tensor([50, 0, 70, 0, 80, 0, 0, 0], device=device)  # 200 rows, most experts empty
+    w = (0.05 * torch.randn(8, 128, 64, device=device)).to(torch.bfloat16)
+    rows = torch.randn(200, 128, device=device).to(torch.bfloat16)
+    probe = torch.randn(200, 64, device=device)
+    results = []
+    for extra in (0, 56):  # exactly the rows the offsets cover, then 56 NaN rows after them
+        a = torch.cat([rows, torch.full((extra, 128), float("nan"), device=device, dtype=torch.bfloat16)])
+        a, wa = a.requires_grad_(), w.clone().requires_grad_()
+        y = emo.expert_matmul(a, wa, counts, grouped=True)[:200]
+        (y.float() * probe).sum().backward()
+        results.append((y.float(), a.grad[:200].float(), wa.grad.float()))
+    same = all(torch.equal(p, q) for p, q in zip(*results))
+    finite = all(bool(t.isfinite().all()) for t in results[1])
+    report["checks"].append(dict(check="grouped matmul never reads past the last offset (bf16)", ok=same and finite,
+                                 detail=f"output and gradients with NaN rows after the last offset: finite {finite}, "
+                                 f"equal to the run without them {same}"))
+
+
+def compiled_run(args, device, report):
+    """train.py's GPU path (bf16 autocast, torch.compile) through two growths, in this process so the
+    compiled graphs can be counted; then a branch from the first run's stage-2 checkpoint, whose steps must
+    repeat the first run's (on a CPU bit for bit; on a GPU as far as bf16 kernels are deterministic)."""
+    from torch._dynamo.utils import counters
+
+    size = GPU_RUN if device.type == "cuda" else CPU_RUN
+    flags = [f"--device={device}", "--dtype=bf16", "--compile", *size, "--eval_interval=1000", "--eval_batches=2",
+             "--log_interval=1000", "--sample_tokens=0", *shlex.split(args.train_args)]
+    full, branch = Path(args.out_dir) / "compiled", Path(args.out_dir) / "compiled-resumed"
+    for folder in (full, branch):
+        shutil.rmtree(folder, ignore_errors=True)
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    start = time.time()
+    train.run(flags + [f"--out_dir={full}"])
+    seconds = time.time() - start
+    graphs, breaks = counters["stats"]["unique_graphs"] - graphs, sum(counters["graph_break"].values()) - breaks
+    records = train.read_metrics(full)
+    stages = [r for r in records if r["kind"] == "stage"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    report["checks"].append(dict(
+        check="compiled bf16 progressive run: one training and one evaluation graph per stage",
+        ok=graphs == 2 * len(stages) and breaks == 0 and len(stages) >= 3,
+        detail=f"{len(stages)} stages (E {' -> '.join(str(s['experts']) for s in stages)}), {graphs} graphs "
+               f"compiled, {breaks} graph breaks, {seconds:.0f} s with compilation", seconds=seconds))
+    report["checks"].append(dict(
+        check="compiled bf16 progressive run: validation loss falls", ok=evals[-1]["val_loss"] < evals[0]["val_loss"],
+        detail=" -> ".join(f"{e['val_loss']:.3f}" for e in evals),
+        stages=[{k: s[k] for k in ("experts", "val_loss", "tokens_per_second", "peak_memory")} for s in stages]))
+    train.run([f"--resume={full / 'stage2.pt'}", f"--out_dir={branch}", *shlex.split(args.train_args)])
+    boundary = stages[1]["step"]
+    first = {r["step"]: r["loss"] for r in records if r["kind"] == "step" and r["step"] > boundary}
+    again = {r["step"]: r["loss"] for r in train.read_metrics(branch) if r["kind"] == "step" and r["step"] > boundary}
+    diffs = [abs(again[step] - loss) / loss for step, loss in first.items()]
+    exact = all(again[step] == loss for step, loss in first.items())
+    report["checks"].append(dict(
+        check="resume at a stage boundary continues the run", ok=exact or (device.type == "cuda" and max(diffs) < 0.02),
+        detail=f"training loss of the {len(first)} steps after step {boundary}, resumed from stage2.pt vs the "
+               f"uninterrupted run: {'equal bit for bit' if exact else f'first step off by {diffs[0]:.1e}, at most by {max(diffs):.1e} (relative)'}"))
+
+
+def torchrun_nccl(args, device, report):
+    """A few steps under torchrun with one process: the process group (NCCL), DDP and its all-reduces."""
+    folder = Path(args.out_dir) / "torchrun"
+    shutil.rmtree(folder, ignore_errors=True)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+               str(HERE / "train.py"), "--device=cuda", *GPU_RUN, "--total_tokens=163840", "--stages=8:0.5,16:0.5",
+               "--sample_tokens=0", f"--out_dir={folder}", *shlex.split(args.train_args)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    steps = [r for r in train.read_metrics(folder) if r["kind"] == "step"] if (folder / "metrics.jsonl").exists() else []
+    ok = done.returncode == 0 and len(steps) == 20 and all(math.isfinite(r["loss"]) for r in steps)
+    last_line = (done.stderr.strip().splitlines() or [""])[-1]
+    report["checks"].append(dict(check="torchrun --nproc_per_node=1 (NCCL, DDP) through a growth", ok=ok,
+                                 detail=f"exit {done.returncode}, {len(steps)} steps, " +
+                                        (f"loss {steps[0]['loss']:.3f} -> {steps[-1]['loss']:.3f}" if steps else last_line)))
+
+
+def gpu_moe(args, device, report):
+    """bench.py moe at a GPU size: E 8, 32, 128, bf16, compiled."""
+    moe_args = argparse.Namespace(**{**vars(args), "experts": "8,32,128", "tokens": 16384, "dtype": "bf16",
+                                     "compile": True, "repeats": 5, **{k: GPU_SIZE[k] for k in
+                                                                        ("d_model", "d_expert", "top_k")}})
+    report["moe"] = dict(args={k: getattr(moe_args, k) for k in ("tokens", "d_model", "d_expert", "top_k")},
+                         rows=bench_moe(moe_args))
+
+
+def gpu_step(args, device, report):
+    """bench.py step at the same size with 4 layers: E 8, 32, 128, bf16, compiled."""
+    flags = " ".join(f"--{k}={v}" for k, v in GPU_SIZE.items()) + " --compile --dtype=bf16 --device=cuda"
+    report["step"] = bench_step(argparse.Namespace(experts="8,32,128", repeats=5, train_args=flags))
+
+
+def percent(value):
+    return "-" if value is None else f"{value:.1%}"
+
+
+def print_gpu(report, args):
+    print(f"bench.py gpu: {report['machine']}, torch {report['torch']}; {args.out_dir}/gpu.json\n")
+    print("| check | result | detail |\n| --- | --- | --- |")
+    for c in report["checks"]:
+        print(f"| {c['check']} | {'ok' if c['ok'] else 'FAILED'} | {c['detail']} |")
+    for line in report["skipped"]:
+        print(f"| {line.split(':')[0]} | skipped | {line.split(': ', 1)[1]} |")
+    if "moe" in report:
+        print("\n| E | grouped+compile tok/s | dense+compile tok/s | grouped/dense | grouped/loop | MFU | peak MB |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for r in report["moe"]["rows"]:
+            print(f"| {r['experts']} | {r['tokens_per_s']['grouped+compile']:,.0f} | {r['tokens_per_s']['dense+compile']:,.0f}"
+                  f" | {r['compiled_grouped_vs_dense']:.2f}x | {r['grouped_vs_loop']:.2f}x | {percent(r['mfu'])} | "
+                  f"{r['peak_memory']['grouped+compile'] / 2**20:,.0f} |")
+    if "step" in report:
+        print("\n| E | step ms | vs first | tok/s | MFU | peak MB | state MB |\n| --- | --- | --- | --- | --- | --- | --- |")
+        for r in report["step"]["rows"]:
+            print(f"| {r['experts']} | {r['step_seconds'] * 1e3:.1f} | {r['step_time_ratio']:.3f}x | "
+                  f"{r['tokens_per_second']:,.0f} | {percent(r['mfu'])} | {r['peak_memory'] / 2**20:,.0f} | "
+                  f"{r['state_memory'] / 2**20:,.0f} |")
+    print(f"\n{'all checks passed' if report['ok'] else 'SOME CHECKS FAILED'}"
+          + ("" if not report["skipped"] else f"; skipped {len(report['skipped'])}: " + "; ".join(report["skipped"])))
+
+
 def check_args(args):
     """bench.py's own flags, before any work: one line naming the flag."""
     for flag in ("tokens", "d_model", "d_expert", "top_k", "repeats", "phase_in_steps"):
@@ -373,7 +644,7 @@ def check_args(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["moe", "growth", "step", "repro"])
+    parser.add_argument("what", choices=["moe", "growth", "step", "repro", "gpu"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd grouped and dense paths")
@@ -388,7 +659,7 @@ def main(argv=None):
     parser.add_argument("--phase_in_steps", type=int, default=20, help="growth: silent init's phase-in")
     parser.add_argument("--out_dir", default=None, help="growth, repro: where the runs' folders go "
                         "(default runs/bench, runs/repro)")
-    parser.add_argument("--experts", default=None, help="step: E to time (default 8,16,32,64,128); "
+    parser.add_argument("--experts", default=None, help="moe, step: E to time (default 8,32,128; 8,16,32,64,128); "
                         "repro: E per stage of the progressive runs (default 2,4,8,16,32)")
     parser.add_argument("--inits", default="gaussian,copy,silent", help="repro: growth inits to run")
     parser.add_argument("--train_args", default="", help="step, repro: train.py flags (model, batch, device, "
@@ -396,13 +667,14 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
-    args.out_dir = args.out_dir or f"runs/{'repro' if args.what == 'repro' else 'bench'}"
-    args.experts = args.experts or ("8,16,32,64,128" if args.what == "step" else "2,4,8,16,32")
+    args.out_dir = args.out_dir or f"runs/{args.what if args.what in ('repro', 'gpu') else 'bench'}"
+    args.experts = args.experts or {"moe": "8,32,128", "step": "8,16,32,64,128"}.get(args.what, "2,4,8,16,32")
     if args.total_tokens is None:
         args.total_tokens = 1_000_000 if args.what == "repro" else 400_000
     train.keep_freed_memory()
     bench, show = {"moe": (bench_moe, print_moe), "growth": (bench_growth, print_growth),
-                   "step": (bench_step, print_step), "repro": (bench_repro, print_repro)}[args.what]
+                   "step": (bench_step, print_step), "repro": (bench_repro, print_repro),
+                   "gpu": (bench_gpu, print_gpu)}[args.what]
     try:
         check_args(args)
         args.total_tokens = int(args.total_tokens)
@@ -412,9 +684,12 @@ def main(argv=None):
         sys.exit(f"bench.py: {err}")
     if args.json:
         result = rows if isinstance(rows, dict) else {"rows": rows}  # step and repro return several tables
-        print(json.dumps({"args": vars(args), "machine": machine(torch.device(args.device)), **result}, indent=1))
+        print(json.dumps({"args": vars(args), "machine": machine(torch.device(args.device)), **result}, indent=1,
+                         default=str))
     else:
         show(rows, args)
+    if args.what == "gpu" and not rows["ok"]:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -326,7 +326,10 @@ class MoE(nn.Module):
         return self.n_experts * (f * probs.mean(dim=0)).sum()
 
     def dispatch(self, x, idx, gates, counts):
-        """Dropless grouped MoE: every (token, slot) pair is computed, none dropped, no capacity factor."""
+        """Dropless grouped MoE: every (token, slot) pair is computed, none dropped, no capacity factor.
+        The grouped matmuls always get N*k >= 1 rows in all (every token takes k >= 1 slots, also under a
+        restriction, which lowers k to what is allowed): a call with zero rows in total, which inductor
+        rejects, cannot happen. Single experts may get zero rows; their weights then get zero gradient."""
         N, k = idx.shape
         order = idx.flatten().argsort(stable=True)  # (token, slot) pairs grouped by expert
         token = order // k  # which token each sorted pair came from

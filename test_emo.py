@@ -1,9 +1,14 @@
 """emo's test suite: every fast path against a slow, obviously right reference. Run: python -m pytest -q"""
 
+import json
 import math
 import os
+import random
 import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -246,6 +251,16 @@ def test_parameter_counts_from_shapes_match_the_model():
     assert model.num_params() == total
     assert model.num_params(active=True) == total - 2 * (8 - 2) * per_expert
     assert emo.flops_per_token(model.config) == 6 * model.num_params(active=True) + 12 * 2 * 64 * 32
+
+
+@pytest.mark.parametrize("name,flops", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA B200", 2250e12),
+    ("NVIDIA GeForce RTX 4090", None),
+])
+def test_peak_flops_follow_the_device_name_and_unknown_devices_have_none(name, flops):
+    assert train.peak_flops_of(name) == flops
+    assert train.peak_flops("cpu") is None and train.mfu(1e6, tiny(), "cpu") is None  # shown as '-'
 
 
 def test_generate_appends_tokens_and_greedy_is_deterministic():
@@ -549,9 +564,31 @@ def test_preparation_is_deterministic_under_its_seed(two_domain_corpus, tmp_path
 
 def test_jsonl_sources_carry_their_own_domains(tmp_path):
     lines = [{"text": f"story number {i}", "domain": "stories" if i % 2 else "news"} for i in range(6)]
-    (tmp_path / "a.jsonl").write_text("\n".join(__import__("json").dumps(r) for r in lines))
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
     folder = prepare(str(tmp_path / "a.jsonl"), "j", val_fraction=0.34, out_root=tmp_path / "out")
     assert Corpus(folder).domains == ["news", "stories"]
+
+
+def prepare_peak_memory(tmp_path, n_docs):
+    """Peak resident memory of data/prepare.py's work on a jsonl source of n_docs documents of ~800 tokens."""
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(5000)]
+    with open(tmp_path / f"{n_docs}.jsonl", "w") as f:
+        for i in range(n_docs):
+            f.write(json.dumps({"text": " ".join(rng.choices(words, k=300)), "domain": "ab"[i % 2]}) + "\n")
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from data.corpus import prepare; "
+            f"prepare({str(tmp_path / f'{n_docs}.jsonl')!r}, 'c{n_docs}', max_tokens=1e9, out_root={str(tmp_path)!r}); "
+            "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    return int(done.stdout.split()[-1]) * 1024
+
+
+def test_preparing_four_times_the_tokens_needs_no_more_memory(tmp_path):
+    if not Path("/proc/self/status").exists():
+        pytest.skip("peak memory is read from /proc")
+    small, large = prepare_peak_memory(tmp_path, 5000), prepare_peak_memory(tmp_path, 20000)  # 4M, 16M tokens
+    assert Corpus(tmp_path / "c20000").tokens.size > 16_000_000
+    assert large - small < 8 * 2**20  # kept in memory: 5.5 bytes per token would be 66 MB more
 
 
 def test_loader_is_deterministic_and_ranks_share_an_epoch_without_overlap(two_domain_corpus):
@@ -622,11 +659,6 @@ def test_a_truncated_or_missing_corpus_is_refused_clearly(two_domain_corpus, tmp
 # train.py: progressive runs, exact resume, torchrun
 # ---------------------------------------------------------------------------------------------
 
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
 import train  # noqa: E402
 
 
@@ -634,7 +666,7 @@ import train  # noqa: E402
 def corpus(tmp_path_factory):
     """A small two-domain corpus, prepared once for the training tests."""
     root = tmp_path_factory.mktemp("corpus")
-    rng = __import__("random").Random(0)
+    rng = random.Random(0)
     words = {"prose": "the cat sat on a mat while rain fell over quiet hills".split(),
              "code": "def return for in range if else import print x y".split()}
     for domain, vocab in words.items():
@@ -972,6 +1004,20 @@ def test_shipped_configs_parse_and_validate(path):
     experts, _ = train.parse_stages(settings)
     model["n_experts"] = experts[0]
     train.validate(settings, emo.Config(**model), world=8, n_stages=len(experts))
+
+
+def grouped_mm_shapes_ok(cfg, experts):
+    """torch._grouped_mm's rules for bf16 operands: every row stride a multiple of 16 bytes (8 bf16
+    elements) and fewer than 1024 groups (experts)."""
+    return all(n % 8 == 0 for n in (cfg.d_model, 2 * cfg.d_expert, cfg.d_expert)) and max(experts) < 1024
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.glob("configs/*.json")) + [None],
+                         ids=lambda p: "defaults" if p is None else p.name)
+def test_every_shipped_config_fits_the_grouped_matmul(path):
+    settings, model, _ = train.parse([f"--config={path}"] if path else [])
+    experts, _ = train.parse_stages(settings)
+    assert grouped_mm_shapes_ok(emo.Config(**{**model, "n_experts": experts[0]}), experts)
 
 
 def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
@@ -1476,6 +1522,17 @@ def test_plan_py_fits_the_step_time_exponent_to_bench_step_output(tmp_path, caps
         assert stages[0]["step_time"] == pytest.approx(1 / 1.08)  # the paper's Fig. 1 ratio, read back
     with pytest.raises(SystemExit, match="--step_times=8:1.0: needs positive step times at two or more"):
         plan.main(["--step_times=8:1.0"])
+
+
+def test_bench_gpu_runs_its_cpu_part_and_names_what_it_skipped(corpus, tmp_path, capsys):
+    """The GPU verification's CPU part: dispatch numerics in bf16, idle experts, and train.py's GPU path
+    (bf16 autocast + torch.compile) through two growths and a resume, emulated on the CPU."""
+    bench.main(["gpu", f"--out_dir={tmp_path}", "--device=cpu", f"--train_args=--data={corpus}"])
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    assert report["ok"] and len(report["checks"]) == 14 and all(c["ok"] for c in report["checks"])
+    assert [s.split(":")[0] for s in report["skipped"]] == bench.CUDA_ONLY
+    table = capsys.readouterr().out
+    assert "| resume at a stage boundary continues the run | ok | " in table and "equal bit for bit" in table
 
 
 def test_repro_compares_each_arm_to_fixed_e_max_seed_by_seed():

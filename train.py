@@ -500,9 +500,10 @@ def trim_metrics(source, dest, step):
 
 
 def setup_distributed(device_setting, world):
-    """(rank, device): torchrun sets RANK/WORLD_SIZE; NCCL on GPU, gloo on CPU."""
+    """(rank, device). Under torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK) a process group is set up even
+    for one process, so `torchrun --nproc_per_node=1` runs the multi-GPU code path: NCCL on GPU, gloo on CPU."""
     device = resolve_device(device_setting)
-    if world == 1:
+    if "RANK" not in os.environ:
         return 0, torch.device(device)
     rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if device.startswith("cuda"):
@@ -531,10 +532,14 @@ def make_optimizer(raw, s, device):
     return torch.optim.AdamW(groups, lr=s.lr, betas=(s.beta1, s.beta2), fused=device.type == "cuda")
 
 
-def wrap(raw, s, device, world):
+def wrap(raw, s, device):
     """torch.compile and DDP around the model: done once per stage, since growth changes the shapes."""
+    if s.compile:
+        # drop the last stage's graphs: dead after growth, and they count toward dynamo's recompile limit
+        # (8 per function), past which a 5-stage run's last stages silently ran uncompiled
+        torch._dynamo.reset()
     model = torch.compile(raw, dynamic=False) if s.compile else raw
-    if world > 1:
+    if dist.is_initialized():
         # broadcast_buffers=False: each rank keeps its own expert counts until update_router_bias sums them
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     return model
@@ -556,9 +561,11 @@ PEAK_BF16_FLOPS = (("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12)
 def peak_flops(device):
     """Dense bf16 peak FLOP/s of a CUDA device, or None where we do not know it (CPU, other GPUs)."""
     device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
+    return peak_flops_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
+def peak_flops_of(name):
+    """Dense bf16 peak FLOP/s for a CUDA device name such as 'NVIDIA H100 PCIe'; None for names not listed."""
     return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
 
 
@@ -638,7 +645,7 @@ def open_data(s, cfg, rank, world):
         if rank == 0:
             print("preparing the default corpus (python data/prepare.py) ...")
             prepare()
-        if world > 1:
+        if dist.is_initialized():
             dist.barrier()
     train_data, val_data = Corpus(folder, "train"), Corpus(folder, "val")
     if train_data.vocab_size > cfg.vocab_size:
@@ -670,7 +677,7 @@ def evaluate(model, data, s, cfg, device, dtype, rank, world):
         domain = domain_of[doc.flatten()].to(device)
         sums.index_add_(0, domain, loss.double())
         counts.index_add_(0, domain, torch.ones_like(loss, dtype=torch.float64))
-    if world > 1:
+    if dist.is_initialized():
         dist.all_reduce(sums)
         dist.all_reduce(counts)
     model.train()
@@ -736,9 +743,9 @@ class Preemption:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
-    def agreed(self, world, device):
+    def agreed(self, device):
         """All ranks stop at the same step if any one was signalled."""
-        if world == 1:
+        if not dist.is_initialized():
             return self.requested
         flag = torch.tensor([float(self.requested)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -774,7 +781,7 @@ class Trainer:
             self.step, self.retained = 0, []
             if resume:
                 self.restore(resume)
-            self.model = wrap(self.raw, s, self.device, world)
+            self.model = wrap(self.raw, s, self.device)
             if self.master:  # every check passed: only now does the folder hold a run
                 config = {"settings": asdict(s), "model": asdict(cfg), "stages": [asdict(st) for st in stages]}
                 atomic_write(self.out_dir / "config.json", lambda f: f.write(json.dumps(config, indent=1).encode()))
@@ -829,7 +836,7 @@ class Trainer:
                     if stage_end:
                         self.end_stage(stage, val)
                 stop = bool(self.s.stop_at and self.step >= self.s.stop_at)
-                preempted = self.preemption.agreed(self.world, self.device)
+                preempted = self.preemption.agreed(self.device)
                 periodic = self.s.checkpoint_interval and self.step % self.s.checkpoint_interval == 0
                 if periodic or stage_end or stop or preempted or self.step == self.total_steps:
                     self.checkpoint(stage if stage_end else None)
@@ -852,7 +859,7 @@ class Trainer:
         t0, old = time.time(), self.raw.config.n_experts
         emo.grow_experts(self.raw, stage.experts, init=self.s.growth_init)
         emo.grow_optimizer(self.optimizer, self.s.growth_optimizer)
-        self.model = wrap(self.raw, self.s, self.device, self.world)
+        self.model = wrap(self.raw, self.s, self.device)
         seconds = time.time() - t0
         val, _ = evaluate(self.model, self.val_data, self.s, self.raw.config, self.device, self.dtype, self.rank,
                           self.world)
@@ -954,7 +961,7 @@ class Trainer:
             self.log("sample: " + repr(sample(self.raw, self.s.sample_tokens, self.device, self.dtype)))
         if self.master:  # record() flushed every line: the plot reads them all
             self.log(plot_losses({self.out_dir.name: self.out_dir}, self.out_dir / "loss.png"))
-        if self.world > 1:  # wait for rank 0's sample and plot: a rank that tears down gloo early can abort
+        if dist.is_initialized():  # wait for rank 0's sample and plot: a rank that tears down gloo early can abort
             dist.barrier()
 
     def close(self):
@@ -964,7 +971,7 @@ class Trainer:
             self.metrics.close()
         if self.lock:
             self.lock.close()
-        if self.world > 1:
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -1051,7 +1058,7 @@ def timed_step(argv, n_experts):
     torch.manual_seed(0)
     raw = emo.Transformer(cfg).to(device)
     optimizer = make_optimizer(raw, s, device)
-    model = wrap(raw, s, device, 1)
+    model = wrap(raw, s, device)
 
     def step(i):
         tokens = torch.randint(cfg.vocab_size, (s.batch_size, cfg.seq_len + 1), generator=torch.Generator().manual_seed(i))

@@ -111,10 +111,11 @@ def local_documents(source):
         raise DataError(f"--source={source}: no .txt, .md or .jsonl files there")
     for f in found:
         if f.suffix == ".jsonl":
-            for n, line in enumerate(read_text(f).splitlines(), 1):
-                if line.strip():
-                    record = parse_jsonl_line(f, n, line)
-                    yield record.get("domain") or domain_of(f), record["text"]
+            with open(f, "rb") as lines:  # line by line: a jsonl file may be larger than memory
+                for n, line in enumerate(lines, 1):
+                    if line.strip():
+                        record = parse_jsonl_line(f, n, line)
+                        yield record.get("domain") or domain_of(f), record["text"]
         elif f.suffix in (".txt", ".md"):
             yield domain_of(f), read_text(f)
         else:
@@ -124,8 +125,8 @@ def local_documents(source):
 def parse_jsonl_line(path, n, line):
     try:
         record = json.loads(line)
-    except json.JSONDecodeError:
-        raise DataError(f"{path}:{n}: not a JSON object") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise DataError(f"{path}:{n}: not a JSON object in UTF-8") from None
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
         raise DataError(f"{path}:{n}: each line needs a \"text\" string (and optionally \"domain\")")
     return record
@@ -177,39 +178,63 @@ def documents(source):
 # ---------------------------------------------------------------------------------------------
 
 
-def tokenize(docs, enc, max_tokens, chunk=256):
-    """Tokenize (domain, text) documents in parallel chunks; returns {domain: [token arrays]}.
+class DomainStreams:
+    """Each domain's documents, tokenized, appended to scratch files as they come: its tokens (uint16) and
+    each document's length (int64). Memory holds one chunk of documents at a time; preparing 20B tokens
+    needs disk, not RAM (bench: peak memory does not grow with the corpus)."""
 
-    The --max_tokens cap is shared fairly: a domain is cut only once it exceeds its share, and what small
-    domains leave unused goes to the others. Documents are kept whole and in source order."""
-    by_domain, used, start, pending = {}, {}, time.time(), []
+    def __init__(self, folder):
+        self.folder, self.used, self.files = folder, {}, {}
+
+    def append(self, domain, documents):
+        """Add one domain's tokenized documents (lists of ids, each ending with EOT) in source order."""
+        if domain not in self.files:
+            n = len(self.files)
+            self.files[domain] = (open(self.folder / f"{n}.tokens", "wb"), open(self.folder / f"{n}.lengths", "wb"))
+        tokens, lengths = self.files[domain]
+        np.concatenate([np.asarray(d, dtype=np.uint16) for d in documents]).tofile(tokens)
+        np.array([len(d) for d in documents], dtype=np.int64).tofile(lengths)
+        self.used[domain] = self.used.get(domain, 0) + sum(map(len, documents))
+
+    def close(self):
+        for handles in self.files.values():
+            for f in handles:
+                f.close()
+
+    def lengths(self, domain):
+        return np.fromfile(self.files[domain][1].name, dtype=np.int64)
+
+
+def tokenize(docs, enc, max_tokens, streams, chunk=256):
+    """Tokenize (domain, text) documents in parallel chunks (every core) into streams.
+
+    The --max_tokens cap is shared fairly: a domain stops taking documents once it exceeds its share, and
+    what small domains leave unused goes to the others. Documents are kept whole and in source order."""
+    start, pending, full = time.time(), [], set()
 
     def flush():
         token_lists = enc.encode_ordinary_batch([t for _, t in pending], num_threads=os.cpu_count() or 1)
-        for (domain, _), tokens in zip(pending, token_lists):
-            by_domain.setdefault(domain, []).append(np.array(tokens + [EOT], dtype=np.uint16))
-            used[domain] = used.get(domain, 0) + len(tokens) + 1
+        for domain in dict.fromkeys(d for d, _ in pending):
+            streams.append(domain, [tokens + [EOT] for (d, _), tokens in zip(pending, token_lists) if d == domain])
         pending.clear()
-        total = sum(used.values())
-        print(f"\rtokenized {total:,} tokens, {sum(map(len, by_domain.values())):,} documents "
-              f"({total / max(time.time() - start, 1e-9):,.0f} tokens/s)", end="", file=sys.stderr, flush=True)
+        total, seconds = sum(streams.used.values()), max(time.time() - start, 1e-9)
+        print(f"\rtokenized {total:,} tokens ({total / seconds:,.0f} tokens/s; at most "
+              f"{max(max_tokens - total, 0) / (total / seconds) / 60:.1f} min left)", end="", file=sys.stderr, flush=True)
 
-    full = set()
     for domain, text in docs:
         if domain in full or not text.strip():
             continue
         pending.append((domain, text))
         if len(pending) == chunk:
             flush()
-            full |= {d for d in used if used[d] >= token_cap(used, max_tokens)}
-            if len(full) == len(used) and sum(used.values()) >= max_tokens:
+            full |= {d for d in streams.used if streams.used[d] >= token_cap(streams.used, max_tokens)}
+            if len(full) == len(streams.used) and sum(streams.used.values()) >= max_tokens:
                 break
     if pending:
         flush()
     print(file=sys.stderr)
-    if not by_domain:
+    if not streams.used:
         raise DataError("the source has no non-empty documents")
-    return trim_to_budget(by_domain, max_tokens)
 
 
 def token_cap(used, max_tokens):
@@ -224,80 +249,93 @@ def token_cap(used, max_tokens):
     return max_tokens
 
 
-def trim_to_budget(by_domain, max_tokens):
-    """Drop trailing documents of the domains over their fair share (always keep at least two each)."""
-    used = {d: sum(len(t) for t in docs) for d, docs in by_domain.items()}
-    cap = token_cap(used, max_tokens)  # from the untrimmed sizes, once
-    for domain, docs in by_domain.items():
-        while len(docs) > 2 and used[domain] - len(docs[-1]) >= cap:
-            used[domain] -= len(docs.pop())
-    return by_domain
+def kept_documents(lengths, cap):
+    """How many of a domain's documents stay under the cap: trailing documents are dropped while the rest
+    still reaches the cap (so a domain ends just over its share), and at least two always stay."""
+    before = np.concatenate([[0], np.cumsum(lengths)[:-1]])  # tokens before each document
+    return min(len(lengths), max(2, int(np.searchsorted(before, cap, side="left"))))
 
 
-def split_documents(by_domain, val_fraction, seed):
-    """Stratified by domain: each domain sends round(val_fraction * n) of its documents (at least one,
-    when it has two or more) to val, chosen by a seeded permutation. Returns {split: [(domain_id, tokens)]}."""
+def choose_val(counts, val_fraction, seed):
+    """Stratified by domain: each domain (in sorted order) sends round(val_fraction * n) of its n documents
+    (at least one, when it has two or more) to val, chosen by one seeded permutation per domain.
+    Returns, per domain, a bool array: is document i in val."""
     rng = np.random.default_rng(seed)
-    splits = {"train": [], "val": []}
-    for domain_id, domain in enumerate(sorted(by_domain)):
-        docs = by_domain[domain]
-        n_val = max(1, round(val_fraction * len(docs))) if len(docs) >= 2 else 0
-        val = set(rng.permutation(len(docs))[:n_val].tolist())
-        for i, tokens in enumerate(docs):
-            splits["val" if i in val else "train"].append((domain_id, tokens))
-    return splits
+    chosen = []
+    for n in counts:
+        n_val = max(1, round(val_fraction * n)) if n >= 2 else 0
+        is_val = np.zeros(n, dtype=bool)
+        is_val[rng.permutation(n)[:n_val]] = True
+        chosen.append(is_val)
+    return chosen
 
 
-def write_corpus(out_dir, splits, domains, meta):
-    """Write to a temporary folder, then rename it into place: a crash leaves the old corpus or none."""
-    out_dir = Path(out_dir)
+def write_split(folder, split, streams, domains, kept, chosen, want_val):
+    """{split}.bin and {split}_docs.npy from the scratch streams, copied in runs of consecutive documents
+    (domains in sorted order, documents in source order); returns the split's counts for meta.json."""
+    table, info = [], {"tokens_per_domain": {}, "documents_per_domain": {}}
+    offset = 0
+    with open(folder / f"{split}.bin", "wb") as out:
+        for domain_id, domain in enumerate(domains):
+            lengths = streams.lengths(domain)[:kept[domain_id]]
+            ends = np.cumsum(lengths)
+            mine = np.flatnonzero(chosen[domain_id] == want_val)
+            with open(streams.files[domain][0].name, "rb") as tokens:
+                for run in np.split(mine, np.flatnonzero(np.diff(mine) != 1) + 1) if len(mine) else []:
+                    a, b = 2 * int(ends[run[0]] - lengths[run[0]]), 2 * int(ends[run[-1]])  # bytes
+                    tokens.seek(a)
+                    for piece in range(a, b, 1 << 24):  # 16 MB at a time: plain reads, bounded memory
+                        out.write(tokens.read(min(1 << 24, b - piece)))
+            starts = offset + np.concatenate([[0], np.cumsum(lengths[mine])[:-1]]) if len(mine) else []
+            table += [(int(s), domain_id) for s in starts]
+            n_tokens = int(lengths[mine].sum())
+            offset += n_tokens
+            info["tokens_per_domain"][domain], info["documents_per_domain"][domain] = n_tokens, len(mine)
+    np.save(folder / f"{split}_docs.npy", np.array(table, dtype=np.int64).reshape(-1, 2))
+    return {"tokens": offset, "documents": len(table), **info}
+
+
+def prepare(source=None, name=None, max_tokens=4_000_000, val_fraction=0.05, seed=0, out_root=HERE):
+    """Prepare one corpus; returns its folder. Everything is written to a temporary folder and renamed into
+    place at the end, so a failed run leaves the old corpus or none. Errors are one-line DataErrors."""
+    require(0 < val_fraction < 1, "--val_fraction", val_fraction, "between 0 and 1")
+    require(math.isfinite(max_tokens) and max_tokens >= 1, "--max_tokens", max_tokens, "a finite number >= 1")
+    name = name or ("default" if source is None else Path(source.rstrip("/").replace("hf:", "")).stem or "corpus")
+    out_dir = Path(out_root) / name
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    (tmp / "scratch").mkdir(parents=True)
+    streams = DomainStreams(tmp / "scratch")
     try:
-        meta["splits"] = {}
-        for split, docs in splits.items():
-            tokens = np.concatenate([t for _, t in docs]) if docs else np.zeros(0, np.uint16)
-            starts = np.cumsum([0] + [len(t) for _, t in docs[:-1]]) if docs else np.zeros(0, np.int64)
-            table = np.stack([starts, [d for d, _ in docs]], axis=1).astype(np.int64) if docs else \
-                np.zeros((0, 2), np.int64)
-            tokens.tofile(tmp / f"{split}.bin")
-            np.save(tmp / f"{split}_docs.npy", table)
-            meta["splits"][split] = {
-                "tokens": int(len(tokens)), "documents": len(docs),
-                "tokens_per_domain": {dom: int(sum(len(t) for d, t in docs if d == i)) for i, dom in enumerate(domains)},
-                "documents_per_domain": {dom: sum(1 for d, _ in docs if d == i) for i, dom in enumerate(domains)}}
+        tokenize(documents(source), gpt2_encoding(), int(max_tokens), streams)
+        streams.close()
+        domains = sorted(streams.used)
+        cap = token_cap(streams.used, int(max_tokens))  # from the untrimmed sizes, once
+        kept = [kept_documents(streams.lengths(d), cap) for d in domains]
+        if len(domains) > 1 and min(kept) < 2:
+            print(f"note: domains with one document stay in train only: "
+                  f"{[d for d, n in zip(domains, kept) if n < 2]}", file=sys.stderr)
+        chosen = choose_val(kept, val_fraction, seed)
+        if not any(c.any() for c in chosen) or all(c.all() for c in chosen):
+            raise DataError(f"the {'val' if not any(c.any() for c in chosen) else 'train'} split would be empty: "
+                            f"{sum(kept)} documents in {len(domains)} domains at --val_fraction={val_fraction} (each "
+                            f"domain needs 2 or more documents to give one to val); give more documents or change "
+                            f"--val_fraction")
+        command = ["python", "data/prepare.py"] + [f"--{k}={v}" for k, v in (("source", source), ("name", name),
+                   ("max_tokens", int(max_tokens)), ("val_fraction", val_fraction), ("seed", seed)) if v is not None]
+        meta = {"tokenizer": "gpt2", "vocab_size": VOCAB_SIZE, "eot_id": EOT, "dtype": "uint16", "domains": domains,
+                "sources": [source or "python installation: stdlib .py, include .h, stdlib .txt/.rst, pydoc_data"],
+                "seed": seed, "val_fraction": val_fraction, "max_tokens": int(max_tokens), "command": " ".join(command),
+                "splits": {split: write_split(tmp, split, streams, domains, kept, chosen, split == "val")
+                           for split in ("train", "val")}}
+        shutil.rmtree(tmp / "scratch")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     finally:
+        streams.close()
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def prepare(source=None, name=None, max_tokens=4_000_000, val_fraction=0.05, seed=0, out_root=HERE):
-    """Prepare one corpus; returns its folder. Every error is a DataError with one line."""
-    require(0 < val_fraction < 1, "--val_fraction", val_fraction, "between 0 and 1")
-    require(math.isfinite(max_tokens) and max_tokens >= 1, "--max_tokens", max_tokens, "a finite number >= 1")
-    name = name or ("default" if source is None else Path(source.rstrip("/").replace("hf:", "")).stem or "corpus")
-    enc = gpt2_encoding()
-    by_domain = tokenize(documents(source), enc, int(max_tokens))
-    domains = sorted(by_domain)
-    if len(domains) > 1 and any(len(by_domain[d]) < 2 for d in domains):
-        print(f"note: domains with one document stay in train only: "
-              f"{[d for d in domains if len(by_domain[d]) < 2]}", file=sys.stderr)
-    meta = {"tokenizer": "gpt2", "vocab_size": VOCAB_SIZE, "eot_id": EOT, "dtype": "uint16", "domains": domains,
-            "sources": [source or "python installation: stdlib .py, include .h, stdlib .txt/.rst, pydoc_data"],
-            "seed": seed, "val_fraction": val_fraction, "max_tokens": int(max_tokens),
-            "command": " ".join(["python", "data/prepare.py", *sys.argv[1:]])}
-    out_dir = Path(out_root) / name
-    splits = split_documents(by_domain, val_fraction, seed)
-    for split, docs in splits.items():
-        if not docs:
-            raise DataError(f"the {split} split would be empty: {sum(map(len, by_domain.values()))} documents in "
-                            f"{len(domains)} domains at --val_fraction={val_fraction} (each domain needs 2 or more "
-                            f"documents to give one to val); give more documents or change --val_fraction")
-    write_corpus(out_dir, splits, domains, meta)
     return out_dir
 
 
