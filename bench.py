@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 import emo
+import plan
 import train
 from data.corpus import DataError
 from emo import SettingError, require
@@ -208,7 +209,7 @@ def bench_step(args):
     rows = [step_row(argv, int(E), args.repeats) for E in args.experts.split(",")]
     for r in rows:
         r["step_time_ratio"] = r["step_seconds"] / rows[0]["step_seconds"]
-    rho = emo.step_time_exponent([r["experts"] for r in rows], [r["step_seconds"] for r in rows]) \
+    rho = plan.step_time_exponent([r["experts"] for r in rows], [r["step_seconds"] for r in rows]) \
         if len(rows) > 1 else None
     s, model_settings, _ = train.parse(argv)
     return dict(rows=rows, step_time_exponent=rho, settings=dict(**vars(s), **model_settings),
@@ -253,7 +254,7 @@ def print_step(result, args):
     if result["step_time_exponent"] is not None:
         print(f"step time ~ E^{result['step_time_exponent']:.4f}: {rows[-1]['step_time_ratio']:.3f}x from "
               f"E={rows[0]['experts']} to {rows[-1]['experts']} (the paper, Fig. 1: 1.08x from 8 to 128 at ~1.1B "
-              f"active, E^{emo.STEP_TIME_EXPONENT:.4f})")
+              f"active, E^{plan.STEP_TIME_EXPONENT:.4f})")
     print("state: weights + gradients + AdamW moments; peak: " + ("CUDA allocator" if device.type == "cuda" else
           "the process's resident set (Python and torch included)") + "; grow: grow_experts + grow_optimizer")
 

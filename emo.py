@@ -1,19 +1,19 @@
-"""emo: progressive Mixture-of-Experts training, the whole method in one file.
+"""emo: progressive Mixture-of-Experts training, the method in one file.
 
-Read top to bottom, in the order the papers introduce the ideas:
-  1. Config                  every model setting, validated on construction
-  2. Attention               RMSNorm, RoPE, causal self-attention
-  3. Router                  sigmoid scores + selection-only bias, or softmax + load-balancing loss
-  4. Dropless grouped MoE    sort (token, slot) pairs by expert, one grouped matmul per projection
-  5. Transformer             the decoder, its loss, sampling, parameter and FLOP accounting
-  6. Load balancing          the bias update the trainer calls after every optimizer step
-  7. Expert growth           EMO-progressive's stage transition: grow_experts, grow_optimizer
-  8. Scaling law             the joint MoE law, its fit, and the stage-budget solver plan_stages
-  9. Document pools          EMO-modular: per-document expert pools, expert selection and pruning
- 10. Data                    deterministic batches from a corpus prepared by data/prepare.py
+Read top to bottom, in the order the papers meet the ideas:
+  1. Config            every model setting, validated on construction
+  2. Attention         RMSNorm, rotary position embeddings, causal self-attention, the SwiGLU feed-forward
+  3. Router            which experts a token uses: sigmoid + selection-only bias, or softmax + balancing loss
+  4. MoE layer         dropless grouped dispatch: sort (token, slot) pairs by expert, one grouped matmul each
+  5. Document pools    EMO-modular: every token of a document routes inside the document's pool of experts
+  6. Transformer       the decoder and its loss (chunked, so the logits never fill memory), sampling, accounting
+  7. Load balancing    the bias update the trainer calls after every optimizer step
+  8. Expert growth     EMO-progressive's stage transition: grow_experts, grow_optimizer
+  9. Scaling law       the joint MoE law, its fit, and the stage-budget rule plan_stages
+ 10. Expert subsets    EMO-modular's selective use: select, restrict and prune experts; specialization
 
-Papers: EMO-progressive (arXiv 2605.13247) grows the expert pool E in stages at fixed top-k;
-EMO-modular (arXiv 2605.06663) routes each document inside a pool of experts.
+EMO-progressive (arXiv 2605.13247) grows the expert pool E in stages at fixed top-k; EMO-modular (arXiv
+2605.06663) routes each document inside a pool of experts. Equations are cited by the numbers their papers print.
 """
 
 import math
@@ -24,15 +24,14 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ---------------------------------------------------------------------------------------------
-# 1. Config
-# ---------------------------------------------------------------------------------------------
+# 1. Config --------------------------------------------------------------------------------------------------
 
 ROUTERS = ("sigmoid", "softmax")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
+    """Every model setting. Frozen: growth and pruning give the model a new Config (dataclasses.replace)."""
     vocab_size: int = 50304  # GPT-2's 50257 tokens, padded to a multiple of 64 for fast matmuls
     seq_len: int = 128
     n_layer: int = 4
@@ -47,6 +46,7 @@ class Config:
     lb_coef: float = 0.01  # softmax router: weight of the load-balancing loss
     z_coef: float = 1e-3  # softmax router: weight of the router z-loss
     rope_theta: float = 10000.0
+    norm_eps: float = 2.0**-23  # RMSNorm epsilon: fp32's machine epsilon, torch's default (Llama: 1e-6)
     phase_in_steps: int = 100  # silent growth: steps for a new expert's offset to climb one unit of score
     # EMO-modular document pools (off by default): each document routes inside its own pool of experts
     pool_size: int | float | None = None  # experts per pool: an int counts, a float in (0, 1] a share of E
@@ -57,58 +57,41 @@ class Config:
     def __post_init__(self):
         for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model", "n_experts", "top_k",
                      "d_expert", "phase_in_steps"):
-            _require(self, name, _is_int(getattr(self, name)) and getattr(self, name) >= 1,
-                     "a positive integer")
-        _require(self, "n_shared", _is_int(self.n_shared) and self.n_shared >= 0, "an integer >= 0")
-        _require(self, "router", self.router in ROUTERS, f"one of {', '.join(ROUTERS)}")
+            self.check(name, _is_int(getattr(self, name)) and getattr(self, name) >= 1, "a positive integer")
+        self.check("n_shared", _is_int(self.n_shared) and self.n_shared >= 0, "an integer >= 0")
+        self.check("router", self.router in ROUTERS, f"one of {', '.join(ROUTERS)}")
         for name in ("bias_rate", "lb_coef", "z_coef"):
-            _require(self, name, _is_number(getattr(self, name)) and getattr(self, name) >= 0, "a number >= 0")
-        _require(self, "rope_theta", _is_number(self.rope_theta) and self.rope_theta > 0, "a number > 0")
-        _require(self, "top_k", self.top_k <= self.n_experts, f"at most n_experts={self.n_experts}")
-        _require(self, "d_model", self.d_model % self.n_head == 0, f"a multiple of n_head={self.n_head}")
-        _require(self, "d_model", (self.d_model // self.n_head) % 2 == 0,
-                 "such that the head size d_model/n_head is even (RoPE rotates pairs)")
-        uses_documents = self.pool_size is not None or self.pool_size_range is not None or self.doc_attention
-        _require(self, "eot_id", _is_int(self.eot_id) and (0 <= self.eot_id < self.vocab_size or not uses_documents),
-                 f"a token id below vocab_size={self.vocab_size} (it delimits documents)")
-        _require(self, "doc_attention", isinstance(self.doc_attention, bool), "true or false")
+            self.check(name, _is_number(getattr(self, name)) and getattr(self, name) >= 0, "a number >= 0")
+        for name in ("rope_theta", "norm_eps"):
+            self.check(name, _is_number(getattr(self, name)) and getattr(self, name) > 0, "a number > 0")
+        self.check("top_k", self.top_k <= self.n_experts, f"at most n_experts={self.n_experts}")
+        self.check("d_model", self.d_model % self.n_head == 0, f"a multiple of n_head={self.n_head}")
+        self.check("d_model", (self.d_model // self.n_head) % 2 == 0,
+                   "such that the head size d_model/n_head is even (RoPE rotates pairs)")
+        self.check("eot_id", _is_int(self.eot_id) and (0 <= self.eot_id < self.vocab_size or not self.documents),
+                   f"a token id below vocab_size={self.vocab_size} (it delimits documents)")
+        self.check("doc_attention", isinstance(self.doc_attention, bool), "true or false")
         if self.pool_size_range is not None:
-            _require(self, "pool_size_range", isinstance(self.pool_size_range, (tuple, list))
-                     and len(self.pool_size_range) == 2, "a pair (lo, hi)")
-            self.pool_size_range = tuple(self.pool_size_range)
-            _require(self, "pool_size_range", pool_count(self.pool_size_range[0], self)
-                     <= pool_count(self.pool_size_range[1], self), "a pair (lo, hi) with lo <= hi")
-        for name in ("pool_size", "pool_size_range"):
-            for value in _as_tuple(getattr(self, name)):
-                _require(self, name, pool_count(value, self) >= self.top_k,
-                         f"an int >= top_k={self.top_k} (experts per pool) or a float in (0, 1] (a share of E)")
+            self.check("pool_size_range", isinstance(self.pool_size_range, (tuple, list))
+                       and len(self.pool_size_range) == 2, "a pair (lo, hi)")
+            object.__setattr__(self, "pool_size_range", tuple(self.pool_size_range))
+            self.check("pool_size_range", pool_count(self.pool_size_range[0], self)
+                       <= pool_count(self.pool_size_range[1], self), "a pair (lo, hi) with lo <= hi")
+        pools = [("pool_size", self.pool_size)] + [("pool_size_range", v) for v in self.pool_size_range or ()]
+        for name, value in pools:
+            self.check(name, value is None or pool_count(value, self) >= self.top_k,
+                       f"an int >= top_k={self.top_k} (experts per pool) or a float in (0, 1] (a share of E)")
 
+    @property
+    def pools(self):
+        return self.pool_size is not None or self.pool_size_range is not None
 
-def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
+    @property
+    def documents(self):  # does the model need document boundaries?
+        return self.pools or self.doc_attention
 
-
-def _is_number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _as_tuple(value):
-    return () if value is None else value if isinstance(value, tuple) else (value,)
-
-
-def pool_count(value, cfg):
-    """Experts in a document pool: an int is a count (capped at E); a float is a share of E, so it scales
-    with growth, and never below top_k (early stages have few experts). 0 for a value of the wrong kind,
-    which validation then rejects."""
-    if _is_int(value):
-        return min(value, cfg.n_experts)
-    if _is_number(value) and 0 < value <= 1:
-        return max(round(value * cfg.n_experts), cfg.top_k)
-    return 0
-
-
-def _require(cfg, name, ok, allowed):
-    require(ok, f"Config.{name}", getattr(cfg, name), allowed)
+    def check(self, name, ok, allowed):
+        require(ok, f"Config.{name}", getattr(self, name), allowed)
 
 
 class SettingError(ValueError):
@@ -121,20 +104,29 @@ def require(ok, name, value, allowed):
         raise SettingError(f"{name}={value!r} is not allowed: must be {allowed}")
 
 
-# ---------------------------------------------------------------------------------------------
-# 2. Attention: RMSNorm (torch's), rotary position embeddings, causal self-attention
-# ---------------------------------------------------------------------------------------------
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# 2. Attention and the feed-forward --------------------------------------------------------------------------
 
 
 def rope_tables(seq_len, head_dim, theta):
-    """cos/sin of the rotation angle t * theta^(-2i/head_dim) for every position t and pair i (RoFormer eq. 34)."""
+    """cos/sin of the angle t * theta_i, theta_i = theta^(-2i/head_dim) (RoFormer eq. 15), for every
+    position t and pair i."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angle = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
     return angle.cos(), angle.sin()
 
 
 def apply_rope(x, cos, sin):
-    """Rotate each (x1, x2) pair of x [B, H, T, head_dim] by its position's angle."""
+    """Rotate pairs of x [B, H, T, head_dim] by their position's angle (RoFormer eq. 34). Pairs are
+    (x_i, x_{i + head_dim/2}), the rotate-half layout of GPT-NeoX and Llama, not RoFormer's interleaved
+    (x_2i, x_2i+1): the same rotations on permuted dimensions, which the learned projections absorb."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
@@ -147,7 +139,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x, cos, sin, mask=None):
-        """mask: None for plain causal attention, else [B, 1, T, T] bool (True = may attend)."""
+        """x [B, T, d]; mask: None for plain causal attention, else [B, 1, T, T] bool (True = may attend)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -168,9 +160,88 @@ class SwiGLU(nn.Module):
         return self.w_out(F.silu(gate) * up)
 
 
-# ---------------------------------------------------------------------------------------------
-# 3 + 4. The MoE layer: router and dropless grouped dispatch
-# ---------------------------------------------------------------------------------------------
+# 3. Router --------------------------------------------------------------------------------------------------
+
+
+def count_tokens(idx, n_experts):
+    """Tokens per expert; scatter_add_ rather than bincount, which breaks torch.compile graphs."""
+    flat = idx.flatten()
+    return torch.zeros(n_experts, dtype=torch.int64, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def all_reduce_sum(t):
+    """Sum t over data-parallel ranks (no-op when not distributed): balancing must see the global batch."""
+    if dist.is_available() and dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+class Router(nn.Module):
+    """Which k experts each token uses, and their gate weights. Owns its weight (one row per expert), the
+    sigmoid router's balancing bias, silent growth's ramp, and the tokens each expert got since the last
+    balancing update. Eval-mode forwards keep their decision (last_idx, last_scores) for analysis;
+    training forwards keep nothing (a side effect in a compiled training graph can drop the gradient)."""
+
+    def __init__(self, cfg, weight):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(weight)  # [E, d]
+        # sigmoid router: the balancing bias decides which experts are chosen, never their weight
+        self.register_buffer("bias", torch.zeros(len(weight)))
+        # silent growth: a non-positive selection offset that keeps new experts unchosen until it reaches 0
+        self.register_buffer("ramp", torch.zeros(len(weight)))
+        self.register_buffer("expert_counts", torch.zeros(len(weight), dtype=torch.int64))
+        self.last_idx = self.last_scores = None
+
+    def logits(self, x):
+        """x [N, d] -> [N, E], in fp32 even under bf16 autocast: bf16 scores tie often and make top-k arbitrary."""
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float())
+
+    def scores(self, logits):
+        return logits.sigmoid() if self.cfg.router == "sigmoid" else logits.softmax(dim=-1)
+
+    def forward(self, logits, allowed, k):
+        """Top-k among the allowed experts (bool [N, E], or None for all). Returns indices [N, k], gates [N, k],
+        tokens per expert [E] (counted once: dispatch, balancing and the loss share it), and (lb, z)."""
+        scores = self.scores(logits)
+        if self.cfg.router == "sigmoid":
+            # DeepSeek-V3 eqs. 13-16: s = sigmoid(z); chosen by s + b; gates = s / sum of the chosen s
+            select = scores + self.bias + self.ramp
+            if allowed is not None:
+                select = select.masked_fill(~allowed, float("-inf"))
+            idx = select.topk(k, dim=-1).indices
+            gates = scores.gather(1, idx)
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+        else:
+            # OLMoE: p = softmax over the allowed experts (-inf elsewhere, so no gradient reaches them);
+            # gates = top-k of p, not renormalised
+            if allowed is not None:
+                logits = logits.masked_fill(~allowed, float("-inf"))
+                scores = logits.softmax(dim=-1)
+            gates, idx = scores.topk(k, dim=-1)
+        counts = count_tokens(idx, len(self.weight))
+        if self.cfg.router == "softmax":  # router z-loss (ST-MoE eq. 5) on the logits it routed with
+            aux = (self.balance_loss(counts, scores), torch.logsumexp(logits, dim=-1).square().mean())
+        else:
+            aux = (logits.new_zeros(()), logits.new_zeros(()))
+        if self.training:  # eval forwards must not move the balancing bias
+            self.expert_counts += counts
+        else:
+            self.last_idx, self.last_scores = idx, scores.detach()
+        return idx, gates, counts, aux
+
+    def balance_loss(self, counts, probs):
+        """Switch load-balancing loss E * sum_i f_i * P_i (Fedus et al. 2022, eq. 4); = 1 at uniform routing.
+        f_i: share of the (token, slot) assignments that go to expert i, counted over the global batch;
+        P_i: mean router probability of expert i on this rank (the part that carries the gradient)."""
+        counts = all_reduce_sum(counts).float()
+        f = counts / counts.sum()
+        return len(self.weight) * (f * probs.mean(dim=0)).sum()
+
+
+# 4. The MoE layer: dropless grouped dispatch ----------------------------------------------------------------
 
 
 def grouped_mm_supported(x):
@@ -194,22 +265,8 @@ def expert_matmul(x, w, counts, grouped):
     return torch.cat([xe @ we for xe, we in zip(x.split(counts.tolist()), w)])
 
 
-def count_tokens(idx, n_experts):
-    """Tokens per expert; scatter_add_ rather than bincount, which breaks torch.compile graphs."""
-    flat = idx.flatten()
-    return torch.zeros(n_experts, dtype=torch.int64, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
-
-
-def all_reduce_sum(t):
-    """Sum t over data-parallel ranks (no-op when not distributed): balancing must see the global batch."""
-    if dist.is_available() and dist.is_initialized():
-        t = t.clone()
-        dist.all_reduce(t)
-    return t
-
-
 class MoE(nn.Module):
-    """n_experts routed SwiGLU experts (stacked 3-D weights) + n_shared always-on experts."""
+    """n_experts routed SwiGLU experts (stacked 3-D weights), their router, and n_shared always-on experts."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -219,30 +276,18 @@ class MoE(nn.Module):
         # backward 2x faster at E=128 than nn.Linear's [d_out, d_in] transposed (bench.py moe)
         self.w_in = nn.Parameter(w_in)  # [E, d_model, 2*d_expert]: gate and up projections, fused
         self.w_out = nn.Parameter(w_out)  # [E, d_expert, d_model]
-        self.router = nn.Parameter(router)  # [E, d_model]: one router row per expert
+        self.router = Router(cfg, router)
         # n shared experts, all on with weight 1, are exactly one SwiGLU of n times the hidden size
         self.shared = SwiGLU(cfg.d_model, cfg.n_shared * cfg.d_expert) if cfg.n_shared else None
-        # sigmoid router: the balancing bias decides which experts are chosen, never their weight
-        self.register_buffer("bias", torch.zeros(cfg.n_experts))
-        # silent growth: a non-positive selection offset that keeps new experts unchosen until it reaches 0
-        self.register_buffer("ramp", torch.zeros(cfg.n_experts))
-        # tokens per expert since the last balancing update (summed over micro-batches)
-        self.register_buffer("expert_counts", torch.zeros(cfg.n_experts, dtype=torch.int64))
         self.use_grouped_mm = True  # tests and benchmarks switch it off to compare with the loop
         self.expert_mask = None  # bool [E]: route only among these experts (restrict_experts)
-        self.last_expert_idx = None  # [B, T, k] routing decision of the last eval-mode forward (specialization)
-        self.last_scores = None  # [N, E] router scores of the last eval-mode forward (select_experts)
 
     @property
     def n_experts(self):
-        return self.router.shape[0]  # derived from the weights, so growth and pruning cannot leave it stale
-
-    @property
-    def top_k(self):
-        return self.cfg.top_k
+        return self.w_in.shape[0]  # from the weights, so growth and pruning cannot leave it stale
 
     def fresh_experts(self, n):
-        """Weights for n experts in the model's normal init (see Transformer.init_weights for the stds)."""
+        """Weights for n experts and their router rows in the model's normal init (Transformer.init_weights)."""
         cfg = self.cfg
         out_std = 0.02 / math.sqrt(2 * cfg.n_layer)
         return (torch.randn(n, cfg.d_model, 2 * cfg.d_expert) * 0.02,
@@ -250,80 +295,33 @@ class MoE(nn.Module):
                 torch.randn(n, cfg.d_model) * 0.02)
 
     def forward(self, x, seg=None):
-        """x [B, T, d]; seg [B*T]: each token's document segment when document pools are on."""
+        """x [B, T, d], seg [B*T] each token's document (pools on) -> output [B, T, d], router losses (lb, z)."""
         B, T, d = x.shape
-        x = x.reshape(B * T, d)
-        idx, gates, counts, aux = self.route(x, seg)
+        x = x.reshape(B * T, d)  # (N, d)
+        idx, gates, counts, aux = self.route(x, seg)  # (N, k), (N, k), (E,)
         y = self.dispatch(x, idx, gates, counts)
         if self.shared is not None:
             y = y + self.shared(x)
-        if not self.training:  # kept for analysis (specialization); never stored from a training graph
-            self.last_expert_idx = idx.view(B, T, -1)
         return y.view(B, T, d), aux
 
     def route(self, x, seg=None):
-        """Choose top_k experts per token; returns indices [N, k], gates [N, k], tokens per expert [E] and
-        the auxiliary losses (lb, z)."""
-        # routing in fp32 even under bf16 autocast: bf16 scores tie often and make top-k arbitrary
-        with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.router.float())
-        scores = logits.sigmoid() if self.cfg.router == "sigmoid" else logits.softmax(dim=-1)
-        allowed = self.allowed_experts(scores, seg)  # None, or bool [N, E]
-        k = self.top_k if self.expert_mask is None else min(self.top_k, int(self.expert_mask.sum()))
-        if self.cfg.router == "sigmoid":
-            # DeepSeek-V3: s = sigmoid(z); chosen by s + b (aux-loss-free balancing); gates = s / sum of chosen s
-            select = scores + self.bias + self.ramp
-            if allowed is not None:
-                select = select.masked_fill(~allowed, float("-inf"))
-            idx = select.topk(k, dim=-1).indices
-            gates = scores.gather(1, idx)
-            gates = gates / gates.sum(dim=-1, keepdim=True)
-        else:
-            # OLMoE: p = softmax(z) over the allowed experts (-inf elsewhere, so no gradient reaches them);
-            # gates = top-k of p, not renormalised
-            if allowed is not None:
-                logits = logits.masked_fill(~allowed, float("-inf"))
-                scores = logits.softmax(dim=-1)
-            gates, idx = scores.topk(k, dim=-1)
-        counts = count_tokens(idx, self.n_experts)  # counted once: dispatch, balancing and the loss share it
-        if self.cfg.router == "softmax":
-            aux = (self.balance_loss(counts, scores), torch.logsumexp(logits, dim=-1).square().mean())
-        else:
-            aux = (logits.new_zeros(()), logits.new_zeros(()))
-        if self.training:  # eval forwards must not move the balancing bias
-            self.expert_counts += counts
-        else:
-            self.last_scores = scores.detach()
-        return idx, gates, counts, aux
+        """The router's choice for each token of x [N, d] among the experts it may use (its document's pool,
+        this layer's restriction): (indices [N, k], gates [N, k], tokens per expert [E], (lb, z))."""
+        logits = self.router.logits(x)  # (N, E)
+        allowed = self.allowed_experts(logits, seg)  # None, or bool (N, E)
+        k = self.cfg.top_k if self.expert_mask is None else min(self.cfg.top_k, int(self.expert_mask.sum()))
+        return self.router(logits, allowed, k)
 
-    def allowed_experts(self, scores, seg):
-        """Which experts each token may use: its document's pool (EMO-modular) and this layer's expert_mask.
-        The pool is chosen by the router's own scores, without gradient through the choice."""
-        sizes = self.pool_sizes(len(scores), scores.device) if seg is not None else None
+    def allowed_experts(self, logits, seg):
+        """Which experts each token may use: its document's pool (EMO-modular, section 5) within this layer's
+        restriction (expert_mask, section 10). The pool is chosen by the router's own scores, without
+        gradient through the choice."""
+        sizes = pool_sizes(self.cfg, len(logits), self.training, logits.device) if seg is not None else None
         if sizes is None:
-            return None if self.expert_mask is None else self.expert_mask.expand(len(scores), -1)
-        ranked = scores.detach() if self.expert_mask is None else scores.detach() * self.expert_mask
-        pools = document_pools(ranked, seg, sizes)
+            return None if self.expert_mask is None else self.expert_mask.expand(len(logits), -1)
+        ranked = self.router.scores(logits).detach()
+        pools = document_pools(ranked if self.expert_mask is None else ranked * self.expert_mask, seg, sizes)
         return pools if self.expert_mask is None else pools & self.expert_mask
-
-    def pool_sizes(self, n_segments, device):
-        """Pool size P of each document segment: drawn from pool_size_range while training (per document
-        and per layer, as the paper), else pool_size; None when pools are off."""
-        cfg = self.cfg
-        if self.training and cfg.pool_size_range is not None:
-            lo, hi = (pool_count(v, cfg) for v in cfg.pool_size_range)
-            return torch.randint(lo, hi + 1, (n_segments,), device=device)
-        if cfg.pool_size is None:
-            return None
-        return torch.full((n_segments,), pool_count(cfg.pool_size, cfg), device=device)
-
-    def balance_loss(self, counts, probs):
-        """Switch LB loss E * sum_i f_i * P_i (Fedus et al. eq. 4); = 1 at uniform routing.
-        f_i: share of the (token, slot) assignments that go to expert i, counted over the global batch;
-        P_i: mean router probability of expert i on this rank (the part that carries the gradient)."""
-        counts = all_reduce_sum(counts).float()
-        f = counts / counts.sum()
-        return self.n_experts * (f * probs.mean(dim=0)).sum()
 
     def dispatch(self, x, idx, gates, counts):
         """Dropless grouped MoE: every (token, slot) pair is computed, none dropped, no capacity factor.
@@ -331,33 +329,81 @@ class MoE(nn.Module):
         restriction, which lowers k to what is allowed): a call with zero rows in total, which inductor
         rejects, cannot happen. Single experts may get zero rows; their weights then get zero gradient."""
         N, k = idx.shape
-        order = idx.flatten().argsort(stable=True)  # (token, slot) pairs grouped by expert
+        order = idx.flatten().argsort(stable=True)  # (N*k,): (token, slot) pairs grouped by expert
         token = order // k  # which token each sorted pair came from
         # grouped_mm is not autocast-aware: cast activations and weights to the autocast dtype ourselves
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        xs = x.index_select(0, token).to(dtype)  # backward is index_add_, cheaper than x[token]'s
+        xs = x.index_select(0, token).to(dtype)  # (N*k, d); backward is index_add_, cheaper than x[token]'s
         grouped = self.use_grouped_mm and grouped_mm_supported(xs)
-        h = expert_matmul(xs, self.w_in.to(dtype), counts, grouped)
+        h = expert_matmul(xs, self.w_in.to(dtype), counts, grouped)  # (N*k, 2*d_expert)
         gate, up = h.chunk(2, dim=-1)
-        ys = expert_matmul(F.silu(gate) * up, self.w_out.to(dtype), counts, grouped)
+        ys = expert_matmul(F.silu(gate) * up, self.w_out.to(dtype), counts, grouped)  # (N*k, d)
         ys = ys * gates.flatten()[order].unsqueeze(-1).to(ys.dtype)
         # scatter-add back in the residual's dtype: a token's k expert outputs are summed in full precision
         return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
 
 
-# ---------------------------------------------------------------------------------------------
-# 5. Transformer
-# ---------------------------------------------------------------------------------------------
+# 5. Document pools (EMO-modular) ----------------------------------------------------------------------------
 
-LOSS_CHUNK = 2**25  # logits per chunk of the loss: 128 MB in fp32 whatever the batch (bench.py: memory)
+
+def pool_count(value, cfg):
+    """Experts in a document pool: an int is a count (capped at E); a float is a share of E, so it scales
+    with growth, and never below top_k (early stages have few experts). 0 for a value of the wrong kind,
+    which validation then rejects."""
+    if _is_int(value):
+        return min(value, cfg.n_experts)
+    if _is_number(value) and 0 < value <= 1:
+        return max(round(value * cfg.n_experts), cfg.top_k)
+    return 0
+
+
+def pool_sizes(cfg, n_segments, training, device):
+    """Pool size P of each document segment: drawn from pool_size_range while training (per document and
+    per layer, as the paper), else pool_size; None when pools are off (evaluation routes over all experts
+    unless pool_size is set, as the paper's inference does)."""
+    if training and cfg.pool_size_range is not None:
+        lo, hi = (pool_count(v, cfg) for v in cfg.pool_size_range)
+        return torch.randint(lo, hi + 1, (n_segments,), device=device)
+    if cfg.pool_size is None:
+        return None
+    return torch.full((n_segments,), pool_count(cfg.pool_size, cfg), device=device)
+
+
+def document_segments(idx, eot_id):
+    """Each token's document segment in the flattened batch [B*T]. A document starts at a row's first token
+    and after every <|endoftext|>, which belongs to the document it ends. Ids are b*T + (EOTs before t in
+    row b), so they are unique per row and below B*T (a static size: no graph break under compile)."""
+    B, T = idx.shape
+    starts = F.pad(idx[:, :-1] == eot_id, (1, 0))  # token t opens a document if token t-1 was an EOT
+    local = starts.long().cumsum(dim=1)
+    return (local + torch.arange(B, device=idx.device)[:, None] * T).flatten()
+
+
+def document_attention_mask(seg):
+    """[B, 1, T, T] bool: causal attention that stays inside each document."""
+    T = seg.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=seg.device).tril()
+    return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+
+
+def document_pools(scores, seg, sizes):
+    """EMO-modular's pools: a_d = sum of the router scores of document d's tokens; d's pool is its top-P_d
+    experts by a_d. scores [N, E], seg [N] in [0, S), sizes [S] -> [N, E] bool pool membership."""
+    doc_score = scores.new_zeros(len(sizes), scores.shape[1]).index_add_(0, seg, scores)
+    rank = doc_score.argsort(dim=1, descending=True).argsort(dim=1)  # 0 = the document's favourite expert
+    return (rank < sizes[:, None])[seg]
+
+
+# 6. Transformer ---------------------------------------------------------------------------------------------
+
+LOSS_CHUNK = 2**25  # logits per chunk of the loss: 128 MB in fp32 whatever the batch (bench.py step: memory)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """Cross-entropy of the LM head's logits h @ W^T, a chunk of rows at a time, so no [N, V] logits live
-    beyond one chunk (at V = 50K they were most of a small model's memory). The gradient is known inside the
-    forward (dL/dlogits = softmax - onehot), so each chunk's share of dL/dh and dL/dW is computed there and
-    nothing is recomputed (the fused linear cross-entropy of Liger-Kernel); backward only scales them.
-    Returns the summed loss and, as a tensor without gradient, each row's loss [N]."""
+    """Cross-entropy of the LM head's logits h @ W^T a chunk of rows at a time, so no [N, V] logits outlive a
+    chunk (at V = 50K they were most of a small model's memory). dL/dlogits = softmax - onehot is known in the
+    forward, so each chunk's share of dL/dh and dL/dW is computed there, nothing is recomputed (Liger-Kernel's
+    fused linear cross-entropy), and backward only scales them. Returns the summed loss and each row's [N]."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk, dtype, grad_enabled):
@@ -403,9 +449,9 @@ def linear_cross_entropy(h, weight, targets):
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.norm1 = nn.RMSNorm(cfg.d_model)
+        self.norm1 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = Attention(cfg)
-        self.norm2 = nn.RMSNorm(cfg.d_model)
+        self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.moe = MoE(cfg)
 
     def forward(self, x, cos, sin, seg=None, mask=None):
@@ -421,16 +467,27 @@ class Transformer(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm = nn.RMSNorm(cfg.d_model)
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
         cos, sin = rope_tables(cfg.seq_len, cfg.d_model // cfg.n_head, cfg.rope_theta)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        self.config = cfg
         self.init_weights()
+
+    @property
+    def config(self):
+        return self._config
+
+    @config.setter
+    def config(self, cfg):
+        """Growth and pruning give the model a new Config; every layer reads this one."""
+        self._config = cfg
+        for block in getattr(self, "blocks", []):
+            block.moe.cfg = block.moe.router.cfg = cfg
 
     def init_weights(self):
         # GPT-2 init: every matrix N(0, 0.02); projections that write into the residual stream (attention
@@ -452,17 +509,16 @@ class Transformer(nn.Module):
         cross-entropy, its mean, or per token [B, T] with reduction="none"; "lb", "z" the router's
         auxiliary losses averaged over layers (zero for the sigmoid router)."""
         B, T = idx.shape
-        if T > self.config.seq_len:
-            raise ValueError(f"sequence length {T} exceeds Config.seq_len={self.config.seq_len}")
+        cfg = self.config
+        if T > cfg.seq_len:
+            raise ValueError(f"sequence length {T} exceeds Config.seq_len={cfg.seq_len}")
         x = self.wte(idx)
         cos, sin = self.cos[:T], self.sin[:T]
-        cfg = self.config
-        pools = cfg.pool_size is not None or cfg.pool_size_range is not None
-        seg = document_segments(idx, cfg.eot_id) if pools or cfg.doc_attention else None
+        seg = document_segments(idx, cfg.eot_id) if cfg.documents else None
         mask = document_attention_mask(seg.view(B, T)) if cfg.doc_attention else None
         lb = z = 0.0
         for block in self.blocks:
-            x, (layer_lb, layer_z) = block(x, cos, sin, seg if pools else None, mask)
+            x, (layer_lb, layer_z) = block(x, cos, sin, seg if cfg.pools else None, mask)
             lb, z = lb + layer_lb, z + layer_z
         h = self.norm(x)
         if targets is None:
@@ -509,10 +565,7 @@ def flops_per_token(cfg):
     return 6 * count_params(cfg)[1] + 12 * cfg.n_layer * cfg.d_model * cfg.seq_len
 
 
-
-# ---------------------------------------------------------------------------------------------
-# 6. Load balancing: one call after every optimizer step
-# ---------------------------------------------------------------------------------------------
+# 7. Load balancing: one call after every optimizer step -----------------------------------------------------
 
 
 def unwrap(model):
@@ -529,20 +582,18 @@ def update_router_bias(model):
     Loads are the tokens each expert got since the last call, summed over micro-batches and all ranks
     (one all-reduce for all layers). Also advances silent growth's ramp. Returns the loads [n_layer, E].
     """
-    moes = unwrap(model).moe_layers()
-    loads = all_reduce_sum(torch.stack([m.expert_counts for m in moes])).float()
-    for moe, load in zip(moes, loads):
-        if moe.cfg.router == "sigmoid":
-            moe.bias += moe.cfg.bias_rate * torch.sign(load.mean() - load)
-            moe.bias -= moe.bias.mean()  # re-centre: only differences between experts matter
-            moe.ramp.add_(1.0 / moe.cfg.phase_in_steps).clamp_(max=0.0)
-        moe.expert_counts.zero_()
+    routers = [moe.router for moe in unwrap(model).moe_layers()]
+    loads = all_reduce_sum(torch.stack([r.expert_counts for r in routers])).float()
+    for router, load in zip(routers, loads):
+        if router.cfg.router == "sigmoid":
+            router.bias += router.cfg.bias_rate * torch.sign(load.mean() - load)
+            router.bias -= router.bias.mean()  # re-centre: only differences between experts matter
+            router.ramp.add_(1.0 / router.cfg.phase_in_steps).clamp_(max=0.0)
+        router.expert_counts.zero_()
     return loads
 
 
-# ---------------------------------------------------------------------------------------------
-# 7. Expert growth (EMO-progressive): E -> n_experts in every MoE layer, top_k fixed
-# ---------------------------------------------------------------------------------------------
+# 8. Expert growth (EMO-progressive): E -> n_experts in every MoE layer, top_k fixed -------------------------
 
 GROWTH_INITS = ("gaussian", "copy", "silent")
 COPY_NOISE = 0.1  # "copy" init: noise std relative to the init std, so copies do not stay twins
@@ -562,26 +613,22 @@ def grow_experts(model, n_experts, init="gaussian"):
     """
     model = unwrap(model)
     cfg = model.config
-    if not _is_int(n_experts) or n_experts <= cfg.n_experts:
-        raise SettingError(f"grow_experts: n_experts={n_experts!r} must be an integer > the current {cfg.n_experts}")
-    if init not in GROWTH_INITS:
-        raise SettingError(f"grow_experts: init={init!r} must be one of {', '.join(GROWTH_INITS)}")
-    if init == "silent" and cfg.router != "sigmoid":
-        raise SettingError("grow_experts: init='silent' needs router='sigmoid': softmax gates are normalised over "
-                         "all experts, so any new expert changes every output")
-    replace(cfg, n_experts=n_experts)  # validates before anything changes
-    cfg.n_experts = n_experts  # the config every layer shares records the new E (checkpoints rebuild shapes)
+    require(_is_int(n_experts) and n_experts > cfg.n_experts, "grow_experts: n_experts", n_experts,
+            f"an integer > the current {cfg.n_experts}")
+    require(init in GROWTH_INITS, "grow_experts: init", init, f"one of {', '.join(GROWTH_INITS)}")
+    require(init != "silent" or cfg.router == "sigmoid", "grow_experts: init", init, "gaussian or copy with "
+            "router='softmax': its gates are normalised over all experts, so any new expert changes every output")
+    model.config = replace(cfg, n_experts=n_experts)  # validated before any weight changes
     for moe in model.moe_layers():
-        grow_layer(moe, init)
+        grow_layer(moe, n_experts - moe.n_experts, init)
     return model
 
 
-def grow_layer(moe, init):
-    """Append experts to one MoE layer until it has moe.cfg.n_experts (see grow_experts)."""
-    cfg = moe.cfg
-    old, n_new = moe.n_experts, cfg.n_experts - moe.n_experts
+def grow_layer(moe, n_new, init):
+    """Append n_new experts (and router rows) to one MoE layer (see grow_experts)."""
+    old, router = moe.n_experts, moe.router
     fresh = moe.fresh_experts(n_new)
-    params = (moe.w_in, moe.w_out, moe.router)
+    params = (moe.w_in, moe.w_out, router.weight)
     if init == "copy":
         src = torch.arange(n_new) % old
         fresh = tuple(p.data[src].cpu() + COPY_NOISE * f for p, f in zip(params, fresh))
@@ -590,14 +637,14 @@ def grow_layer(moe, init):
     if init == "silent":
         # new experts start at the mean bias; their offset puts s + b + ramp below every old expert's
         # s + b whatever the scores (sigmoid scores lie in (0, 1)), so no token picks them yet
-        new_bias = moe.bias.mean()
-        start = moe.bias.min() - new_bias - 1.0 - 1e-3
-        moe.bias = torch.cat([moe.bias, new_bias.repeat(n_new)])
-        moe.ramp = torch.cat([moe.ramp, start.repeat(n_new)])
+        new_bias = router.bias.mean()
+        start = router.bias.min() - new_bias - 1.0 - 1e-3
+        router.bias = torch.cat([router.bias, new_bias.repeat(n_new)])
+        router.ramp = torch.cat([router.ramp, start.repeat(n_new)])
     else:
-        moe.bias = moe.bias.new_zeros(cfg.n_experts)  # the paper resets the bias at every expansion
-        moe.ramp = moe.ramp.new_zeros(cfg.n_experts)
-    moe.expert_counts = torch.cat([moe.expert_counts, moe.expert_counts.new_zeros(n_new)])
+        router.bias = router.bias.new_zeros(old + n_new)  # the paper resets the bias at every expansion
+        router.ramp = router.ramp.new_zeros(old + n_new)
+    router.expert_counts = torch.cat([router.expert_counts, router.expert_counts.new_zeros(n_new)])
     if moe.expert_mask is not None:  # a restriction covers the old experts only; new ones are allowed
         moe.expert_mask = torch.cat([moe.expert_mask, moe.expert_mask.new_ones(n_new)])
 
@@ -618,8 +665,7 @@ OPTIMIZER_MODES = ("reset", "keep")
 def grow_optimizer(optimizer, mode="reset"):
     """Fit optimizer state to grown parameters. reset: drop all state (the paper's choice).
     keep: old slices keep their Adam moments, new experts' slices start at zero."""
-    if mode not in OPTIMIZER_MODES:
-        raise SettingError(f"grow_optimizer: mode={mode!r} must be one of {', '.join(OPTIMIZER_MODES)}")
+    require(mode in OPTIMIZER_MODES, "grow_optimizer: mode", mode, f"one of {', '.join(OPTIMIZER_MODES)}")
     if mode == "reset":
         optimizer.state.clear()
         return
@@ -633,24 +679,23 @@ def grow_optimizer(optimizer, mode="reset"):
                     state[key] = padded
 
 
-# ---------------------------------------------------------------------------------------------
-# 8. Scaling law and stage budgets (EMO-progressive sec. 3): how many tokens each stage gets
-# ---------------------------------------------------------------------------------------------
+# 9. Scaling law and stage budgets (EMO-progressive sec. 3): how many tokens each stage gets -----------------
 
 LAW_COEFFICIENTS = ("a", "alpha", "delta", "gamma", "b", "beta", "omega", "zeta", "c")
 
 
 @dataclass
 class ScalingLaw:
-    """Joint MoE scaling law (Ludziejewski et al. 2025, arXiv 2502.05172, eq. 7; defaults from their Table 3):
+    """Joint MoE scaling law (Ludziejewski et al. 2025, arXiv 2502.05172, eq. 6; defaults from their Table 3):
 
         L(N, D, e) = m(e) * N^mu(e) + n(e) * D^nu(e) + c
         m = a * E^delta,  mu = alpha + gamma * ln E,  n = b * E^omega,  nu = beta + zeta * ln E
 
     N: active parameters (embeddings included), D: training tokens, E: the saturated expansion e_hat(e).
     The law was fitted with top-1 experts, where e is total/active expert parameters; with top-k of E
-    experts we use e = E / k, which is what reproduces EMO-progressive's reported split (notes-scaling.md).
-    Fit range: N <= 2.7B, e in 1..32, D 0.5B..80B. Coefficients may be floats or tensors (for fit).
+    experts we use e = E / k (= 1 / (1 - sparsity)), which is what reproduces EMO-progressive's reported
+    split (plan_stages). Fit range: N <= 2.7B, e in 1..32, D 0.5B..80B. Coefficients may be floats or
+    tensors (for fit).
     """
     a: float = 35.91
     alpha: float = -0.1889
@@ -665,7 +710,8 @@ class ScalingLaw:
     e_max: float = 290.4521
 
     def e_hat(self, e):
-        """Saturating transform (Clark et al. 2022): 1/E = 1/(e - 1 + (1/e_start - 1/e_max)^-1) + 1/e_max."""
+        """Clark et al. 2022's saturating transform, as the law uses it:
+        1/E = 1/(e - 1 + (1/e_start - 1/e_max)^-1) + 1/e_max."""
         return 1.0 / (1.0 / (e - 1.0 + 1.0 / (1.0 / self.e_start - 1.0 / self.e_max)) + 1.0 / self.e_max)
 
     def terms(self, e):
@@ -676,7 +722,7 @@ class ScalingLaw:
                 self.b * log_e.mul(self.omega).exp(), self.beta + self.zeta * log_e)
 
     def predict(self, n_active, tokens, e):
-        """Predicted loss as a float64 tensor; arguments broadcast."""
+        """Predicted loss (eq. 6) as a float64 tensor; arguments broadcast."""
         m, mu, n, nu = self.terms(e)
         N, D = (torch.as_tensor(v, dtype=torch.float64) for v in (n_active, tokens))
         return m * N.log().mul(mu).exp() + n * D.log().mul(nu).exp() + self.c
@@ -686,90 +732,31 @@ class ScalingLaw:
 
     def optimal_tokens(self, n_active, e):
         """D*(e | N): the token count at which N active parameters are compute-optimal at expansion e.
-        Minimising L at fixed F = 6ND gives mu * m * N^mu = nu * n * D^nu (Lagrange), so
+        Minimising L at fixed F = 6ND gives mu * m * N^mu = nu * n * D^nu (the law's eq. 7), so
         D* = (mu * m * N^mu / (nu * n))^(1/nu)."""
         m, mu, n, nu = self.terms(e)
         return ((mu * m * float(n_active) ** mu / (nu * n)) ** (1.0 / nu)).item()
 
     def tokens_to_reach(self, loss, n_active, e):
-        """The D at which the law reaches `loss` at expansion e (inf if it never does): used to continue the
-        curve across a growth step as if growth preserved the loss ("effective data", notes-scaling.md)."""
+        """The D at which the law reaches `loss` at expansion e (inf if never): continues the curve across a
+        growth as if growth preserved the loss (the larger model starts where the smaller one ended)."""
         m, mu, n, nu = self.terms(e)
         data_term = loss - self.c - m * float(n_active) ** mu
         return math.inf if data_term <= 0 else ((data_term / n) ** (1.0 / nu)).item()
 
-    def fit(self, records, free=LAW_COEFFICIENTS, huber_delta=1e-2, inits=6, seed=0):
-        """Refit the coefficients named in `free` to measured runs, as the law's authors did: Huber loss on
-        log L, LBFGS, a/b/c optimised in log space, several starts. e_start and e_max stay fixed.
-        records: dicts with n_active, tokens, experts, top_k and val_loss. Returns a new ScalingLaw."""
-        unknown = set(free) - set(LAW_COEFFICIENTS)
-        if unknown:
-            raise SettingError(f"ScalingLaw.fit: free={sorted(unknown)} are not coefficients; allowed: "
-                             f"{', '.join(LAW_COEFFICIENTS)}")
-        if len(records) <= len(free):
-            raise SettingError(f"ScalingLaw.fit: {len(records)} records cannot fit {len(free)} coefficients; "
-                             f"give more runs or fewer free coefficients")
-        cols = {key: torch.tensor([float(r[key]) for r in records], dtype=torch.float64)
-                for key in ("n_active", "tokens", "experts", "top_k", "val_loss")}
-        e = cols["experts"] / cols["top_k"]
-        log_scale = ("a", "b", "c")
-        start = torch.tensor([math.log(getattr(self, k)) if k in log_scale else getattr(self, k) for k in free],
-                             dtype=torch.float64)
-        generator = torch.Generator().manual_seed(seed)
 
-        def law_from(theta):
-            values = {k: (v.exp() if k in log_scale else v) for k, v in zip(free, theta)}
-            return replace(self, **values)
+def plan_stages(n_active, total_tokens, experts, top_k, law=None, batch_tokens=None):
+    """EMO-progressive's stage budgets: for each stage its E, token range, budget and predicted loss.
 
-        def objective(theta):
-            log_pred = law_from(theta).predict(cols["n_active"], cols["tokens"], e).log()
-            return F.huber_loss(log_pred, cols["val_loss"].log(), delta=huber_delta, reduction="sum")
-
-        best_theta, best_obj = start, objective(start).item()
-        for i in range(inits):
-            theta = (start + (0 if i == 0 else 0.05 * torch.randn(len(free), generator=generator,
-                                                                      dtype=torch.float64))).requires_grad_()
-            optimizer = torch.optim.LBFGS([theta], max_iter=500, tolerance_grad=1e-14, tolerance_change=1e-16,
-                                          history_size=50, line_search_fn="strong_wolfe")
-
-            def closure():
-                optimizer.zero_grad()
-                obj = objective(theta)
-                obj.backward()
-                return obj
-
-            optimizer.step(closure)
-            obj = objective(theta.detach()).item()
-            if math.isfinite(obj) and obj < best_obj:
-                best_theta, best_obj = theta.detach(), obj
-        fitted = law_from(best_theta)
-        return replace(fitted, **{k: float(getattr(fitted, k)) for k in free})
-
-
-# Step time grows slowly with E at fixed k (more, smaller GEMMs; router; optimizer). The paper measured
-# 1.08x from E = 8 to 128 at 1.1B active (Fig. 1): time(E) ~ E^rho with rho = ln 1.08 / ln 16.
-STEP_TIME_EXPONENT = math.log(1.08) / math.log(16)
-BYTES_PER_PARAM = 16  # fp32 weights 4 + gradients 4 + Adam moments 8 (bf16 autocast keeps fp32 masters)
-
-
-def step_time_exponent(experts, seconds):
-    """Calibrate rho in time(E) ~ E^rho from step times measured at several E: least squares in log-log."""
-    x = torch.tensor([math.log(E) for E in experts], dtype=torch.float64)
-    y = torch.tensor([math.log(s) for s in seconds], dtype=torch.float64)
-    x, y = x - x.mean(), y - y.mean()
-    return ((x * y).sum() / (x * x).sum()).item()
-
-
-def plan_stages(n_active, total_tokens, experts, top_k, law=None, batch_tokens=None, expert_params=0,
-                step_exponent=STEP_TIME_EXPONENT):
-    """EMO-progressive's stage budgets: for each stage, its E, token range and budget, and costs.
-
-    Rule (our reconstruction, notes-progressive.md): at fixed N the model with expansion e is
-    compute-optimal up to D*(e) tokens (ScalingLaw.optimal_tokens); past it the pool is too small for
-    the data seen, so grow. Stage s ends at the cumulative share D*(e_s) / D*(e_last) of the run:
+    The paper states the goal (stage budgets from a sparsity-aware law) but not the rule; this is our
+    reconstruction, and it reproduces the paper's reported split within a point per stage (plan.py
+    --preset=paper). At fixed active size N, the model with expansion e = E/k is compute-optimal up to
+    D*(e) tokens (ScalingLaw.optimal_tokens); past it the pool is too small for the data seen, so grow.
+    D* rises with e, so stage s ends at the cumulative share D*(e_s) / D*(e_last) of the run:
         end_s = total_tokens * D*(e_s) / D*(e_last),   tokens_s = end_s - end_{s-1}.
-    With batch_tokens, boundaries are rounded to whole optimizer steps; budgets always sum to the total.
-    expert_params: parameters of one routed expert summed over all layers (for total params and memory).
+    A smaller N saturates a small pool sooner: it grows earlier. With batch_tokens, boundaries are rounded
+    to whole optimizer steps; budgets always sum to the total. The predicted loss continues each stage from
+    where the last ended (ScalingLaw.tokens_to_reach). Costs (time, memory) are priced by plan.py.
     """
     law = law or ScalingLaw()
     _check_plan(n_active, total_tokens, experts, top_k, batch_tokens)
@@ -780,78 +767,41 @@ def plan_stages(n_active, total_tokens, experts, top_k, law=None, batch_tokens=N
     stages, start, loss = [], 0, None
     for i, (E, end) in enumerate(zip(experts, ends)):
         tokens, e = end - start, E / top_k
-        if tokens <= 0:
-            raise SettingError(f"experts={experts}: stage {i + 1} (E={E}) gets no tokens after rounding to "
-                             f"batch_tokens={batch_tokens}; give more total_tokens or fewer stages")
-        # predicted loss at the stage end: continue this E's curve from the loss the last stage reached
+        require(tokens > 0, "experts", experts, f"stages that each get tokens: stage {i + 1} (E={E}) gets none "
+                f"after rounding to batch_tokens={batch_tokens}; give more total_tokens or fewer stages")
         already = 0 if loss is None else law.tokens_to_reach(loss, n_active, e)
         loss = law.loss(n_active, already + tokens, e) if math.isfinite(already) else loss
-        total_params = n_active + (E - top_k) * expert_params
-        stages.append(dict(
-            stage=i + 1, experts=E, e=e, start=start, end=end, tokens=tokens, fraction=tokens / total_tokens,
-            steps=tokens // unit if batch_tokens else None, flops=6 * n_active * tokens,
-            params_total=total_params, params_active=n_active, memory_bytes=BYTES_PER_PARAM * total_params,
-            step_time=(E / experts[-1]) ** step_exponent, loss=loss, in_fit_range=e <= 32))
+        stages.append(dict(stage=i + 1, experts=E, e=e, start=start, end=end, tokens=tokens,
+                           fraction=tokens / total_tokens, steps=tokens // unit if batch_tokens else None,
+                           loss=loss, in_fit_range=e <= 32))
         start = end
     return stages
 
 
 def _check_plan(n_active, total_tokens, experts, top_k, batch_tokens):
-    if not _is_number(n_active) or n_active <= 0:
-        raise SettingError(f"n_active={n_active!r} must be a positive number of active parameters")
-    if not _is_int(total_tokens) or total_tokens <= 0:
-        raise SettingError(f"total_tokens={total_tokens!r} must be a positive integer")
-    if not experts or not all(_is_int(E) and E > 0 for E in experts):
-        raise SettingError(f"experts={experts!r} must be a list of positive integers")
-    if any(b <= a for a, b in zip(experts, experts[1:])):
-        raise SettingError(f"experts={experts!r} must be strictly increasing (the pool only grows)")
-    if not _is_int(top_k) or not 1 <= top_k <= experts[0]:
-        raise SettingError(f"top_k={top_k!r} must be an integer from 1 to the first stage's E={experts[0]}")
+    require(_is_number(n_active) and n_active > 0, "n_active", n_active, "a positive number of active parameters")
+    require(_is_int(total_tokens) and total_tokens > 0, "total_tokens", total_tokens, "a positive integer")
+    require(experts and all(_is_int(E) and E > 0 for E in experts) and all(b > a for a, b in zip(experts, experts[1:])),
+            "experts", experts, "positive integers, strictly increasing (the pool only grows)")
+    require(_is_int(top_k) and 1 <= top_k <= experts[0], "top_k", top_k,
+            f"an integer from 1 to the first stage's E={experts[0]}")
     if batch_tokens is not None:
-        if not _is_int(batch_tokens) or batch_tokens <= 0:
-            raise SettingError(f"batch_tokens={batch_tokens!r} must be a positive integer")
-        if total_tokens % batch_tokens:
-            raise SettingError(f"total_tokens={total_tokens} must be a whole number of batches of "
-                             f"batch_tokens={batch_tokens} (e.g. {total_tokens // batch_tokens * batch_tokens})")
+        require(_is_int(batch_tokens) and batch_tokens > 0, "batch_tokens", batch_tokens, "a positive integer")
+        require(total_tokens % batch_tokens == 0, "total_tokens", total_tokens, f"a whole number of batches of "
+                f"batch_tokens={batch_tokens} (e.g. {total_tokens // batch_tokens * batch_tokens})")
 
 
-# ---------------------------------------------------------------------------------------------
-# 9. Document pools and selective expert use (EMO-modular)
-# ---------------------------------------------------------------------------------------------
-
-
-def document_segments(idx, eot_id):
-    """Each token's document segment in the flattened batch [B*T]. A document starts at a row's first token
-    and after every <|endoftext|>, which belongs to the document it ends. Ids are b*T + (EOTs before t in
-    row b), so they are unique per row and below B*T (a static size: no graph break under compile)."""
-    B, T = idx.shape
-    starts = F.pad(idx[:, :-1] == eot_id, (1, 0))  # token t opens a document if token t-1 was an EOT
-    local = starts.long().cumsum(dim=1)
-    return (local + torch.arange(B, device=idx.device)[:, None] * T).flatten()
-
-
-def document_attention_mask(seg):
-    """[B, 1, T, T] bool: causal attention that stays inside each document."""
-    T = seg.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=seg.device).tril()
-    return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
-
-
-def document_pools(scores, seg, sizes):
-    """EMO-modular's pools: a_d = sum of the router scores of document d's tokens; d's pool is its top-P_d
-    experts by a_d. scores [N, E], seg [N] in [0, S), sizes [S] -> [N, E] bool pool membership."""
-    doc_score = scores.new_zeros(len(sizes), scores.shape[1]).index_add_(0, seg, scores)
-    rank = doc_score.argsort(dim=1, descending=True).argsort(dim=1)  # 0 = the document's favourite expert
-    return (rank < sizes[:, None])[seg]
+# 10. Expert subsets (EMO-modular): select, restrict and prune experts; how specialised routing is -----------
 
 
 def restrict_experts(model, chosen):
     """Route every layer only among its chosen experts (one index tensor per layer), without copying or
     pruning; None lifts the restriction. prune_experts makes the same model physically smaller."""
-    for moe, keep in zip(unwrap(model).moe_layers(), chosen or [None] * len(unwrap(model).moe_layers())):
+    layers = unwrap(model).moe_layers()
+    for moe, keep in zip(layers, chosen or [None] * len(layers)):
         moe.expert_mask = None
         if keep is not None:
-            moe.expert_mask = torch.zeros(moe.n_experts, dtype=torch.bool, device=moe.router.device)
+            moe.expert_mask = torch.zeros(moe.n_experts, dtype=torch.bool, device=moe.w_in.device)
             moe.expert_mask[keep] = True
 
 
@@ -863,13 +813,13 @@ def select_experts(model, batches, keep):
     model = unwrap(model)
     training = model.training
     model.eval()
-    chosen = []
-    for layer in model.moe_layers():
-        restrict_experts(model, chosen + [None] * (len(model.moe_layers()) - len(chosen)))
+    layers, chosen = model.moe_layers(), []
+    for layer in layers:
+        restrict_experts(model, chosen + [None] * (len(layers) - len(chosen)))
         mean_score = 0
         for x in batches:
             model(x)
-            mean_score = mean_score + layer.last_scores.mean(dim=0)
+            mean_score = mean_score + layer.router.last_scores.mean(dim=0)
         chosen.append(mean_score.topk(keep).indices.sort().values)
     restrict_experts(model, None)
     model.train(training)
@@ -883,14 +833,14 @@ def prune_experts(model, chosen):
     model = unwrap(model)
     cfg = model.config
     n = len(chosen[0])
-    if not 1 <= n <= cfg.n_experts or any(len(keep) != n for keep in chosen):
-        raise SettingError(f"prune_experts: keep the same number of experts (1..{cfg.n_experts}) in every layer")
-    cfg.n_experts, cfg.top_k = n, min(cfg.top_k, n)
+    require(1 <= n <= cfg.n_experts and all(len(keep) == n for keep in chosen), "prune_experts: chosen",
+            [len(keep) for keep in chosen], f"the same number of experts (1..{cfg.n_experts}) in every layer")
+    model.config = replace(cfg, n_experts=n, top_k=min(cfg.top_k, n))
     for moe, keep in zip(model.moe_layers(), chosen):
-        keep = keep.to(moe.router.device)
-        for p in (moe.w_in, moe.w_out, moe.router):
+        keep, router = keep.to(moe.w_in.device), moe.router
+        for p in (moe.w_in, moe.w_out, router.weight):
             set_param_data(p, p.data[keep])
-        moe.bias, moe.ramp, moe.expert_counts = moe.bias[keep], moe.ramp[keep], moe.expert_counts[keep]
+        router.bias, router.ramp, router.expert_counts = router.bias[keep], router.ramp[keep], router.expert_counts[keep]
         moe.expert_mask = None
     return model
 
@@ -907,7 +857,7 @@ def specialization(model, batches):
     for x, domain in batches:
         model(x)
         for counts, moe in zip(usage, model.moe_layers()):
-            idx = moe.last_expert_idx.cpu()  # [B, T, k]
+            idx = moe.router.last_idx.view(*x.shape, -1).cpu()  # [B, T, k]
             counts.index_put_((domain[..., None].expand_as(idx).flatten(), idx.flatten()),
                               torch.ones(idx.numel(), dtype=torch.float64), accumulate=True)
     model.train(training)

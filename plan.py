@@ -15,10 +15,13 @@ import math
 import sys
 from dataclasses import replace
 
+import torch
+import torch.nn.functional as F
+
 import emo
 from emo import SettingError, require
 
-# The paper's main run (notes-progressive.md): 16 layers, d_model 2048, fine-grained experts of hidden 768,
+# The paper's main run (as reported): 16 layers, d_model 2048, fine-grained experts of hidden 768,
 # 8 active + 1 shared, seq 8192, 8M-token batches, 1.92T tokens, E = 8 -> 128. Our embedding is tied, so
 # the shape gives ~1.05B active; --n_active sets the 1.1B the paper reports for the law.
 PRESETS = {
@@ -47,7 +50,7 @@ def parse_args(argv):
     p.add_argument("--fit", metavar="JSONL", help="refit the law from train.py's stage records first")
     p.add_argument("--fit_params", default=",".join(emo.LAW_COEFFICIENTS),
                    help="coefficients to refit (few runs: fit a few, e.g. a,b,c)")
-    p.add_argument("--step_time_exponent", type=float, default=emo.STEP_TIME_EXPONENT,
+    p.add_argument("--step_time_exponent", type=float, default=STEP_TIME_EXPONENT,
                    help="rho in step time ~ E^rho (default: the paper's 1.08x from E=8 to 128)")
     p.add_argument("--step_times", metavar="JSON|E:SECONDS,...",
                    help="measured step times, from `bench.py step --json` or as 8:0.101,128:0.109: fit rho to them")
@@ -62,6 +65,28 @@ def parse_args(argv):
             if key not in explicit:
                 setattr(args, key, value)
     return args
+
+
+# Step time grows slowly with E at fixed k (more, smaller GEMMs; router; optimizer). The paper measured
+# 1.08x from E = 8 to 128 at 1.1B active (Fig. 1): time(E) ~ E^rho with rho = ln 1.08 / ln 16.
+STEP_TIME_EXPONENT = math.log(1.08) / math.log(16)
+BYTES_PER_PARAM = 16  # fp32 weights 4 + gradients 4 + Adam moments 8 (bf16 autocast keeps fp32 masters)
+
+
+def step_time_exponent(experts, seconds):
+    """Calibrate rho in time(E) ~ E^rho from step times measured at several E: least squares in log-log."""
+    x = [math.log(E) for E in experts]
+    y = [math.log(s) for s in seconds]
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    return sum((a - mx) * (b - my) for a, b in zip(x, y)) / sum((a - mx) ** 2 for a in x)
+
+
+def stage_costs(stage, n_active, top_k, expert_params, last_experts, rho):
+    """What a stage costs: total parameters, FLOPs, weight + gradient + Adam memory, and its step time
+    relative to the last stage's (time ~ E^rho)."""
+    total = n_active + (stage["experts"] - top_k) * expert_params
+    return dict(params_total=total, params_active=n_active, flops=6 * n_active * stage["tokens"],
+                memory_bytes=BYTES_PER_PARAM * total, step_time=(stage["experts"] / last_experts) ** rho)
 
 
 def check_args(args):
@@ -93,17 +118,17 @@ def build_plan(args):
                      d_expert=args.d_expert, n_shared=args.n_shared)
     n_active = args.n_active or emo.count_params(cfg)[1]
     if args.step_times:
-        args.step_time_exponent = emo.step_time_exponent(*read_step_times(args.step_times))
+        args.step_time_exponent = step_time_exponent(*read_step_times(args.step_times))
     law = emo.ScalingLaw()
     if args.fit:
-        law = law.fit(read_stage_records(args.fit), free=args.fit_params.split(","))
+        law = fit_law(law, read_stage_records(args.fit), free=args.fit_params.split(","))
     stages = emo.plan_stages(n_active, int(args.total_tokens), experts, args.top_k, law=law,
-                             batch_tokens=args.batch_tokens or None, expert_params=args.n_layer * 3 * args.d_model
-                             * args.d_expert, step_exponent=args.step_time_exponent)
+                             batch_tokens=args.batch_tokens or None)
     # GPU-hours: the fixed-E run at the assumed MFU; earlier stages are faster by the step-time model
-    flops_per_token = emo.flops_per_token(replace(cfg, seq_len=args.seq_len))
-    hours_fixed = flops_per_token * args.total_tokens / (args.peak_flops * args.mfu) / 3600
+    hours_fixed = emo.flops_per_token(cfg) * args.total_tokens / (args.peak_flops * args.mfu) / 3600
+    expert_params = args.n_layer * 3 * args.d_model * args.d_expert  # one routed expert in every layer
     for s in stages:
+        s.update(stage_costs(s, n_active, args.top_k, expert_params, experts[-1], args.step_time_exponent))
         s["gpu_hours"] = hours_fixed * s["fraction"] * s["step_time"]
     last = stages[-1]
     fixed = dict(experts=last["experts"], tokens=int(args.total_tokens), params_total=last["params_total"],
@@ -116,6 +141,50 @@ def build_plan(args):
 
 
 FIT_KEYS = ("n_active", "tokens", "experts", "top_k", "val_loss")
+
+
+def fit_law(law, records, free=emo.LAW_COEFFICIENTS, huber_delta=1e-2, inits=6, seed=0):
+    """Refit the coefficients of emo.ScalingLaw named in `free` to measured runs, as the law's authors did:
+    Huber loss on log L, LBFGS, a/b/c optimised in log space, several starts; e_start and e_max stay fixed.
+    records: dicts with n_active, tokens, experts, top_k and val_loss. Returns a new ScalingLaw."""
+    require(set(free) <= set(emo.LAW_COEFFICIENTS), "--fit_params", ",".join(free),
+            f"names of coefficients: {', '.join(emo.LAW_COEFFICIENTS)}")
+    require(len(records) > len(free), "--fit", f"{len(records)} records",
+            f"more than the {len(free)} free coefficients: give more runs or free fewer (--fit_params)")
+    cols = {key: torch.tensor([float(r[key]) for r in records], dtype=torch.float64)
+            for key in ("n_active", "tokens", "experts", "top_k", "val_loss")}
+    e = cols["experts"] / cols["top_k"]
+    log_scale = ("a", "b", "c")
+    start = torch.tensor([math.log(getattr(law, k)) if k in log_scale else getattr(law, k) for k in free],
+                         dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+
+    def law_from(theta):
+        return replace(law, **{k: (v.exp() if k in log_scale else v) for k, v in zip(free, theta)})
+
+    def objective(theta):
+        log_pred = law_from(theta).predict(cols["n_active"], cols["tokens"], e).log()
+        return F.huber_loss(log_pred, cols["val_loss"].log(), delta=huber_delta, reduction="sum")
+
+    best_theta, best_obj = start, objective(start).item()
+    for i in range(inits):
+        theta = (start + (0 if i == 0 else 0.05 * torch.randn(len(free), generator=generator,
+                                                                  dtype=torch.float64))).requires_grad_()
+        optimizer = torch.optim.LBFGS([theta], max_iter=500, tolerance_grad=1e-14, tolerance_change=1e-16,
+                                      history_size=50, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            obj = objective(theta)
+            obj.backward()
+            return obj
+
+        optimizer.step(closure)
+        obj = objective(theta.detach()).item()
+        if math.isfinite(obj) and obj < best_obj:
+            best_theta, best_obj = theta.detach(), obj
+    fitted = law_from(best_theta)
+    return replace(fitted, **{k: float(getattr(fitted, k)) for k in free})
 
 
 def read_stage_records(path):

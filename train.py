@@ -716,7 +716,7 @@ def train_step(model, optimizer, micro_batches, lr, grad_clip, dtype):
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm.item())):
         optimizer.zero_grad(set_to_none=True)
         for moe in raw.moe_layers():  # forget this step's routing counts too: nothing of it remains
-            moe.expert_counts.zero_()
+            moe.router.expert_counts.zero_()
         raise NonFiniteLoss(f"loss {loss_value}, gradient norm {grad_norm.item()}")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
