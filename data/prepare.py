@@ -1,4 +1,5 @@
-"""Turn text into emo's training format: GPT-2 tokens, whole documents, a domain per document.
+"""Turn text into emo's training format: GPT-2 tokens (a compact 8192-token vocabulary by default), whole
+documents, a domain per document.
 
 python data/prepare.py                                   # default corpus -> data/default/ (offline)
 python data/prepare.py --source=my_texts/ --name=mine    # local .txt/.md/.jsonl -> data/mine/
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: import from the repository
-from data.corpus import DataError, prepare  # noqa: E402
+from data.corpus import DEFAULT_VOCAB, GPT2_VOCAB, DataError, prepare  # noqa: E402
 from emo import SettingError  # noqa: E402
 
 
@@ -25,15 +26,18 @@ def main(argv=None):
     p.add_argument("--max_tokens", type=float, default=4e6, help="cap on tokens, shared fairly by domains")
     p.add_argument("--val_fraction", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab_size", type=int, default=DEFAULT_VOCAB,
+                   help=f"GPT-2's first N-1 ranks + <|endoftext|> (default {DEFAULT_VOCAB}); {GPT2_VOCAB}: all of GPT-2")
     args = p.parse_args(argv)
     try:
-        out = prepare(args.source, args.name, args.max_tokens, args.val_fraction, args.seed)
+        out = prepare(args.source, args.name, args.max_tokens, args.val_fraction, args.seed, args.vocab_size)
     except (DataError, SettingError) as err:
         sys.exit(f"data/prepare.py: {err}")
     meta = json.loads((out / "meta.json").read_text())
     for split, info in meta["splits"].items():
-        print(f"{split}: {info['tokens']:,} tokens, {info['documents']:,} documents, "
-              + ", ".join(f"{d} {n:,}" for d, n in info["tokens_per_domain"].items()))
+        print(f"{split}: {info['tokens']:,} tokens, {info['documents']:,} documents; tokens (bytes per token) "
+              + ", ".join(f"{d} {n:,} ({info['bytes_per_domain'][d] / max(n, 1):.2f})"
+                          for d, n in info["tokens_per_domain"].items()))
     print(f"wrote {out}")
 
 
