@@ -3,8 +3,8 @@
 python bench.py moe [--device=cuda] [--dtype=bf16] [--compile] [--json]
     one MoE layer, forward + backward, tokens/s for E in {8, 32, 128} at fixed top-k, beside
     (a) a naive masked per-expert loop and (b) a dense SwiGLU with the same active parameters.
-python bench.py growth [--seeds=0,1] [--json]
-    train.py's default model through its stages once per growth init (gaussian / copy / silent):
+python bench.py growth [--seeds=0,1] [--train_args="..."] [--json]
+    train.py's default model (or --train_args's) through its stages once per growth init (gaussian / copy / silent):
     validation loss right before and right after each growth, steps until it is back, adoption of the
     new experts, and the final loss.
 python bench.py step [--experts=8,16,32,64,128] [--train_args="..."] [--json]
@@ -25,6 +25,11 @@ python bench.py repro [--seeds=0,1,2] [--experts=2,4,8,16,32] [--total_tokens=2.
     to fixed E_max seed by seed and its ratio to the spread, training time, tokens/s and memory per stage;
     curves.png with every arm and seed. A run folder that already holds a finished run of the same command
     is reused, not re-run.
+python bench.py frontier [--seeds=0,1] [--experts=2,4,8,16,32] [--total_tokens=2.5e6] [--json]
+    EMO-modular's memory-accuracy frontier, on configs/modular.json's recipe: a standard MoE, EMO-modular and
+    modular + progressive growth, each pruned per domain to 100/50/25/12.5 % of its experts, beside models
+    trained from scratch at the pruned sizes; validation bits per byte (mean over domains) against the
+    parameters kept, seed by seed, and frontier.png. Runs are reused as in repro.
 """
 
 import argparse
@@ -43,9 +48,10 @@ import torch
 import torch.nn.functional as F
 
 import emo
+import eval as evaluate
 import plan
 import train
-from data.corpus import DataError
+from data.corpus import Corpus, DataError
 from emo import SettingError, require
 
 HERE = Path(__file__).resolve().parent
@@ -135,9 +141,13 @@ def moe_row(args, n_experts, device, dtype):
 
 
 def machine(device):
+    """The GPU's name, or the CPU's model (from /proc/cpuinfo where there is one) and torch's threads."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    return f"{names[0] if names else platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def print_moe(rows, args):
@@ -160,13 +170,14 @@ def print_moe(rows, args):
 def bench_growth(args):
     rows = []
     for seed in [int(x) for x in args.seeds.split(",")]:
-        for init in ("gaussian", "copy", "silent"):
+        for init in args.inits.split(","):
             out = Path(args.out_dir) / f"growth-{init}-seed{seed}"
             shutil.rmtree(out, ignore_errors=True)
             start = time.time()
             train.run([f"--out_dir={out}", f"--growth_init={init}", f"--total_tokens={args.total_tokens}",
                        f"--seed={seed}", f"--phase_in_steps={args.phase_in_steps}", "--eval_interval=5",
-                       "--eval_batches=4", "--log_interval=1000000", "--sample_tokens=0"])
+                       "--eval_batches=4", "--log_interval=1000000", "--sample_tokens=0",
+                       *shlex.split(args.train_args)])
             records = train.read_metrics(out)
             rows.append(growth_row(records, init, seed, time.time() - start))
     return rows
@@ -190,8 +201,7 @@ def growth_row(records, init, seed, seconds):
 
 
 def print_growth(rows, args):
-    print(f"growth on train.py's default model, {args.total_tokens:,} tokens, E {train.Settings.experts.replace(',', '->')}, "
-          f"top_k {emo.Config.top_k}; "
+    print(f"growth: {args.total_tokens:,} tokens, train.py flags: {args.train_args or '(defaults)'}; "
           f"silent phase-in {args.phase_in_steps} steps; {machine(torch.device('cpu'))}, torch {torch.__version__}")
     print(f"{'init':>8} {'seed':>4} {'growth':>7} {'step':>5} {'val before':>10} {'after':>7} {'spike':>8} "
           f"{'steps to recover':>16} {'steps to adopt':>14}")
@@ -274,23 +284,29 @@ def repro_arms(args):
     return arms
 
 
+def run_arm(name, flags, seed, args):
+    """One arm's train.py run for one seed as its own process (a clean process: fair time and memory), in
+    out_dir/name-seedS; a folder that already holds a finished run of the same command is reused."""
+    out = Path(args.out_dir) / f"{name}-seed{seed}"
+    command = [sys.executable, str(HERE / "train.py"), *flags, f"--seed={seed}",
+               f"--total_tokens={args.total_tokens}", f"--phase_in_steps={args.phase_in_steps}",
+               "--sample_tokens=0", *shlex.split(args.train_args), f"--out_dir={out}"]
+    if not finished(out, command):
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        print(f"running {name} seed {seed}: {shlex.join(command[1:])}", file=sys.stderr)
+        with open(out / "train.log", "w") as log:
+            if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode:
+                sys.exit(f"bench.py: {name} seed {seed} failed: see {out / 'train.log'}")
+        (out / "command.json").write_text(json.dumps(command))
+    return out
+
+
 def bench_repro(args):
-    """Each arm for each seed as its own train.py process (a clean process: fair time and memory)."""
     rows, folders = [], {}
     for seed in [int(x) for x in args.seeds.split(",")]:
         for name, flags in repro_arms(args).items():
-            out = Path(args.out_dir) / f"{name}-seed{seed}"
-            command = [sys.executable, str(HERE / "train.py"), *flags, f"--seed={seed}",
-                       f"--total_tokens={args.total_tokens}", f"--phase_in_steps={args.phase_in_steps}",
-                       "--sample_tokens=0", *shlex.split(args.train_args), f"--out_dir={out}"]
-            if not finished(out, command):
-                shutil.rmtree(out, ignore_errors=True)
-                out.mkdir(parents=True)
-                print(f"running {name} seed {seed}: {shlex.join(command[1:])}", file=sys.stderr)
-                with open(out / "train.log", "w") as log:
-                    if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode:
-                        sys.exit(f"bench.py: {name} seed {seed} failed: see {out / 'train.log'}")
-                (out / "command.json").write_text(json.dumps(command))
+            out = run_arm(name, flags, seed, args)
             rows.append(repro_row(name, seed, out))
             folders.setdefault(name, []).append(out)
     plot = train.plot_losses(folders, Path(args.out_dir) / "curves.png",
@@ -393,6 +409,108 @@ def print_repro(result, args):
     print("train time: the sum of training steps (no evals, growth or checkpoints), as a ratio to the first arm's "
           "run of the same seed; peak: " + ("CUDA allocator" if on_gpu else
                                           "the process's resident set (Python and torch included)"))
+    for line in result["plots"]:
+        print(line)
+
+
+# ---------------------------------------------------------------------------------------------
+# bench.py frontier: EMO-modular's memory-accuracy picture
+# ---------------------------------------------------------------------------------------------
+
+FRONTIER_KEEP = (1.0, 0.5, 0.25, 0.125)  # shares of each layer's experts kept (the paper: 128/64/32/16 of 128)
+
+
+def frontier_arms(args):
+    """{name: train.py flags}, all on configs/modular.json's recipe (softmax router and its balancing,
+    document attention): a standard MoE (pools off), EMO-modular (pools on) and modular with progressive
+    growth, all ending at E_max; and, pools off, a model trained from scratch at each pruned size."""
+    E = int(args.experts.split(",")[-1])
+    top_k = train.parse(shlex.split(args.train_args))[1].get("top_k", emo.Config.top_k)
+    recipe, no_pools = f"--config={HERE / 'configs' / 'modular.json'}", "--pool_size_range=none"
+    arms = {"standard": [recipe, no_pools, "--schedule=fixed", f"--experts={E}"],
+            "modular": [recipe, "--schedule=fixed", f"--experts={E}"],
+            "modular-progressive": [recipe, f"--experts={args.experts}"]}
+    for n in (round(share * E) for share in FRONTIER_KEEP[1:]):
+        if n >= top_k:  # a model needs top_k experts to train
+            arms[f"trained-E{n}"] = [recipe, no_pools, "--schedule=fixed", f"--experts={n}"]
+    return arms
+
+
+def bench_frontier(args):
+    """Train every arm for every seed, then prune the E_max arms per domain (eval.py's selection) at each
+    share kept and measure each domain's validation bits per byte; the trained-at-size arms are measured
+    whole. Returns the rows, a summary per arm and share, and frontier.png."""
+    rows = []
+    for seed in [int(x) for x in args.seeds.split(",")]:
+        for name, flags in frontier_arms(args).items():
+            out = run_arm(name, flags, seed, args)
+            rows += frontier_rows(name, seed, out, FRONTIER_KEEP if not name.startswith("trained") else (1.0,))
+    summary = frontier_summary(rows)
+    return dict(runs=rows, arms=summary, plots=[plot_frontier(summary, rows, Path(args.out_dir) / "frontier.png")])
+
+
+def frontier_rows(name, seed, out, shares):
+    """One run's model pruned per domain at each share: the mean of the domains' bits per byte (each domain
+    counts once, as tasks do), each domain's, and the parameters kept."""
+    state, path = train.load_checkpoint(out)
+    model = train.model_from_checkpoint(state, path, pool_size=None, pool_size_range=None).eval()
+    data = state["settings"]["data"]
+    results, sizes = evaluate.evaluate_subsets(model, Corpus(data, "train"), Corpus(data, "val"), shares,
+                                              calib_rows=8, eval_rows=64)
+    return [dict(arm=name, seed=seed, keep=share, params=sizes[share],
+                 per_domain={d: r[share]["bpb"] for d, r in results.items()},
+                 bpb=statistics.mean(r[share]["bpb"] for r in results.values())) for share in shares]
+
+
+def frontier_summary(rows):
+    """Per arm and share: mean bits per byte over seeds, its range, parameters; for every arm but the
+    standard MoE, its difference to the standard MoE pruned to the same parameters, seed by seed (spread:
+    max - min of those differences)."""
+    summary = []
+    for arm, keep in dict.fromkeys((r["arm"], r["keep"]) for r in rows):
+        runs = [r for r in rows if (r["arm"], r["keep"]) == (arm, keep)]
+        same_size = {r["seed"]: r["bpb"] for r in rows if r["arm"] == "standard" and r["params"] == runs[0]["params"]}
+        diffs = [r["bpb"] - same_size[r["seed"]] for r in runs if r["seed"] in same_size] if arm != "standard" else []
+        summary.append(dict(arm=arm, keep=keep, params=runs[0]["params"], seeds=len(runs),
+                            bpb=statistics.mean(r["bpb"] for r in runs), bpb_min=min(r["bpb"] for r in runs),
+                            bpb_max=max(r["bpb"] for r in runs),
+                            diff=statistics.mean(diffs) if diffs else None,
+                            diff_spread=max(diffs) - min(diffs) if diffs else None))
+    return summary
+
+
+def plot_frontier(summary, rows, png):
+    plt = train.pyplot()
+    if plt is None:
+        return f"no {png}: matplotlib is not installed (optional: pip install matplotlib)"
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    arms = list(dict.fromkeys(a["arm"] for a in summary if not a["arm"].startswith("trained")))
+    for i, arm in enumerate(arms + ["trained"]):
+        points = sorted((a["params"] / 1e6, a["bpb"]) for a in summary if a["arm"].startswith(arm))
+        seeds = [(r["params"] / 1e6, r["bpb"]) for r in rows if r["arm"].startswith(arm)]
+        label = "trained at that size (pools off)" if arm == "trained" else f"{arm}, pruned per domain"
+        ax.plot(*zip(*points), marker="o", color=f"C{i}", label=label)
+        ax.scatter(*zip(*seeds), s=10, color=f"C{i}", alpha=0.5)
+    ax.set(xlabel="parameters kept (M)", ylabel="validation bits per byte (mean over domains)",
+           title="memory vs accuracy: experts kept 100 / 50 / 25 / 12.5 % (dots: seeds)")
+    ax.legend()
+    fig.savefig(png, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return f"wrote {png}"
+
+
+def print_frontier(result, args):
+    print(f"frontier: {args.total_tokens:,} tokens per run, E up to {args.experts.split(',')[-1]}, recipe "
+          f"configs/modular.json, train.py flags: {args.train_args or '(defaults)'}; "
+          f"{machine(torch.device('cpu'))}, torch {torch.__version__}")
+    print(f"{'arm':>20} {'keep':>6} {'params M':>9} {'bpb (min-max)':>24} {'- standard, seed by seed':>26}")
+    for a in result["arms"]:
+        diff = "" if a["diff"] is None else f"{a['diff']:+.4f} (spread {a['diff_spread']:.4f})"
+        print(f"{a['arm']:>20} {a['keep']:>6.1%} {a['params'] / 1e6:>9.3f} {a['bpb']:>8.4f} "
+              f"({a['bpb_min']:.4f}-{a['bpb_max']:.4f}) {diff:>26}")
+    print("bpb: validation bits per byte, the mean of the domains' (each domain's experts chosen from 8 of its "
+          "training windows, measured on 64 of its validation windows); seed by seed: minus the standard MoE "
+          "pruned to the same size (same seed)")
     for line in result["plots"]:
         print(line)
 
@@ -660,7 +778,7 @@ def check_args(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["moe", "growth", "step", "repro", "gpu"])
+    parser.add_argument("what", choices=["moe", "growth", "step", "repro", "frontier", "gpu"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd grouped and dense paths")
@@ -669,28 +787,29 @@ def main(argv=None):
     parser.add_argument("--d_expert", type=int, default=256)
     parser.add_argument("--top_k", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--seeds", default=None, help="growth, repro: comma-separated seeds (default 0; 0,1,2)")
+    parser.add_argument("--seeds", default=None, help="growth, repro, frontier: comma-separated seeds (default 0; 0,1,2; 0,1)")
     parser.add_argument("--total_tokens", type=float, default=None,
-                        help="growth, repro: tokens per training run (default 400000, 2500000)")
+                        help="growth, repro, frontier: tokens per training run (default 400000, 2500000, 2500000)")
     parser.add_argument("--phase_in_steps", type=int, default=20, help="growth: silent init's phase-in")
-    parser.add_argument("--out_dir", default=None, help="growth, repro: where the runs' folders go "
-                        "(default runs/bench, runs/repro)")
+    parser.add_argument("--out_dir", default=None, help="growth, repro, frontier: where the runs' folders go "
+                        "(default runs/bench, runs/repro, runs/frontier)")
     parser.add_argument("--experts", default=None, help="moe, step: E to time (default 8,32,128; 8,16,32,64,128); "
-                        "repro: E per stage of the progressive runs (default 2,4,8,16,32)")
-    parser.add_argument("--inits", default="gaussian,copy,silent", help="repro: growth inits to run")
-    parser.add_argument("--train_args", default="", help="step, repro: train.py flags (model, batch, device, "
+                        "repro, frontier: E per stage of the progressive runs (default 2,4,8,16,32)")
+    parser.add_argument("--inits", default="gaussian,copy,silent", help="growth, repro: growth inits to run")
+    parser.add_argument("--train_args", default="", help="step, growth, repro, frontier: train.py flags (model, batch, device, "
                         "compile), e.g. a --config")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
-    args.out_dir = args.out_dir or f"runs/{args.what if args.what in ('repro', 'gpu') else 'bench'}"
+    args.out_dir = args.out_dir or f"runs/{args.what if args.what in ('repro', 'frontier', 'gpu') else 'bench'}"
     args.experts = args.experts or {"moe": "8,32,128", "step": "8,16,32,64,128"}.get(args.what, "2,4,8,16,32")
-    args.seeds = args.seeds or ("0,1,2" if args.what == "repro" else "0")
+    args.seeds = args.seeds or {"repro": "0,1,2", "frontier": "0,1"}.get(args.what, "0")
     if args.total_tokens is None:
-        args.total_tokens = 2_500_000 if args.what == "repro" else 400_000
+        args.total_tokens = 2_500_000 if args.what in ("repro", "frontier") else 400_000
     train.keep_freed_memory()
     bench, show = {"moe": (bench_moe, print_moe), "growth": (bench_growth, print_growth),
                    "step": (bench_step, print_step), "repro": (bench_repro, print_repro),
+                   "frontier": (bench_frontier, print_frontier),
                    "gpu": (bench_gpu, print_gpu)}[args.what]
     try:
         check_args(args)

@@ -1,10 +1,12 @@
 """Selective expert use (EMO-modular) on a trained checkpoint: for each domain, choose a share of every
 layer's experts from a few of its training documents (emo.select_experts), prune the rest
-(emo.prune_experts), and measure that domain's validation loss and the pruned model's size. Then report
-how specialised each layer's routing is (emo.specialization).
+(emo.prune_experts), and measure that domain's validation loss and the pruned model's size; with
+--finetune_steps, also after finetuning the pruned copy on that domain's training documents (allenai/EMO's
+prune-then-finetune). Then report how specialised each layer's routing is (emo.specialization).
 
 python eval.py --checkpoint=runs/modular/latest.pt
 python eval.py --checkpoint=runs/modular --keep=1,0.5,0.25,0.125 --calib_rows=8 --eval_rows=64 --json
+python eval.py --checkpoint=runs/modular --finetune_steps=50 --finetune_lr=3e-4 --finetune_batch=16
 """
 
 import argparse
@@ -29,22 +31,40 @@ def domain_loss(model, x, y, bytes_of):
     return ce.mean().item(), (ce[n_bytes > 0].sum() / (math.log(2) * n_bytes.sum())).item()
 
 
-def evaluate_subsets(model, train_data, val_data, keep_shares, calib_rows, eval_rows):
-    """{domain: {share: loss}}, the same in bits per byte, and {share: total parameters} for the model
-    pruned per domain."""
+def finetune(model, x, y, steps, batch, lr, settings):
+    """Train the (pruned) model on one domain's training windows x -> y for `steps` AdamW steps of `batch`
+    windows, cycling through them, at a constant lr (allenai/EMO: 1 epoch, lr 5e-5, batch 32, at 1B active);
+    weight decay, betas and clipping are the run's. Routing runs over the kept experts, without pools."""
+    optimizer = train.make_optimizer(model, argparse.Namespace(**{**settings, "lr": lr}), torch.device("cpu"))
+    model.train()
+    for step in range(steps):
+        rows = torch.arange(step * batch, (step + 1) * batch) % len(x)
+        train.train_step(model, optimizer, [(x[rows], y[rows])], lr, settings["grad_clip"], None)
+    return model.eval()
+
+
+def evaluate_subsets(model, train_data, val_data, keep_shares, calib_rows, eval_rows, tuning=None):
+    """Per domain and share of experts kept: {"loss", "bpb"} of the model pruned for that domain (and with
+    tuning = dict(steps, batch, lr, settings): "finetuned_loss", "finetuned_bpb" after finetune); and
+    {share: total parameters}."""
     E, T = model.config.n_experts, model.config.seq_len
-    losses, bpb, sizes = {}, {}, {}
+    results, sizes = {}, {}
     for d, name in enumerate(val_data.domains):
         calibration = [train_data.domain_batch(d, calib_rows, T)[0]]
         x, y = val_data.domain_batch(d, eval_rows, T)
-        losses[name], bpb[name] = {}, {}
+        results[name] = {}
         for share in keep_shares:
             n = max(1, round(share * E))
-            pruned = model if n == E else emo.prune_experts(copy.deepcopy(model),
-                                                            emo.select_experts(model, calibration, n))
-            losses[name][share], bpb[name][share] = domain_loss(pruned.eval(), x, y, val_data.token_bytes())
+            pruned = emo.prune_experts(copy.deepcopy(model), emo.select_experts(model, calibration, n))
+            loss, bpb = domain_loss(pruned.eval(), x, y, val_data.token_bytes())
+            results[name][share] = dict(loss=loss, bpb=bpb)
+            if tuning:
+                tx, ty = train_data.domain_batch(d, tuning["steps"] * tuning["batch"], T)
+                tuned = finetune(pruned, tx, ty, **tuning)
+                loss, bpb = domain_loss(tuned, x, y, val_data.token_bytes())
+                results[name][share].update(finetuned_loss=loss, finetuned_bpb=bpb)
             sizes[share] = pruned.num_params()
-    return losses, bpb, sizes
+    return results, sizes
 
 
 def specialization(model, val_data, rows):
@@ -74,32 +94,44 @@ def main(argv=None):
     p.add_argument("--keep", default="1,0.5,0.25,0.125", help="shares of each layer's experts to keep")
     p.add_argument("--calib_rows", type=int, default=8, help="training windows per domain to choose experts")
     p.add_argument("--eval_rows", type=int, default=64, help="validation windows per domain")
+    p.add_argument("--finetune_steps", type=int, default=0, help="finetune each pruned copy on its domain (0: no)")
+    p.add_argument("--finetune_lr", type=float, default=3e-4, help="finetuning's constant learning rate")
+    p.add_argument("--finetune_batch", type=int, default=16, help="training windows per finetuning step")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     try:
         keep = parse_shares(args.keep)
-        for flag in ("calib_rows", "eval_rows"):
+        for flag in ("calib_rows", "eval_rows", "finetune_batch"):
             require(getattr(args, flag) >= 1, f"--{flag}", getattr(args, flag), "a positive integer")
+        require(args.finetune_steps >= 0, "--finetune_steps", args.finetune_steps, "an integer >= 0 (0: no finetuning)")
+        require(math.isfinite(args.finetune_lr) and args.finetune_lr > 0, "--finetune_lr", args.finetune_lr,
+                "a finite number > 0")
         state, path = train.load_checkpoint(args.checkpoint, flag="--checkpoint")
         model = train.model_from_checkpoint(state, path, pool_size=None, pool_size_range=None).eval()
         cfg = model.config
         data = args.data or state["settings"]["data"]
         train_data, val_data = Corpus(data, "train"), Corpus(data, "val")
-        losses, bpb, sizes = evaluate_subsets(model, train_data, val_data, keep, args.calib_rows, args.eval_rows)
+        tuning = args.finetune_steps and dict(steps=args.finetune_steps, batch=args.finetune_batch,
+                                              lr=args.finetune_lr, settings=state["settings"])
+        results, sizes = evaluate_subsets(model, train_data, val_data, keep, args.calib_rows, args.eval_rows, tuning)
         report = specialization(model, val_data, args.eval_rows)
-    except (SettingError, DataError) as err:
+    except (SettingError, DataError, train.TrainingError) as err:
         sys.exit(f"eval.py: {err}")
     if args.json:
-        print(json.dumps({"losses": losses, "bpb": bpb, "params": sizes, "specialization": report}, indent=1))
+        print(json.dumps({"domains": results, "params": sizes, "specialization": report}, indent=1))
         return
     print(f"{args.checkpoint}: E={cfg.n_experts}, top_k={cfg.top_k}; experts chosen per domain from "
           f"{args.calib_rows} training windows, loss on {args.eval_rows} validation windows (routing without pools);"
-          f" bits per byte (change from the first column)")
+          f" bits per byte (change from the first column)"
+          + (f"; +ft: after {args.finetune_steps} finetuning steps of {args.finetune_batch} windows at lr "
+             f"{args.finetune_lr:g}" if tuning else ""))
     print(f"{'domain':>10} " + " ".join(f"{f'keep {s:.1%}':>16}" for s in keep))
-    for name, row in bpb.items():
-        full = row[keep[0]]
-        print(f"{name:>10} " + " ".join(f"{v:>8.4f} ({v - full:+.3f})" if s != keep[0] else f"{v:>16.4f}"
-                                        for s, v in row.items()))
+    for name, row in results.items():
+        for key, label in (("bpb", name), ("finetuned_bpb", "+ft")) if tuning else (("bpb", name),):
+            full = row[keep[0]]["bpb"]
+            print(f"{label:>10} " + " ".join(f"{r[key]:>8.4f} ({r[key] - full:+.3f})"
+                                             if (s, key) != (keep[0], "bpb") else f"{r[key]:>16.4f}"
+                                             for s, r in row.items()))
     print(f"{'params':>10} " + " ".join(f"{sizes[s] / 1e6:>14.2f} M" for s in keep))
     print(f"{'bf16 size':>10} " + " ".join(f"{2 * sizes[s] / 1e6:>13.1f} MB" for s in keep))
     print("routing specialization per layer (nmi: I(domain; expert) / H(domain); entropy: usage / log E):")

@@ -482,6 +482,18 @@ def test_growth_resets_the_router_bias_and_a_training_step_works_right_after(ini
     assert torch.isfinite(loss) and model.blocks[0].moe.w_in.grad.shape[0] == 16
 
 
+def test_new_experts_get_tokens_soon_after_growth_also_with_document_pools(corpus, tmp_path):
+    """A document's pool is its top-P experts by summed router score, so fresh experts, which start with
+    middling scores, could stay out of every pool and never learn. They do not: within a few steps of the
+    growth they get half the share of tokens that balance would give them (bench.py growth measures this)."""
+    modular = Path(__file__).parent / "configs" / "modular.json"
+    train.main(tiny_run(corpus, tmp_path, f"--config={modular}", "--stages=2:0.34,4:0.33,8:0.33",
+                        "--total_tokens=9216"))
+    events = bench.growth_row(train.read_metrics(tmp_path), "gaussian", 0, None)["events"]
+    assert [e["experts"] for e in events] == ["2->4", "4->8"]
+    assert all(e["steps_to_adopt"] is not None and e["steps_to_adopt"] <= 5 for e in events), events
+
+
 def test_growth_works_while_the_last_steps_graph_is_still_referenced():
     model = seeded_model()
     x = torch.randint(0, 128, (2, 33))
@@ -701,10 +713,23 @@ def test_eval_py_prunes_per_domain_and_reports_size_and_specialization(corpus, t
     capsys.readouterr()
     evaluate.main([f"--checkpoint={tmp_path}", "--keep=1,0.5,0.25", "--calib_rows=2", "--eval_rows=4", "--json"])
     out = json.loads(capsys.readouterr().out)
-    assert set(out["losses"]) == set(out["bpb"]) == {"code", "prose"}
-    assert all(set(row) == {"1.0", "0.5", "0.25"} for row in out["losses"].values())
+    assert set(out["domains"]) == {"code", "prose"}
+    assert all(set(row) == {"1.0", "0.5", "0.25"} for row in out["domains"].values())
+    assert all(set(r) == {"loss", "bpb"} for row in out["domains"].values() for r in row.values())
     assert out["params"]["1.0"] > out["params"]["0.5"] > out["params"]["0.25"]
     assert len(out["specialization"]) == 2 and 0 <= out["specialization"][0]["nmi"] <= 1
+
+
+def test_eval_py_finetunes_each_pruned_copy_on_its_domain_and_that_lowers_the_domains_loss(corpus, tmp_path,
+                                                                                         capsys):
+    train.main(tiny_run(corpus, tmp_path, "--pool_size_range=0.25,1.0", "--stages=4:1.0", "--total_tokens=2048"))
+    capsys.readouterr()
+    evaluate.main([f"--checkpoint={tmp_path}", "--keep=1,0.25", "--calib_rows=2", "--eval_rows=4", "--json",
+                   "--finetune_steps=8", "--finetune_batch=4", "--finetune_lr=3e-3"])
+    out = json.loads(capsys.readouterr().out)
+    for row in out["domains"].values():
+        for r in row.values():
+            assert r["finetuned_loss"] < r["loss"]
 
 
 # Data: preparation and the reader (data/corpus.py) -----------------------------------------------------------
@@ -763,6 +788,8 @@ def test_preparing_four_times_the_tokens_needs_no_more_memory(tmp_path):
         pytest.skip("peak memory is read from /proc")
     small, large = prepare_peak_memory(tmp_path, 5000), prepare_peak_memory(tmp_path, 20000)  # 4M, 16M tokens
     assert Corpus(tmp_path / "c20000").tokens.size > 16_000_000
+    print(f"peak resident memory of data/prepare.py's work: 4M tokens {small / 1e6:.1f} MB, 16M tokens "
+          f"{large / 1e6:.1f} MB")
     assert large - small < 8 * 2**20  # kept in memory: 5.5 bytes per token would be 66 MB more
 
 
@@ -1433,7 +1460,10 @@ def test_bad_bench_flags_fail_with_one_line(argv, match):
 EVAL_BAD = [(["--keep=0"], "--keep='0' is not allowed: must be comma-separated shares in \\(0, 1\\]"),
             (["--keep=abc"], "--keep='abc' is not allowed"), (["--keep=1.5"], "--keep='1.5' is not allowed"),
             (["--calib_rows=0"], "--calib_rows=0 is not allowed"), (["--eval_rows=-1"], "--eval_rows=-1 is not allowed"),
-            (["--checkpoint={tmp}/none.pt"], "--checkpoint=.*none.pt: no such checkpoint")]
+            (["--checkpoint={tmp}/none.pt"], "--checkpoint=.*none.pt: no such checkpoint"),
+            (["--finetune_steps=-1"], "--finetune_steps=-1 is not allowed"),
+            (["--finetune_lr=nan"], "--finetune_lr=nan is not allowed"),
+            (["--finetune_batch=0"], "--finetune_batch=0 is not allowed")]
 
 
 @pytest.mark.parametrize("flags,match", EVAL_BAD)
@@ -1577,6 +1607,20 @@ def test_bench_repro_runs_every_arm_once_and_reuses_finished_runs(corpus, tmp_pa
     assert [st["experts"] for st in first["runs"][2]["stages"]] == [2, 4]
     assert "running" in capsys.readouterr().err
     assert bench.bench_repro(args)["runs"] == first["runs"] and "running" not in capsys.readouterr().err
+
+
+def test_bench_frontier_prunes_each_arm_and_compares_it_with_models_trained_at_the_pruned_sizes(corpus, tmp_path):
+    args = argparse.Namespace(seeds="0", experts="2,4,8", total_tokens=2048, phase_in_steps=20, out_dir=str(tmp_path),
+                              train_args=" ".join(a for a in tiny_run(corpus, "x") if a.split("=")[0] not in
+                                                  ("--out_dir", "--total_tokens", "--stages")))
+    result = bench.bench_frontier(args)
+    arms = {(a["arm"], a["keep"]): a for a in result["arms"]}
+    assert set(arms) == {(arm, keep) for arm in ("standard", "modular", "modular-progressive")
+                         for keep in bench.FRONTIER_KEEP} | {("trained-E4", 1.0), ("trained-E2", 1.0)}
+    assert arms[("trained-E4", 1.0)]["params"] == arms[("standard", 0.5)]["params"]  # the same shape
+    assert arms[("modular", 0.5)]["diff"] == pytest.approx(arms[("modular", 0.5)]["bpb"] - arms[("standard", 0.5)]["bpb"])
+    config = json.loads((tmp_path / "modular-seed0" / "config.json").read_text())
+    assert config["model"]["pool_size_range"] == [0.0625, 1.0] and config["model"]["router"] == "softmax"
 
 
 def test_bench_gpu_runs_its_cpu_part_and_names_what_it_skipped(corpus, tmp_path, capsys):

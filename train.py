@@ -982,45 +982,64 @@ class Trainer:
             dist.destroy_process_group()
 
 
-def plot_losses(runs, png, title="validation bits per byte (dotted: expert growth)"):
-    """Validation bits per byte (validation loss for runs that did not record it) against tokens. runs:
-    {label: run folder, or a list of them (seeds: thin lines and their mean in bold)}; a dotted line at each
-    growth of a label's first run. matplotlib is optional: without it this writes nothing and says so."""
+def pyplot():
+    """matplotlib.pyplot for writing PNGs, or None: matplotlib is optional."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_losses(runs, png, title="validation bits per byte (dotted: expert growth)"):
+    """Validation bits per byte (validation loss for runs that did not record it) against tokens: the whole
+    run, and beside it the last 40 % zoomed in, where the arms part. runs: {label: run folder, or a list of
+    them (seeds: thin lines and their mean in bold)}; a dotted line at each growth of a label's first run.
+    matplotlib is optional: without it this writes nothing and says so."""
+    plt = pyplot()
+    if plt is None:
         return f"no {png}: matplotlib is not installed (optional: pip install matplotlib)"
-    fig, ax = plt.subplots(figsize=(8, 5))
-    lows = []
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    lines = []  # (color, x, y, width, label) for both panels
     for i, (label, folders) in enumerate(runs.items()):
         color, curves = f"C{i % 10}", []
         for n, folder in enumerate(folders if isinstance(folders, list) else [folders]):
             records = read_metrics(folder)
             tokens = {0: 0, **{r["step"]: r["tokens"] for r in records if r["kind"] == "step"}}
-            curve = {tokens[r["step"]]: r.get("val_bpb", r["val_loss"]) for r in records if r["kind"] == "eval"}
-            curves.append(curve)
+            curves.append({tokens[r["step"]]: r.get("val_bpb", r["val_loss"]) for r in records if r["kind"] == "eval"})
             for growth in (r for r in records if r["kind"] == "growth" and n == 0):
-                ax.axvline(tokens[growth["step"]], color=color, linestyle=":", linewidth=1)
+                for ax in axes:
+                    ax.axvline(tokens[growth["step"]], color=color, linestyle=":", linewidth=1)
         common = sorted(set.intersection(*map(set, curves)))
-        mean = [sum(c[t] for c in curves) / len(curves) for t in common]
         if len(curves) > 1:
-            for curve in curves:
-                ax.plot(list(curve), list(curve.values()), color=color, linewidth=0.6, alpha=0.5)
-        ax.plot(common, mean, color=color, linewidth=1.8, label=label + (f" ({len(curves)} seeds)" if len(curves) > 1 else ""))
-        lows.append(min(mean))
-    ax.set(xlabel="tokens", ylabel="validation " + ("bits per byte" if "bits" in title else "loss"), title=title)
-    ax.set_ylim(min(lows) - 0.05, min(lows) + 1.2)  # the first evals would flatten the rest
-    ax.legend()
-    fig.savefig(png, dpi=100, bbox_inches="tight")
+            lines += [(color, list(c), list(c.values()), 0.6, None) for c in curves]
+        lines.append((color, common, [sum(c[t] for c in curves) / len(curves) for t in common], 1.8,
+                      label + (f" ({len(curves)} seeds)" if len(curves) > 1 else "")))
+    end = max(max(x) for _, x, _, _, _ in lines)
+    late = [v for _, x, y, _, _ in lines for t, v in zip(x, y) if t >= 0.6 * end]
+    for ax in axes:
+        for color, x, y, width, label in lines:
+            ax.plot(x, y, color=color, linewidth=width, alpha=1.0 if label else 0.5, label=label)
+        ax.set(xlabel="tokens", ylabel="validation " + ("bits per byte" if "bits" in title else "loss"))
+    low = min(y for _, _, ys, _, label in lines if label for y in ys)
+    axes[0].set_ylim(low - 0.05, low + 1.2)  # the first evals would flatten the rest
+    axes[0].set_title(title, fontsize=10)
+    axes[1].set_xlim(0.6 * end, end * 1.01)
+    axes[1].set_ylim(min(late) - 0.01, max(late) + 0.01)
+    axes[1].set_title("the last 40 % of tokens", fontsize=10)
+    axes[1].legend(fontsize=8)
+    fig.savefig(png, dpi=80, bbox_inches="tight")
     plt.close(fig)
     return f"wrote {png}"
 
 
 def sample(raw, enc, n_tokens, device, dtype):
-    """n_tokens sampled after "def " (temperature 0.8, top-50), decoded with the corpus's tokenizer."""
-    prompt = torch.tensor([enc.encode_ordinary("def ")], device=device)
+    """n_tokens sampled after an indented "def" (temperature 0.8, top-50), decoded with the corpus's tokenizer.
+    No trailing space in the prompt: GPT-2's tokens carry their leading space, so a lone " " token is rare in
+    training text and a prompt ending in one draws more spaces."""
+    prompt = torch.tensor([enc.encode_ordinary("    def")], device=device)
     raw.eval()
     with autocast(device, dtype):
         out = raw.generate(prompt, n_tokens, temperature=0.8, top_k=50)
