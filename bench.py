@@ -292,6 +292,10 @@ def run_arm(name, flags, seed, args):
                f"--total_tokens={args.total_tokens}", f"--phase_in_steps={args.phase_in_steps}",
                "--sample_tokens=0", *shlex.split(args.train_args), f"--out_dir={out}"]
     if not finished(out, command):
+        owner = train.folder_owner(out)
+        if owner is not None:  # another bench.py is running this arm: never delete a live run
+            raise SettingError(f"{out}: a training process (pid {owner}) is running there; wait for it to "
+                               f"finish (its run is then reused), or give another --out_dir")
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         print(f"running {name} seed {seed}: {shlex.join(command[1:])}", file=sys.stderr)

@@ -1609,6 +1609,19 @@ def test_bench_repro_runs_every_arm_once_and_reuses_finished_runs(corpus, tmp_pa
     assert bench.bench_repro(args)["runs"] == first["runs"] and "running" not in capsys.readouterr().err
 
 
+def test_bench_never_deletes_a_run_another_process_is_training(corpus, tmp_path):
+    """Two bench.py processes on one out_dir: the second must not delete the first's unfinished run."""
+    args = argparse.Namespace(seeds="0", experts="2,4", inits="gaussian", total_tokens=2048, phase_in_steps=20,
+                              out_dir=str(tmp_path), train_args=f"--data={corpus}")
+    live = tmp_path / "fixed-4-seed0"
+    lock = train.claim_folder(live, resuming=False)  # as a running train.py holds it
+    (live / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(emo.SettingError, match=f"pid {os.getpid()}.* is running there"):
+        bench.bench_repro(args)
+    assert (live / "metrics.jsonl").read_text() == "{}\n"
+    lock.close()
+
+
 def test_bench_frontier_prunes_each_arm_and_compares_it_with_models_trained_at_the_pruned_sizes(corpus, tmp_path):
     args = argparse.Namespace(seeds="0", experts="2,4,8", total_tokens=2048, phase_in_steps=20, out_dir=str(tmp_path),
                               train_args=" ".join(a for a in tiny_run(corpus, "x") if a.split("=")[0] not in

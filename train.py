@@ -327,6 +327,21 @@ def claim_folder(out_dir, resuming):
     return lock
 
 
+def folder_owner(out_dir):
+    """The pid of the training process that holds out_dir's lock (claim_folder), or None if none does."""
+    path = Path(out_dir) / ".lock"
+    if not path.exists():
+        return None
+    with open(path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            return lock.read().strip() or "?"
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    return None
+
+
 def fsync_folder(folder):
     fd = os.open(folder, os.O_RDONLY)
     try:
