@@ -425,55 +425,64 @@ FRONTIER_KEEP = (1.0, 0.5, 0.25, 0.125)  # shares of each layer's experts kept (
 
 
 def frontier_arms(args):
-    """{name: train.py flags}, all on configs/modular.json's recipe (softmax router and its balancing,
-    document attention): a standard MoE (pools off), EMO-modular (pools on) and modular with progressive
-    growth, all ending at E_max; and, pools off, a model trained from scratch at each pruned size."""
+    """{name: (train.py flags, share)}, all on configs/modular.json's recipe (softmax router and its
+    balancing, document attention). share None: a standard MoE (pools off), EMO-modular (pools on) and modular
+    with progressive growth, all ending at E_max, to be pruned to every share. share s, pools off, trained
+    from scratch to match the model pruned to s: "trained-En" with its shape (n = s * E_max experts, top-k:
+    the same memory and compute per token), and "dense-n" with the same parameters all active (E = top_k
+    routed experts and enough shared ones that the feed-forward width matches)."""
     E = int(args.experts.split(",")[-1])
-    top_k = train.parse(shlex.split(args.train_args))[1].get("top_k", emo.Config.top_k)
+    model = train.parse(shlex.split(args.train_args))[1]
+    top_k, shared = model.get("top_k", emo.Config.top_k), model.get("n_shared", emo.Config.n_shared)
     recipe, no_pools = f"--config={HERE / 'configs' / 'modular.json'}", "--pool_size_range=none"
-    arms = {"standard": [recipe, no_pools, "--schedule=fixed", f"--experts={E}"],
-            "modular": [recipe, "--schedule=fixed", f"--experts={E}"],
-            "modular-progressive": [recipe, f"--experts={args.experts}"]}
-    for n in (round(share * E) for share in FRONTIER_KEEP[1:]):
+    arms = {"standard": ([recipe, no_pools, "--schedule=fixed", f"--experts={E}"], None),
+            "modular": ([recipe, "--schedule=fixed", f"--experts={E}"], None),
+            "modular-progressive": ([recipe, f"--experts={args.experts}"], None)}
+    for share in FRONTIER_KEEP[1:]:
+        n = round(share * E)
         if n >= top_k:  # a model needs top_k experts to train
-            arms[f"trained-E{n}"] = [recipe, no_pools, "--schedule=fixed", f"--experts={n}"]
+            arms[f"trained-E{n}"] = ([recipe, no_pools, "--schedule=fixed", f"--experts={n}"], share)
+        if n > top_k:
+            arms[f"dense-{n}"] = ([recipe, no_pools, "--schedule=fixed", f"--experts={top_k}",
+                                   f"--n_shared={shared + n - top_k}"], share)
     return arms
 
 
 def bench_frontier(args):
     """Train every arm for every seed, then prune the E_max arms per domain (eval.py's selection) at each
-    share kept and measure each domain's validation bits per byte; the trained-at-size arms are measured
-    whole. Returns the rows, a summary per arm and share, and frontier.png."""
+    share kept and measure each domain's validation bits per byte; the arms trained at a pruned size are
+    measured whole. Returns the rows, a summary per arm and share, and frontier.png."""
     rows = []
     for seed in [int(x) for x in args.seeds.split(",")]:
-        for name, flags in frontier_arms(args).items():
+        for name, (flags, share) in frontier_arms(args).items():
             out = run_arm(name, flags, seed, args)
-            rows += frontier_rows(name, seed, out, FRONTIER_KEEP if not name.startswith("trained") else (1.0,))
+            rows += frontier_rows(name, seed, out, FRONTIER_KEEP if share is None else (1.0,), share)
     summary = frontier_summary(rows)
     return dict(runs=rows, arms=summary, plots=[plot_frontier(summary, rows, Path(args.out_dir) / "frontier.png")])
 
 
-def frontier_rows(name, seed, out, shares):
+def frontier_rows(name, seed, out, shares, matches=None):
     """One run's model pruned per domain at each share: the mean of the domains' bits per byte (each domain
-    counts once, as tasks do), each domain's, and the parameters kept."""
+    counts once, as tasks do), each domain's, and the parameters kept. matches: the share of E_max a model
+    trained at a pruned size stands for (its row's keep)."""
     state, path = train.load_checkpoint(out)
     model = train.model_from_checkpoint(state, path, pool_size=None, pool_size_range=None).eval()
     data = state["settings"]["data"]
     results, sizes = evaluate.evaluate_subsets(model, Corpus(data, "train"), Corpus(data, "val"), shares,
                                               calib_rows=8, eval_rows=64)
-    return [dict(arm=name, seed=seed, keep=share, params=sizes[share],
+    return [dict(arm=name, seed=seed, keep=matches or share, params=sizes[share],
                  per_domain={d: r[share]["bpb"] for d, r in results.items()},
                  bpb=statistics.mean(r[share]["bpb"] for r in results.values())) for share in shares]
 
 
 def frontier_summary(rows):
     """Per arm and share: mean bits per byte over seeds, its range, parameters; for every arm but the
-    standard MoE, its difference to the standard MoE pruned to the same parameters, seed by seed (spread:
+    standard MoE, its difference to the standard MoE pruned to the same share, seed by seed (spread:
     max - min of those differences)."""
     summary = []
     for arm, keep in dict.fromkeys((r["arm"], r["keep"]) for r in rows):
         runs = [r for r in rows if (r["arm"], r["keep"]) == (arm, keep)]
-        same_size = {r["seed"]: r["bpb"] for r in rows if r["arm"] == "standard" and r["params"] == runs[0]["params"]}
+        same_size = {r["seed"]: r["bpb"] for r in rows if r["arm"] == "standard" and r["keep"] == keep}
         diffs = [r["bpb"] - same_size[r["seed"]] for r in runs if r["seed"] in same_size] if arm != "standard" else []
         summary.append(dict(arm=arm, keep=keep, params=runs[0]["params"], seeds=len(runs),
                             bpb=statistics.mean(r["bpb"] for r in runs), bpb_min=min(r["bpb"] for r in runs),
@@ -488,11 +497,15 @@ def plot_frontier(summary, rows, png):
     if plt is None:
         return f"no {png}: matplotlib is not installed (optional: pip install matplotlib)"
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    arms = list(dict.fromkeys(a["arm"] for a in summary if not a["arm"].startswith("trained")))
-    for i, arm in enumerate(arms + ["trained"]):
-        points = sorted((a["params"] / 1e6, a["bpb"]) for a in summary if a["arm"].startswith(arm))
-        seeds = [(r["params"] / 1e6, r["bpb"]) for r in rows if r["arm"].startswith(arm)]
-        label = "trained at that size (pools off)" if arm == "trained" else f"{arm}, pruned per domain"
+    labels = {"standard": "standard MoE, pruned per domain", "modular": "EMO-modular, pruned per domain",
+              "modular-progressive": "modular + progressive, pruned per domain",
+              "trained-E": "MoE trained at that size (its shape)", "dense-": "dense trained at that size"}
+    for i, (arm, label) in enumerate(labels.items()):
+        family = lambda name: name == arm or (arm.endswith(("-E", "-")) and name.startswith(arm))
+        points = sorted((a["params"] / 1e6, a["bpb"]) for a in summary if family(a["arm"]))
+        seeds = [(r["params"] / 1e6, r["bpb"]) for r in rows if family(r["arm"])]
+        if not points:
+            continue
         ax.plot(*zip(*points), marker="o", color=f"C{i}", label=label)
         ax.scatter(*zip(*seeds), s=10, color=f"C{i}", alpha=0.5)
     ax.set(xlabel="parameters kept (M)", ylabel="validation bits per byte (mean over domains)",

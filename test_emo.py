@@ -1629,8 +1629,11 @@ def test_bench_frontier_prunes_each_arm_and_compares_it_with_models_trained_at_t
     result = bench.bench_frontier(args)
     arms = {(a["arm"], a["keep"]): a for a in result["arms"]}
     assert set(arms) == {(arm, keep) for arm in ("standard", "modular", "modular-progressive")
-                         for keep in bench.FRONTIER_KEEP} | {("trained-E4", 1.0), ("trained-E2", 1.0)}
-    assert arms[("trained-E4", 1.0)]["params"] == arms[("standard", 0.5)]["params"]  # the same shape
+                         for keep in bench.FRONTIER_KEEP} | {("trained-E4", 0.5), ("trained-E2", 0.25), ("dense-4", 0.5)}
+    assert arms[("trained-E4", 0.5)]["params"] == arms[("standard", 0.5)]["params"]  # the same shape
+    dense = json.loads((tmp_path / "dense-4-seed0" / "config.json").read_text())["model"]
+    assert (dense["n_experts"], dense["top_k"], dense["n_shared"]) == (2, 2, 3)  # 5 experts' width, all active
+    assert abs(arms[("dense-4", 0.5)]["params"] - arms[("standard", 0.5)]["params"]) < 0.01 * arms[("standard", 0.5)]["params"]
     assert arms[("modular", 0.5)]["diff"] == pytest.approx(arms[("modular", 0.5)]["bpb"] - arms[("standard", 0.5)]["bpb"])
     config = json.loads((tmp_path / "modular-seed0" / "config.json").read_text())
     assert config["model"]["pool_size_range"] == [0.0625, 1.0] and config["model"]["router"] == "softmax"
