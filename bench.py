@@ -27,8 +27,8 @@ python bench.py repro [--seeds=0,1,2] [--experts=2,4,8,16,32] [--total_tokens=2.
     is reused, not re-run.
 python bench.py frontier [--seeds=0,1] [--experts=2,4,8,16,32] [--total_tokens=2.5e6] [--json]
     EMO-modular's memory-accuracy frontier, on configs/modular.json's recipe: a standard MoE, EMO-modular and
-    modular + progressive growth, each pruned per domain to 100/50/25/12.5 % of its experts, beside models
-    trained from scratch at the pruned sizes; validation bits per byte (mean over domains) against the
+    modular + progressive growth, each pruned per domain to 100/50/25/12.5 % of its experts, beside MoE and
+    dense models trained from scratch at the pruned sizes; validation bits per byte (mean over domains) against the
     parameters kept, seed by seed, and frontier.png. Runs are reused as in repro.
 """
 
@@ -167,12 +167,27 @@ def print_moe(rows, args):
           "(6 x top_k experts + router per token) over the GPU's dense bf16 peak")
 
 
+def clear_run_folder(out):
+    """Delete a bench run folder before running it again, unless a training process still owns it (a second
+    bench.py on the same out_dir): a live run is never deleted."""
+    owner = train.folder_owner(out)
+    if owner is not None:
+        raise SettingError(f"{out}: a training process (pid {owner}) is running there; wait for it to "
+                           f"finish, or give another --out_dir")
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def model_setting(args, key):
+    """A model setting as --train_args gives it, else emo.Config's default."""
+    return train.parse(shlex.split(args.train_args))[1].get(key, getattr(emo.Config, key))
+
+
 def bench_growth(args):
     rows = []
     for seed in [int(x) for x in args.seeds.split(",")]:
         for init in args.inits.split(","):
             out = Path(args.out_dir) / f"growth-{init}-seed{seed}"
-            shutil.rmtree(out, ignore_errors=True)
+            clear_run_folder(out)
             start = time.time()
             train.run([f"--out_dir={out}", f"--growth_init={init}", f"--total_tokens={args.total_tokens}",
                        f"--seed={seed}", f"--phase_in_steps={args.phase_in_steps}", "--eval_interval=5",
@@ -276,7 +291,7 @@ def repro_arms(args):
     """{name: train.py flags}: fixed E_max, fixed E_max/2, the dense-equivalent fixed E = top_k (every routed
     expert active: the same compute per token, no spare capacity), then progressive growth once per init."""
     experts = [int(E) for E in args.experts.split(",")]
-    top_k = train.parse(shlex.split(args.train_args))[1].get("top_k", emo.Config.top_k)
+    top_k = model_setting(args, "top_k")
     arms = {f"fixed-{E}": ["--schedule=fixed", f"--experts={E}"]
             for E in dict.fromkeys((experts[-1], experts[-1] // 2, top_k))}
     for init in args.inits.split(","):
@@ -292,11 +307,7 @@ def run_arm(name, flags, seed, args):
                f"--total_tokens={args.total_tokens}", f"--phase_in_steps={args.phase_in_steps}",
                "--sample_tokens=0", *shlex.split(args.train_args), f"--out_dir={out}"]
     if not finished(out, command):
-        owner = train.folder_owner(out)
-        if owner is not None:  # another bench.py is running this arm: never delete a live run
-            raise SettingError(f"{out}: a training process (pid {owner}) is running there; wait for it to "
-                               f"finish (its run is then reused), or give another --out_dir")
-        shutil.rmtree(out, ignore_errors=True)
+        clear_run_folder(out)
         out.mkdir(parents=True)
         print(f"running {name} seed {seed}: {shlex.join(command[1:])}", file=sys.stderr)
         with open(out / "train.log", "w") as log:
@@ -432,8 +443,7 @@ def frontier_arms(args):
     the same memory and compute per token), and "dense-n" with the same parameters all active (E = top_k
     routed experts and enough shared ones that the feed-forward width matches)."""
     E = int(args.experts.split(",")[-1])
-    model = train.parse(shlex.split(args.train_args))[1]
-    top_k, shared = model.get("top_k", emo.Config.top_k), model.get("n_shared", emo.Config.n_shared)
+    top_k, shared = model_setting(args, "top_k"), model_setting(args, "n_shared")
     recipe, no_pools = f"--config={HERE / 'configs' / 'modular.json'}", "--pool_size_range=none"
     arms = {"standard": ([recipe, no_pools, "--schedule=fixed", f"--experts={E}"], None),
             "modular": ([recipe, "--schedule=fixed", f"--experts={E}"], None),
@@ -686,7 +696,7 @@ def compiled_run(args, device, report):
              "--log_interval=1000", "--sample_tokens=0", *shlex.split(args.train_args)]
     full, branch = Path(args.out_dir) / "compiled", Path(args.out_dir) / "compiled-resumed"
     for folder in (full, branch):
-        shutil.rmtree(folder, ignore_errors=True)
+        clear_run_folder(folder)
     graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     start = time.time()
     train.run(flags + [f"--out_dir={full}"])
@@ -719,7 +729,7 @@ def compiled_run(args, device, report):
 def torchrun_nccl(args, device, report):
     """A few steps under torchrun with one process: the process group (NCCL), DDP and its all-reduces."""
     folder = Path(args.out_dir) / "torchrun"
-    shutil.rmtree(folder, ignore_errors=True)
+    clear_run_folder(folder)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
                str(HERE / "train.py"), "--device=cuda", *GPU_RUN, "--total_tokens=163840", "--stages=8:0.5,16:0.5",
                "--sample_tokens=0", f"--out_dir={folder}", *shlex.split(args.train_args)]

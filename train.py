@@ -1017,13 +1017,15 @@ def plot_losses(runs, png, title="validation bits per byte (dotted: expert growt
     if plt is None:
         return f"no {png}: matplotlib is not installed (optional: pip install matplotlib)"
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    lines = []  # (color, x, y, width, label) for both panels
+    lines, bpb = [], True  # (color, x, y, width, label) for both panels; did every run record bits per byte
     for i, (label, folders) in enumerate(runs.items()):
         color, curves = f"C{i % 10}", []
         for n, folder in enumerate(folders if isinstance(folders, list) else [folders]):
             records = read_metrics(folder)
             tokens = {0: 0, **{r["step"]: r["tokens"] for r in records if r["kind"] == "step"}}
-            curves.append({tokens[r["step"]]: r.get("val_bpb", r["val_loss"]) for r in records if r["kind"] == "eval"})
+            evals = [r for r in records if r["kind"] == "eval"]
+            bpb = bpb and all("val_bpb" in r for r in evals)
+            curves.append({tokens[r["step"]]: r.get("val_bpb", r["val_loss"]) for r in evals})
             for growth in (r for r in records if r["kind"] == "growth" and n == 0):
                 for ax in axes:
                     ax.axvline(tokens[growth["step"]], color=color, linestyle=":", linewidth=1)
@@ -1037,7 +1039,7 @@ def plot_losses(runs, png, title="validation bits per byte (dotted: expert growt
     for ax in axes:
         for color, x, y, width, label in lines:
             ax.plot(x, y, color=color, linewidth=width, alpha=1.0 if label else 0.5, label=label)
-        ax.set(xlabel="tokens", ylabel="validation " + ("bits per byte" if "bits" in title else "loss"))
+        ax.set(xlabel="tokens", ylabel="validation " + ("bits per byte" if bpb else "loss (bits per byte where recorded)"))
     low = min(y for _, _, ys, _, label in lines if label for y in ys)
     axes[0].set_ylim(low - 0.05, low + 1.2)  # the first evals would flatten the rest
     axes[0].set_title(title, fontsize=10)
