@@ -579,8 +579,9 @@ def flops_per_token(cfg):
 
 def unwrap(model):
     """The Transformer inside DDP (.module) and torch.compile (._orig_mod) wrappers."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
+    # `is not None`, never `or`: a module's truth value calls len(), which a compiled Transformer lacks
+    while (inner := getattr(model, "module", getattr(model, "_orig_mod", None))) is not None:
+        model = inner
     return model
 
 

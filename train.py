@@ -33,7 +33,7 @@ from data.corpus import DEFAULT_FOLDER, Corpus, DataError, prepare, vocabulary
 from emo import SettingError, require
 
 HERE = Path(__file__).resolve().parent
-CHECKPOINT_FORMAT = "emo-checkpoint-2"
+CHECKPOINT_FORMAT = "emo-checkpoint-3"
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped before the end on purpose; `--resume` continues it
 
 
@@ -374,16 +374,34 @@ def link_atomically(src, dst):
     os.replace(tmp, dst)
 
 
-def save_checkpoint(path, raw, optimizer, s, step, world, retained):
+def rng_states(device):
+    """Every rank's random state, gathered (call it on all ranks): entry r is rank r's CPU generator and, on
+    CUDA, its own device's generator. Ranks draw different numbers on the GPU (document pools of their own
+    data), so each resumes from its own state, and a machine with fewer GPUs visible resumes just the same."""
+    mine = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    if not dist.is_initialized():
+        return [mine]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def restore_rng(rng, rank, device):
+    """This rank's entry of rng_states: its CPU generator, and its own CUDA device's where it trained on one."""
+    torch.set_rng_state(rng[rank]["cpu"])
+    if device.type == "cuda" and rng[rank]["cuda"] is not None:
+        torch.cuda.set_rng_state(rng[rank]["cuda"], device)
+
+
+def save_checkpoint(path, raw, optimizer, s, step, world, retained, rng):
     """Everything a resume needs, as tensors, numbers, strings, lists and dicts (loadable with weights_only)."""
     state = {"format": CHECKPOINT_FORMAT, "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
              "config": asdict(raw.config), "settings": asdict(s), "step": step, "world_size": world,
-             "retained": list(retained), "rng": torch.get_rng_state(),
-             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+             "retained": list(retained), "rng": rng}
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-CHECKPOINT_KEYS = ("model", "optimizer", "config", "settings", "step", "world_size", "retained", "rng", "cuda_rng")
+CHECKPOINT_KEYS = ("model", "optimizer", "config", "settings", "step", "world_size", "retained", "rng")
 
 
 def load_checkpoint(path, flag="--resume"):
@@ -405,6 +423,10 @@ def load_checkpoint(path, flag="--resume"):
     missing = [key for key in CHECKPOINT_KEYS if key not in state]
     if missing:
         raise SettingError(f"{flag}={path}: the checkpoint lacks {', '.join(missing)} (corrupt)")
+    wrong = next((key for key, ok in checkpoint_field_checks(state) if not ok()), None)
+    if wrong:
+        raise SettingError(f"{flag}={path}: the checkpoint's {wrong!r} is not what train.py writes (corrupt or "
+                           f"edited): {str(state[wrong])[:60]}")
     unknown = set(state["config"]) - set(emo.Config.__dataclass_fields__)
     if unknown:
         raise SettingError(f"{flag}={path}: its model config has fields this emo.py does not know: "
@@ -412,9 +434,35 @@ def load_checkpoint(path, flag="--resume"):
     return state, path
 
 
+def checkpoint_field_checks(state):
+    """(field, check) pairs in the order a loader relies on them: each check is a no-argument callable."""
+    def is_int(v, low):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    def is_state(v):
+        return torch.is_tensor(v) and v.dtype == torch.uint8
+
+    return [("model", lambda: isinstance(state["model"], dict) and all(map(torch.is_tensor, state["model"].values()))),
+            ("optimizer", lambda: isinstance(state["optimizer"], dict)),
+            ("config", lambda: isinstance(state["config"], dict)),
+            ("settings", lambda: isinstance(state["settings"], dict) and all(
+                type(state["settings"][f.name]) is type(getattr(Settings(), f.name))
+                for f in fields(Settings) if f.name in state["settings"])),
+            ("step", lambda: is_int(state["step"], 0)),
+            ("world_size", lambda: is_int(state["world_size"], 1)),
+            ("retained", lambda: isinstance(state["retained"], list) and all(is_int(v, 1) for v in state["retained"])),
+            ("rng", lambda: isinstance(state["rng"], list) and len(state["rng"]) >= 1 and all(
+                isinstance(r, dict) and is_state(r.get("cpu")) and (r.get("cuda") is None or is_state(r["cuda"]))
+                for r in state["rng"]))]
+
+
 def model_from_checkpoint(state, path, **overrides):
     """Rebuild the checkpoint's Transformer (from load_checkpoint); weights that do not fit give one line."""
-    raw = emo.Transformer(emo.Config(**{**state["config"], **overrides}))
+    try:
+        cfg = emo.Config(**{**state["config"], **overrides})
+    except SettingError as err:
+        raise SettingError(f"{path}: its model config: {err}") from None
+    raw = emo.Transformer(cfg)
     load_weights(raw, state["model"], path)
     return raw
 
@@ -560,12 +608,14 @@ def wrap(raw, s, device):
     return model
 
 
-def mean_over_ranks(values):
-    t = torch.tensor(values, dtype=torch.float64)
+def mean_over_ranks(t):
+    """The mean of tensor t over data-parallel ranks, in float64 on t's own device: NCCL, the CUDA process
+    group, has no CPU backend, so a collective must never be handed a CPU tensor there."""
+    t = t.detach().double()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
         t /= dist.get_world_size()
-    return t.tolist()
+    return t
 
 
 # Dense bf16 peak FLOP/s by CUDA device name, most specific first (the vendors' data sheets, without sparsity)
@@ -676,6 +726,15 @@ def open_data(s, cfg, rank, world):
     return train_data, val_data
 
 
+def epochs_warning(s, train_data):
+    """A run that reads more tokens than the train split holds repeats it: said before training, not found later."""
+    epochs = s.total_tokens / len(train_data.tokens)
+    if epochs > 1:
+        return (f"--total_tokens={s.total_tokens:,} is {epochs:.1f} epochs of {s.data}'s train split "
+                f"({len(train_data.tokens):,} tokens): the data repeats")
+    return None
+
+
 @torch.no_grad()
 def evaluate(model, data, s, cfg, device, dtype, rank, world):
     """Validation loss over eval_batches fixed batches, overall and per domain: nats per token ("loss") and
@@ -730,7 +789,7 @@ def train_step(model, optimizer, micro_batches, lr, grad_clip, dtype):
         loss_sum += losses["loss"].detach()
         ce_sum += losses["ce"].detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip or float("inf"))
-    loss_value, ce_value = mean_over_ranks([float(loss_sum) / len(micro_batches), float(ce_sum) / len(micro_batches)])
+    loss_value, ce_value = mean_over_ranks(torch.stack([loss_sum, ce_sum]).double() / len(micro_batches)).tolist()
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm.item())):
         optimizer.zero_grad(set_to_none=True)
         for moe in raw.moe_layers():  # forget this step's routing counts too: nothing of it remains
@@ -792,6 +851,9 @@ class Trainer:
             self.log("stages: " + ", ".join(f"E={st.experts} steps {st.start}-{st.end}" for st in stages)
                      + f" ({self.total_steps} steps of {self.batch_tokens} tokens, {self.accum} micro-batches each)")
             self.train_data, self.val_data = open_data(s, cfg, self.rank, world)
+            repeats = epochs_warning(s, self.train_data)
+            if repeats:
+                self.log(f"warning: {repeats}")
             torch.manual_seed(s.seed)
             keep_freed_memory()
             self.raw = emo.Transformer(cfg).to(self.device)
@@ -832,9 +894,8 @@ class Trainer:
             raise SettingError(f"--resume={path}: its optimizer state does not fit the model ({err}): corrupt") from None
         self.step = state["step"]
         self.retained = [] if branching else list(state["retained"])
-        torch.set_rng_state(state["rng"])
-        if self.device.type == "cuda" and state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        restore_rng(state["rng"], self.rank, self.device)
+        del state["model"], state["optimizer"]  # loaded: a copy kept for the whole run would double host memory
         if self.master:
             trim_metrics(path.parent / "metrics.jsonl", self.out_dir / "metrics.jsonl", self.step)
         self.log(f"resumed from {path} at step {self.step} (E={self.raw.config.n_experts})"
@@ -959,15 +1020,22 @@ class Trainer:
         """latest.pt; at a stage end also stageN.pt; with --keep_latest=N > 1 the N newest as stepS.pt. All
         are hard links of one write. Retention removes only stepS.pt files this run wrote (the checkpoint
         lists them), so a user's own files in the folder are never touched."""
-        if not self.master:
-            return
+        rng = rng_states(self.device)
+        if self.master:
+            self.save(ended_stage, rng)
+        if dist.is_initialized():
+            # no rank goes on (or exits, at a stop) before the file is written: torchrun ends every rank when
+            # one exits with a non-zero status, rank 0 mid-write included
+            dist.barrier()
+
+    def save(self, ended_stage, rng):
         out, step, n = self.out_dir, self.step, self.s.keep_latest
         link = out / f"step{step}.pt"
         keep = n > 1 and (step in self.retained or not link.exists())  # never replace a file we did not write
         if n > 1 and not keep:
             self.log(f"step {step}: warning: {link} exists and was not written by this run: not replaced")
         retained = (self.retained + ([step] if keep and step not in self.retained else []))[-n:] if n > 1 else []
-        save_checkpoint(out / "latest.pt", self.raw, self.optimizer, self.s, step, self.world, retained)
+        save_checkpoint(out / "latest.pt", self.raw, self.optimizer, self.s, step, self.world, retained, rng)
         if ended_stage:
             link_atomically(out / "latest.pt", out / f"stage{ended_stage.index}.pt")
         if keep:
@@ -1085,6 +1153,8 @@ def setup(argv):
             raise SettingError(f"--resume={path}: the run used {state['world_size']} process(es), this one has "
                                f"{world}: resume with the same torchrun --nproc_per_node (the data order and the "
                                f"batch depend on it)")
+        require(len(state["rng"]) == world, f"--resume={path}: its random states", len(state["rng"]),
+                f"one per process, {world} (corrupt or edited)")
         out_dir, branching = resume_destination(path, s, given)
         s.out_dir = str(out_dir)
         resume = (state, path, branching)
@@ -1097,12 +1167,24 @@ def setup(argv):
             raise SettingError(f"--top_k={top_k} is not allowed: must be at most the first stage's E={first} "
                                f"(--{'stages' if s.stages else 'experts'})")
         model_settings["n_experts"] = first
-    cfg = emo.Config(**model_settings)  # validates the model settings
-    for E in experts:  # and every later stage's model too, so nothing is refused at a growth, mid-run
-        emo.Config(**{**model_settings, "n_experts": E})
+    try:
+        cfg = emo.Config(**model_settings)  # validates the model settings
+        for E in experts:  # and every later stage's model too, so nothing is refused at a growth, mid-run
+            emo.Config(**{**model_settings, "n_experts": E})
+    except SettingError as err:
+        raise SettingError(f"--resume={resume[1]}: its model config: {err}") if resume else err from None
     validate(s, cfg, world, len(experts))
     micro_tokens = s.batch_size * cfg.seq_len * world
     stages = plan_schedule(s, cfg, s.batch_tokens or micro_tokens, experts, fractions)
+    if resume:
+        step = resume[0]["step"]
+        require(step <= stages[-1].end, f"--resume={resume[1]}: its step", step,
+                f"at most the run's last step {stages[-1].end} (corrupt or edited)")
+        require(cfg.n_experts == next((st.experts for st in stages if st.start <= step < st.end), stages[-1].experts)
+                or any(st.start == step for st in stages), f"--resume={resume[1]}: its E", cfg.n_experts,
+                f"the E its schedule gives at step {step} (corrupt or edited)")
+        require(not s.stop_at or s.stop_at > step, "--stop_at", s.stop_at,
+                f"after the checkpoint's step {step} (or 0: no stop)")
     return s, cfg, stages, world, resume
 
 

@@ -31,7 +31,8 @@ HERE = Path(__file__).resolve().parent
 # the sha256 tiktoken expects of GPT-2's files (tiktoken_ext.openai_public.gpt2)
 GPT2_FILES = {"vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
               "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"}
-HF_SOURCES = {"fineweb-edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT", "web"),
+HF_SOURCES = {"fineweb-edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT", "web"),  # ~10B GPT-2 tokens
+              "fineweb-edu-100bt": ("HuggingFaceFW/fineweb-edu", "sample-100BT", "web"),  # ~100B: gpu-8x's 20B
               "tinystories": ("roneneldan/TinyStories", None, "stories")}
 
 
