@@ -547,14 +547,16 @@ def print_frontier(result, args):
 # ---------------------------------------------------------------------------------------------
 
 BF16_TOLERANCE = 3e-2  # ||bf16 - fp32 reference|| / ||fp32 reference||, for outputs and every gradient
+COMPILED_REPEAT = 5e-3  # relative loss difference allowed between two compiled bf16 runs of the same steps
 CPU_RUN = ["--n_layer=1", "--d_model=64", "--n_head=4", "--d_expert=32", "--seq_len=32", "--batch_size=8",
            "--total_tokens=9216", "--stages=2:0.34,4:0.33,8:0.33", "--warmup_steps=3", "--rewarm_steps=3"]
 GPU_RUN = ["--n_layer=2", "--d_model=256", "--n_head=4", "--d_expert=128", "--top_k=4", "--seq_len=256",
            "--batch_size=32", "--total_tokens=1228800", "--stages=8:0.34,16:0.33,32:0.33", "--warmup_steps=20",
            "--rewarm_steps=10"]
-GPU_SIZE = dict(d_model=768, d_expert=384, top_k=8, n_head=12, n_layer=4, seq_len=1024, batch_size=16)
-CUDA_ONLY = ["torchrun --nproc_per_node=1 with NCCL", "bench moe at d_model 768, d_expert 384, top-8, E 8..128 "
-             "(bf16, compiled)", "bench step at the same size, 4 layers (bf16, compiled)"]
+GPU_SIZE = dict(d_model=768, d_expert=384, top_k=8, n_head=12, n_layer=4, seq_len=1024, batch_size=16,
+                vocab_size=50304)  # the GPU recipes' width and vocabulary, so step time, MFU and memory are theirs
+CUDA_ONLY = ["torchrun with NCCL (2 GPUs where there are)", "bench moe at d_model 768, d_expert 384, top-8, "
+             "E 8..128 (bf16, compiled)", "bench step at the same size, 4 layers, V 50304 (bf16, compiled)"]
 
 
 def bench_gpu(args):
@@ -688,7 +690,11 @@ def empty_experts(args, device, report):
 def compiled_run(args, device, report):
     """train.py's GPU path (bf16 autocast, torch.compile) through two growths, in this process so the
     compiled graphs can be counted; then a branch from the first run's stage-2 checkpoint, whose steps must
-    repeat the first run's (on a CPU bit for bit; on a GPU as far as bf16 kernels are deterministic)."""
+    repeat the first run's within COMPILED_REPEAT. Not bit for bit: inductor accumulates scatter-adds (the
+    MoE's combine, the backward of its gathers) with atomic adds on CPU and GPU alike, so two uninterrupted
+    compiled bf16 runs already differ, by 6-7e-4 relative on a 2-core CPU (bit for bit equal under
+    torch.use_deterministic_algorithms, which makes inductor fall back to ATen's ordered kernels). Eager
+    resumes are exact, and tested so."""
     from torch._dynamo.utils import counters
 
     size = GPU_RUN if device.type == "cuda" else CPU_RUN
@@ -721,25 +727,37 @@ def compiled_run(args, device, report):
     diffs = [abs(again[step] - loss) / loss for step, loss in first.items()]
     exact = all(again[step] == loss for step, loss in first.items())
     report["checks"].append(dict(
-        check="resume at a stage boundary continues the run", ok=exact or (device.type == "cuda" and max(diffs) < 0.02),
+        check="resume at a stage boundary continues the run", ok=max(diffs) < COMPILED_REPEAT,
         detail=f"training loss of the {len(first)} steps after step {boundary}, resumed from stage2.pt vs the "
-               f"uninterrupted run: {'equal bit for bit' if exact else f'first step off by {diffs[0]:.1e}, at most by {max(diffs):.1e} (relative)'}"))
+               f"uninterrupted run: {'equal bit for bit' if exact else f'first step off by {diffs[0]:.1e}, at most by {max(diffs):.1e} (relative)'}; "
+               f"allowed {COMPILED_REPEAT:g}, the spread of compiled runs"))
 
 
 def torchrun_nccl(args, device, report):
-    """A few steps under torchrun with one process: the process group (NCCL), DDP and its all-reduces."""
+    """A few compiled steps under torchrun on up to 2 GPUs, as the GPU recipes run: the process group (NCCL),
+    DDP around the compiled model and its all-reduces, through a growth after which the ranks must hold the
+    same weights and read different batches (the growth record carries both, per rank)."""
     folder = Path(args.out_dir) / "torchrun"
     clear_run_folder(folder)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-               str(HERE / "train.py"), "--device=cuda", *GPU_RUN, "--total_tokens=163840", "--stages=8:0.5,16:0.5",
-               "--sample_tokens=0", f"--out_dir={folder}", *shlex.split(args.train_args)]
+    ranks = min(2, torch.cuda.device_count())
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+               str(HERE / "train.py"), "--device=cuda", "--compile", *GPU_RUN, f"--batch_size={32 // ranks}",
+               "--batch_tokens=8192", "--total_tokens=163840", "--stages=8:0.5,16:0.5", "--sample_tokens=0",
+               f"--out_dir={folder}", *shlex.split(args.train_args)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    steps = [r for r in train.read_metrics(folder) if r["kind"] == "step"] if (folder / "metrics.jsonl").exists() else []
-    ok = done.returncode == 0 and len(steps) == 20 and all(math.isfinite(r["loss"]) for r in steps)
+    records = train.read_metrics(folder) if (folder / "metrics.jsonl").exists() else []
+    steps = [r for r in records if r["kind"] == "step"]
+    growths = [r for r in records if r["kind"] == "growth"]
+    agree = bool(growths) and all(len(set(g["weights_per_rank"])) == 1 for g in growths)
+    distinct = bool(growths) and all(len(set(g["tokens_per_rank"])) == ranks for g in growths)
+    ok = done.returncode == 0 and len(steps) == 20 and all(math.isfinite(r["loss"]) for r in steps) and agree \
+        and distinct
     last_line = (done.stderr.strip().splitlines() or [""])[-1]
-    report["checks"].append(dict(check="torchrun --nproc_per_node=1 (NCCL, DDP) through a growth", ok=ok,
-                                 detail=f"exit {done.returncode}, {len(steps)} steps, " +
-                                        (f"loss {steps[0]['loss']:.3f} -> {steps[-1]['loss']:.3f}" if steps else last_line)))
+    report["checks"].append(dict(
+        check=f"torchrun --nproc_per_node={ranks} --compile (NCCL, DDP) through a growth", ok=ok,
+        detail=f"exit {done.returncode}, {len(steps)} steps, " +
+               (f"loss {steps[0]['loss']:.3f} -> {steps[-1]['loss']:.3f}; ranks hold the same weights after the "
+                f"growth: {agree}; read different batches: {distinct}" if steps else last_line)))
 
 
 def gpu_moe(args, device, report):

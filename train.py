@@ -618,6 +618,16 @@ def mean_over_ranks(t):
     return t
 
 
+def per_rank(value):
+    """A Python number from every rank, in rank order (one item when not distributed): for what ranks must
+    share (the weights) or must not (their batches)."""
+    if not dist.is_initialized():
+        return [value]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, value)
+    return everyone
+
+
 # Dense bf16 peak FLOP/s by CUDA device name, most specific first (the vendors' data sheets, without sparsity)
 PEAK_BF16_FLOPS = (("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H200 NVL", 835e12),
                    ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12))
@@ -944,8 +954,14 @@ class Trainer:
                        self.world)
         self.log(f"step {self.step}: grew E {old} -> {stage.experts} ({self.s.growth_init} init, optimizer "
                  f"{self.s.growth_optimizer}) in {seconds:.2f}s; val loss right after: {val['loss']:.4f}")
+        # what data parallelism rests on, seen where it can break: every rank drew the same new experts, and
+        # each reads its own share of the data
+        weights = sum(p.detach().double().sum().item() for p in self.raw.parameters())
+        x, _ = self.train_data.batch(self.step * self.accum, self.s.batch_size, self.raw.config.seq_len, self.s.seed,
+                                     self.rank, self.world)
         self.record("growth", step=self.step, stage=stage.index, experts_from=old, experts=stage.experts,
-                    init=self.s.growth_init, seconds=seconds, val_loss=val["loss"], val_bpb=val["bpb"])
+                    init=self.s.growth_init, seconds=seconds, val_loss=val["loss"], val_bpb=val["bpb"],
+                    weights_per_rank=per_rank(weights), tokens_per_rank=per_rank(int(x.sum())))
 
     def train(self, stage):
         """One optimizer step on this step's micro-batches; a non-finite loss stops the run, weights untouched."""
