@@ -259,12 +259,30 @@ def step_row(argv, n_experts, repeats):
         p.grad = torch.zeros_like(p)
     optimizer_seconds = statistics.median(timed(optimizer.step, device) for _ in range(repeats))
     optimizer.zero_grad(set_to_none=True)
+    dtype = train.autocast_dtype(train.parse(argv)[0], device)
+    cast = statistics.median(expert_cast_seconds(raw, dtype, device) for _ in range(repeats)) if dtype else None
     state = train.state_memory(raw, optimizer)
     growth = timed(lambda: (emo.grow_experts(raw, 2 * n_experts, init="gaussian"),
                             emo.grow_optimizer(optimizer, "reset")), device)
     return dict(experts=n_experts, step_seconds=seconds, tokens_per_second=tokens / seconds, mfu=mfu,
                 optimizer_seconds=optimizer_seconds, optimizer_share=optimizer_seconds / seconds, peak_memory=peak,
-                state_memory=state, growth_seconds=growth, device=str(device))
+                state_memory=state, growth_seconds=growth, device=str(device), cast_seconds=cast,
+                cast_share=None if cast is None else cast / seconds)
+
+
+def expert_cast_seconds(raw, dtype, device):
+    """What each micro-batch pays for MoE.dispatch's `w.to(dtype)`: every expert weight cast to the autocast
+    dtype in the forward, and the gradient cast back in the backward."""
+    weights = [w for moe in raw.moe_layers() for w in (moe.w_in, moe.w_out)]
+    grads = [torch.ones_like(w, dtype=dtype) for w in weights]
+
+    def cast():
+        torch.autograd.backward([w.to(dtype) for w in weights], grads)
+
+    seconds = timed(cast, device)
+    for w in weights:
+        w.grad = None
+    return seconds
 
 
 def print_step(result, args):
@@ -272,19 +290,22 @@ def print_step(result, args):
     print(f"training step vs E at fixed top-k; train.py flags: {args.train_args or '(defaults)'}; {machine(device)}, "
           f"torch {torch.__version__}; median of {args.repeats} steps")
     print(f"{'E':>5} {'step ms':>9} {'vs first':>9} {'tok/s':>9} {'MFU':>6} {'optimizer ms':>13} {'share':>6} "
-          f"{'peak MB':>8} {'state MB':>9} {'grow E->2E ms':>14}")
+          f"{'peak MB':>8} {'state MB':>9} {'grow E->2E ms':>14} {'cast ms':>8} {'share':>6}")
     for r in result["rows"]:
         peak = "-" if r["peak_memory"] is None else f"{r['peak_memory'] / 2**20:,.0f}"
         print(f"{r['experts']:>5} {r['step_seconds'] * 1e3:>9.1f} {r['step_time_ratio']:>8.3f}x "
               f"{r['tokens_per_second']:>9,.0f} {percent(r['mfu']):>6} {r['optimizer_seconds'] * 1e3:>13.1f} {r['optimizer_share']:>6.1%} "
-              f"{peak:>8} {r['state_memory'] / 2**20:>9,.1f} {r['growth_seconds'] * 1e3:>14.1f}")
+              f"{peak:>8} {r['state_memory'] / 2**20:>9,.1f} {r['growth_seconds'] * 1e3:>14.1f} "
+              + ("       -      -" if r["cast_seconds"] is None else
+                 f"{r['cast_seconds'] * 1e3:>8.1f} {r['cast_share']:>6.1%}"))
     rows = result["rows"]
     if result["step_time_exponent"] is not None:
         print(f"step time ~ E^{result['step_time_exponent']:.4f}: {rows[-1]['step_time_ratio']:.3f}x from "
               f"E={rows[0]['experts']} to {rows[-1]['experts']} (the paper, Fig. 1: 1.08x from 8 to 128 at ~1.1B "
               f"active, E^{plan.STEP_TIME_EXPONENT:.4f})")
     print("state: weights + gradients + AdamW moments; peak: " + ("CUDA allocator" if device.type == "cuda" else
-          "the process's resident set (Python and torch included)") + "; grow: grow_experts + grow_optimizer")
+          "the process's resident set (Python and torch included)") + "; grow: grow_experts + grow_optimizer; "
+          "cast: the expert weights' cast to bf16 and its gradient's back, paid once per micro-batch")
 
 
 def repro_arms(args):
@@ -794,11 +815,12 @@ def print_gpu(report, args):
                   f" | {r['compiled_grouped_vs_dense']:.2f}x | {r['grouped_vs_loop']:.2f}x | {percent(r['mfu'])} | "
                   f"{r['peak_memory']['grouped+compile'] / 2**20:,.0f} |")
     if "step" in report:
-        print("\n| E | step ms | vs first | tok/s | MFU | peak MB | state MB |\n| --- | --- | --- | --- | --- | --- | --- |")
+        print("\n| E | step ms | vs first | tok/s | MFU | peak MB | state MB | bf16 cast of the experts |\n"
+              "| --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in report["step"]["rows"]:
             print(f"| {r['experts']} | {r['step_seconds'] * 1e3:.1f} | {r['step_time_ratio']:.3f}x | "
                   f"{r['tokens_per_second']:,.0f} | {percent(r['mfu'])} | {r['peak_memory'] / 2**20:,.0f} | "
-                  f"{r['state_memory'] / 2**20:,.0f} |")
+                  f"{r['state_memory'] / 2**20:,.0f} | {percent(r['cast_share'])} |")
     print(f"\n{'all checks passed' if report['ok'] else 'SOME CHECKS FAILED'}"
           + ("" if not report["skipped"] else f"; skipped {len(report['skipped'])}: " + "; ".join(report["skipped"])))
 

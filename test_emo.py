@@ -1665,6 +1665,9 @@ def test_bench_step_times_each_e_and_counts_exactly_the_memory_growth_adds():
     added = 2 * 2 * (32 * 2 * 16 + 16 * 32 + 32)  # 2 layers x 2 experts x (w_in, w_out, router row)
     assert big["state_memory"] - small["state_memory"] == 16 * added
     assert 0 < small["optimizer_share"] < 1 and small["growth_seconds"] > 0
+    assert small["cast_seconds"] is None  # fp32: nothing is cast
+    bf16 = bench.bench_step(step_args(train_args=step_args().train_args + " --dtype=bf16"))["rows"][0]
+    assert 0 < bf16["cast_seconds"] and 0 < bf16["cast_share"] < 1
     assert result["step_time_exponent"] == pytest.approx(
         plan.step_time_exponent([2, 4], [small["step_seconds"], big["step_seconds"]]))
 
