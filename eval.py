@@ -19,7 +19,7 @@ import torch
 
 import emo
 import train
-from data.corpus import Corpus, DataError
+from data.corpus import Corpus, DataError, fingerprint, fingerprint_change
 from emo import SettingError, require
 
 
@@ -76,6 +76,36 @@ def specialization(model, val_data, rows):
     return emo.specialization(model, batches)
 
 
+def check_corpus(args, state, cfg, data, corpus):
+    """The corpus must be tokenized as the model was (the end-of-text id is the last id of GPT-2's compact
+    vocabularies, so it names the vocabulary); the run's own corpus, read by default, must be the one it
+    trained on."""
+    if corpus.eot_id != cfg.eot_id:
+        raise SettingError(f"--data={data}: its vocabulary ({corpus.vocab_size} tokens, end-of-text id "
+                           f"{corpus.eot_id}) is not the model's (end-of-text id {cfg.eot_id}): its numbers would "
+                           f"mean nothing; give a corpus prepared with the run's --vocab_size")
+    changed = not args.data and fingerprint_change(state["data"], fingerprint(data))
+    if changed:
+        raise SettingError(f"{data}, the run's corpus, changed since the checkpoint ({changed}): give --data=PATH "
+                           f"to evaluate on another corpus on purpose")
+
+
+DEFAULT_KEEP = "1,0.5,0.25,0.125"
+
+
+def kept_counts(shares, n_experts, strict=True):
+    """--keep's shares as the shares really kept: a whole number of each layer's experts. Given shares that
+    round to one count, or to none, are refused rather than relabelled; the default just drops them."""
+    counts = [round(share * n_experts) for share in shares]
+    if not strict:
+        counts = [n for n in dict.fromkeys(counts) if n >= 1]
+    require(min(counts) >= 1, "--keep", ",".join(f"{v:g}" for v in shares),
+            f"shares of at least 1/{n_experts} (the model has E={n_experts}: {min(shares):g} keeps no expert)")
+    require(len(set(counts)) == len(counts), "--keep", ",".join(f"{v:g}" for v in shares),
+            f"shares that keep different numbers of the E={n_experts} experts (they keep {counts})")
+    return [count / n_experts for count in counts]
+
+
 def parse_shares(text):
     """--keep's comma-separated shares of each layer's experts, each in (0, 1]."""
     try:
@@ -91,7 +121,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint, or a run folder (its latest.pt)")
     p.add_argument("--data", help="corpus folder (default: the run's)")
-    p.add_argument("--keep", default="1,0.5,0.25,0.125", help="shares of each layer's experts to keep")
+    p.add_argument("--keep", help="shares of each layer's experts to keep (default 1,0.5,0.25,0.125, those of "
+                   "them that keep a whole, different number of the model's experts)")
     p.add_argument("--calib_rows", type=int, default=8, help="training windows per domain to choose experts")
     p.add_argument("--eval_rows", type=int, default=64, help="validation windows per domain")
     p.add_argument("--finetune_steps", type=int, default=0, help="finetune each pruned copy on its domain (0: no)")
@@ -100,7 +131,7 @@ def main(argv=None):
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     try:
-        keep = parse_shares(args.keep)
+        keep = parse_shares(args.keep or DEFAULT_KEEP)
         for flag in ("calib_rows", "eval_rows", "finetune_batch"):
             require(getattr(args, flag) >= 1, f"--{flag}", getattr(args, flag), "a positive integer")
         require(args.finetune_steps >= 0, "--finetune_steps", args.finetune_steps, "an integer >= 0 (0: no finetuning)")
@@ -111,6 +142,8 @@ def main(argv=None):
         cfg = model.config
         data = args.data or state["settings"]["data"]
         train_data, val_data = Corpus(data, "train"), Corpus(data, "val")
+        check_corpus(args, state, cfg, data, train_data)
+        keep = kept_counts(keep, cfg.n_experts, strict=args.keep is not None)
         tuning = args.finetune_steps and dict(steps=args.finetune_steps, batch=args.finetune_batch,
                                               lr=args.finetune_lr, settings=state["settings"])
         results, sizes = evaluate_subsets(model, train_data, val_data, keep, args.calib_rows, args.eval_rows, tuning)

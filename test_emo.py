@@ -4,6 +4,7 @@ the benchmarks. Every fast path is checked against a slow, obviously right refer
 
 import argparse
 import copy
+import fcntl
 import json
 import math
 import os
@@ -1359,7 +1360,8 @@ TRAIN_BAD = [
     (["--max_load_cv=0"], "--max_load_cv=0.0 is not allowed"), (["--total_tokens=inf"], "--total_tokens=inf: expected int"),
     (["--total_tokens=nan"], "--total_tokens=nan: expected int"), (["--total_tokens=1e99999"], "--total_tokens=1e99999: expected int"),
     (["--router=softmax", "--growth_init=silent"], "--growth_init='silent' is not allowed: must be gaussian or copy with --router=softmax"),
-    (["--out_dir="], "--out_dir='' is not allowed"), (["--out_dir={tmp}/afile"], "--out_dir=.*afile is a file"),
+    (["--out_dir="], "--out_dir= is empty: give a value"), (["--stages="], "--stages= is empty"),
+    (["--resume="], "--resume= is empty"), (["--pool_size="], "--pool_size= is empty"), (["--out_dir={tmp}/afile"], "--out_dir=.*afile is a file"),
     (["--out_dir=/proc/emo-run"], "--out_dir=/proc/emo-run: cannot create it"),
     (["--schedule=fixed"], "--stages gives a progressive schedule: --schedule=fixed takes --experts=E"),
     (["--eot_id=5"], "--eot_id=5 is not the corpus's end-of-text id 8191"),
@@ -1511,6 +1513,98 @@ def test_resume_refuses_a_different_model_or_a_foreign_file(corpus, tmp_path):
         train.main([f"--resume={tmp_path / 'junk.pt'}"])
 
 
+def test_a_run_resumes_only_on_the_corpus_it_was_trained_on(corpus, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(corpus, data)
+    stopped(tiny_run(data, tmp_path / "run", "--stop_at=2"))
+    for domain in ("prose", "code"):  # the same name prepared again from other files
+        (tmp_path / "src" / domain).mkdir(parents=True)
+        for i in range(6):
+            (tmp_path / "src" / domain / f"{i}.txt").write_text(f"{domain} {i} " * 80)
+    prepare(str(tmp_path / "src"), "data", out_root=tmp_path, val_fraction=0.2)
+    with pytest.raises(SystemExit) as err:
+        train.main([f"--resume={tmp_path / 'run'}"])
+    assert_one_line(err, "is not the one the run was trained on \\(its train split had .* tokens, now .*\\): a run "
+                         "resumes on its own data")
+    with pytest.raises(SystemExit) as err:
+        evaluate.main([f"--checkpoint={tmp_path / 'run'}"])
+    assert_one_line(err, "the run's corpus, changed since the checkpoint .* give --data=PATH")
+
+
+def test_a_checkpoint_of_another_run_dropped_into_a_run_folder_is_not_continued_there(corpus, tmp_path):
+    stopped(tiny_run(corpus, tmp_path / "a", "--stop_at=2"))
+    stopped(tiny_run(corpus, tmp_path / "b", "--stop_at=3", "--d_model=32"))
+    shutil.copy(tmp_path / "b" / "latest.pt", tmp_path / "a" / "latest.pt")
+    with pytest.raises(SystemExit) as err:
+        train.main([f"--resume={tmp_path / 'a'}"])
+    assert_one_line(err, "was not written by the run in .*a \\(its config.json names another run\\)")
+    steps = [r["step"] for r in records(tmp_path / "a", "step")]
+    assert steps == [1, 2]  # a's history untouched
+
+
+def test_a_new_run_never_overwrites_files_it_did_not_write(corpus, tmp_path):
+    for name in ("stage1.pt", "loss.png", "config.json.tmp.1"):
+        folder = tmp_path / name.replace(".", "-")
+        folder.mkdir()
+        (folder / name).write_text("the user's")
+        with pytest.raises(SystemExit) as err:
+            train.main(tiny_run(corpus, folder))
+        assert_one_line(err, f"holds {re.escape(name)}, which a run writes: give another --out_dir")
+        assert (folder / name).read_text() == "the user's"
+
+
+def test_a_run_that_died_before_its_first_checkpoint_can_be_run_again_in_its_folder(corpus, tmp_path):
+    with pytest.raises(SystemExit, match="non-finite loss"):
+        train.main(tiny_run(corpus, tmp_path, "--lr=1e30", "--grad_clip=0", "--warmup_steps=0"))
+    assert not (tmp_path / "latest.pt").exists() and (tmp_path / "config.json").exists()
+    with pytest.raises(SystemExit) as err:
+        train.main([f"--resume={tmp_path}"])
+    assert_one_line(err, "stopped before its first checkpoint, so there is nothing to resume: run the same command "
+                         "without --resume")
+    train.main(tiny_run(corpus, tmp_path))  # the advice works: it starts over
+    assert [r["step"] for r in records(tmp_path, "step")] == list(range(1, 25))
+
+
+def test_eval_keeps_whole_experts_and_refuses_shares_it_cannot_keep(corpus, tmp_path):
+    stopped(tiny_run(corpus, tmp_path, "--stop_at=2", "--stages=4:0.5,8:0.5"))  # E = 4
+    for keep, match in (("0.01", "--keep='0.01' is not allowed: must be shares of at least 1/4"),
+                        ("1,0.5,0.6", "keep different numbers of the E=4 experts \\(they keep \\[4, 2, 2\\]\\)")):
+        with pytest.raises(SystemExit) as err:
+            evaluate.main([f"--checkpoint={tmp_path}", f"--keep={keep}"])
+        assert_one_line(err, match)
+
+
+def test_eval_refuses_a_corpus_of_another_vocabulary(corpus, tmp_path):
+    stopped(tiny_run(corpus, tmp_path, "--stop_at=2"))
+    other = prepare(str(Path(corpus).parent.parent / "src"), "full", out_root=tmp_path, vocab_size=GPT2_VOCAB,
+                    val_fraction=0.2)
+    with pytest.raises(SystemExit) as err:
+        evaluate.main([f"--checkpoint={tmp_path}", f"--data={other}"])
+    assert_one_line(err, "its vocabulary \\(50257 tokens, end-of-text id 50256\\) is not the model's")
+
+
+def test_prepare_replaces_only_a_corpus_and_clears_what_a_killed_one_left(two_domain_texts, tmp_path):
+    src = tmp_path / "src"
+    for domain, texts in two_domain_texts.items():
+        (src / domain).mkdir(parents=True)
+        for i, text in enumerate(texts):
+            (src / domain / f"{i}.txt").write_text(text)
+    out = tmp_path / "out"
+    (out / ".c.tmp-999999999").mkdir(parents=True)  # a killed prepare.py's temp folder (no such pid)
+    first = prepare(str(src), "c", out_root=out, val_fraction=0.34)
+    assert not (out / ".c.tmp-999999999").exists()
+    (src / "code" / "0.txt").write_text("def g():\n    return 2\n")
+    again = prepare(str(src), "c", out_root=out, val_fraction=0.34)  # a corpus is replaced by a corpus
+    assert again == first and sorted(p.name for p in out.iterdir()) == ["c"]
+    (out / "mine").mkdir()
+    with pytest.raises(DataError, match="holds no corpus \\(no meta.json\\): it is never replaced"):
+        prepare(str(src), "mine", out_root=out, val_fraction=0.34)
+    with open(out / ".c.lock", "a") as lock:  # as a second data/prepare.py of the same name holds it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with pytest.raises(DataError, match="another data/prepare.py is writing .*c: wait for it"):
+            prepare(str(src), "c", out_root=out, val_fraction=0.34)
+
+
 PLAN_BAD = [
     (["--mfu=0"], "--mfu=0.0 is not allowed: must be a fraction in \\(0, 1\\]"), (["--mfu=1.5"], "--mfu=1.5 is not allowed"),
     (["--mfu=-0.4"], "--mfu=-0.4 is not allowed"), (["--mfu=nan"], "--mfu=nan is not allowed"),
@@ -1579,7 +1673,13 @@ PREPARE_BAD = [(["--max_tokens=nan"], "--max_tokens=nan is not allowed"), (["--m
                (["--val_fraction=nan"], "--val_fraction=nan is not allowed"), (["--source={tmp}/missing"], "no such file, folder or glob"),
                (["--source={tmp}/one_each"], "the val split would be empty: 2 documents in 2 domains"),
                (["--vocab_size=256"], "--vocab_size=256 is not allowed: must be an integer from 257"),
-               (["--vocab_size=60000"], "--vocab_size=60000 is not allowed")]
+               (["--vocab_size=60000"], "--vocab_size=60000 is not allowed"),
+               # a name, never a path: each of these once deleted a folder the command did not make
+               (["--name={tmp}/mywork"], "--name='/.*mywork' is not allowed: must be a name"),
+               (["--name=../mywork"], "--name='../mywork' is not allowed"), (["--name=."], "--name='.' is not allowed"),
+               (["--name=.."], "--name='..' is not allowed"), (["--name=__init__.py"], "holds no corpus \\(no meta.json\\)"),
+               (["--source=.."], "--source=.. gives no usable corpus name"), (["--source="], "--source='' is not allowed"),
+               (["--name="], "--name='' is not allowed")]
 
 
 @pytest.mark.parametrize("flags,match", PREPARE_BAD)
@@ -1587,12 +1687,16 @@ def test_bad_prepare_flags_fail_with_one_line(tmp_path, flags, match):
     for domain in ("a", "b"):  # one document per domain: nothing can go to val
         (tmp_path / "one_each" / domain).mkdir(parents=True)
         (tmp_path / "one_each" / domain / "0.txt").write_text(f"the only {domain} document")
-    args = [f.replace("{tmp}", str(tmp_path)) for f in flags] + [f"--name={tmp_path / 'out'}"]
+    (tmp_path / "mywork").mkdir()
+    (tmp_path / "mywork" / "notes.txt").write_text("mine")
+    args = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    args += [] if any(f.startswith("--name=") or f == "--source=.." for f in args) else ["--name=never-written"]
     done = subprocess.run([sys.executable, "data/prepare.py", *args], cwd=Path(__file__).parent, capture_output=True,
                           text=True, timeout=120)
     error = [line for line in done.stderr.splitlines() if line.startswith("data/prepare.py")]  # the rest: progress
     assert done.returncode == 1 and len(error) == 1 and re.search(match, error[0]), done.stderr
-    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+    assert "Traceback" not in done.stderr and not (Path(__file__).parent / "data" / "never-written").exists()
+    assert (tmp_path / "mywork" / "notes.txt").read_text() == "mine" and (Path(__file__).parent / "data" / "corpus.py").exists()
 
 
 def test_a_genuine_bug_keeps_its_traceback(corpus, tmp_path, monkeypatch):

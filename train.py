@@ -20,6 +20,7 @@ import re
 import signal
 import sys
 import time
+import uuid
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -29,7 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import emo
-from data.corpus import DEFAULT_FOLDER, Corpus, DataError, prepare, vocabulary
+from data.corpus import DEFAULT_FOLDER, Corpus, DataError, fingerprint, fingerprint_change, prepare, vocabulary
 from emo import SettingError, require
 
 HERE = Path(__file__).resolve().parent
@@ -104,8 +105,10 @@ def parse(argv):
         if not arg.startswith("--"):
             raise SettingError(f"unexpected argument {arg!r}: settings are --key=value flags")
         key, _, value = arg[2:].partition("=")
+        if _ and not value:  # an unset shell variable, say: never silently the default
+            raise SettingError(f"--{key}= is empty: give a value, or leave the flag out for its default")
         values[key] = value if _ else "true"
-    if values.get("config"):
+    if "config" in values:
         values = {**read_config_file(values["config"]), **values}
     known = {f.name: f.type for f in fields(Settings)} | {f.name: f.type for f in fields(emo.Config)}
     unknown = sorted(set(values) - set(known))
@@ -129,6 +132,11 @@ def read_config_file(path):
         raise SettingError(f"--config={path}: cannot read a JSON object ({type(err).__name__})") from None
     if not isinstance(data, dict):
         raise SettingError(f"--config={path}: must hold a JSON object of settings")
+    for key, value in data.items():
+        if key in ("config", "resume"):
+            raise SettingError(f"--config={path}: {key!r} is not a setting a config file can give (a flag only)")
+        if value == "" or value == []:
+            raise SettingError(f"--config={path}: {key!r} is empty: give a value, or leave it out for its default")
     return data
 
 
@@ -289,7 +297,7 @@ def collapse_warnings(idle, loads, s, check_cv):
 # The run folder: one owner, atomic files, checkpoints that cannot run code
 # ---------------------------------------------------------------------------------------------
 
-RUN_FILES = ("config.json", "metrics.jsonl", "latest.pt")  # a folder holding any of these holds a run
+RUN_FILE = re.compile(r"config\.json|metrics\.jsonl|loss\.png|(latest|stage\d+|step\d+)\.pt")  # what a run writes
 TEMP_NAME = re.compile(r"(latest|stage\d+|step\d+)\.pt\.tmp\.\d+|(config\.json|metrics\.jsonl)\.tmp\.\d+")
 
 
@@ -317,14 +325,25 @@ def claim_folder(out_dir, resuming):
     lock.truncate(0)
     lock.write(str(os.getpid()))
     lock.flush()
-    if not resuming and any((out_dir / name).exists() for name in RUN_FILES):
+    ours = sorted(p for p in out_dir.iterdir() if RUN_FILE.fullmatch(p.name) or TEMP_NAME.fullmatch(p.name))
+    if not resuming and ours and not never_checkpointed(out_dir, ours):
         lock.close()
-        raise SettingError(f"--out_dir={out_dir} already holds a run: continue it with --resume={out_dir}, or "
-                           f"start over in another --out_dir (or delete this folder first)")
-    for path in out_dir.iterdir():  # temp files of a process killed mid-write: we hold the lock, they are stale
-        if TEMP_NAME.fullmatch(path.name):
+        if (out_dir / "latest.pt").exists() or run_id(out_dir):
+            raise SettingError(f"--out_dir={out_dir} already holds a run: continue it with --resume={out_dir}, or "
+                               f"start over in another --out_dir (or delete this folder first)")
+        raise SettingError(f"--out_dir={out_dir} holds {ours[0].name}, which a run writes: give another --out_dir "
+                           f"(or move your file)")
+    for path in ours:  # a new run: what a run that never checkpointed left; a resume: stale temp files
+        if not resuming or TEMP_NAME.fullmatch(path.name):
             path.unlink()
     return lock
+
+
+def never_checkpointed(out_dir, files):
+    """Did these files come from a train.py run that stopped before its first checkpoint (a non-finite loss,
+    a kill while compiling)? Then there is nothing to resume, and a new run may start over in the folder."""
+    left = {p.name for p in files if not TEMP_NAME.fullmatch(p.name)}
+    return "config.json" in left and left <= {"config.json", "metrics.jsonl"} and run_id(out_dir) is not None
 
 
 def folder_owner(out_dir):
@@ -393,15 +412,16 @@ def restore_rng(rng, rank, device):
         torch.cuda.set_rng_state(rng[rank]["cuda"], device)
 
 
-def save_checkpoint(path, raw, optimizer, s, step, world, retained, rng):
-    """Everything a resume needs, as tensors, numbers, strings, lists and dicts (loadable with weights_only)."""
+def save_checkpoint(path, raw, optimizer, s, step, world, retained, rng, run, data):
+    """Everything a resume needs, as tensors, numbers, strings, lists and dicts (loadable with weights_only);
+    run: the run's id (config.json has it too), data: the corpus's fingerprint, both checked on resume."""
     state = {"format": CHECKPOINT_FORMAT, "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
              "config": asdict(raw.config), "settings": asdict(s), "step": step, "world_size": world,
-             "retained": list(retained), "rng": rng}
+             "retained": list(retained), "rng": rng, "run": run, "data": data}
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-CHECKPOINT_KEYS = ("model", "optimizer", "config", "settings", "step", "world_size", "retained", "rng")
+CHECKPOINT_KEYS = ("model", "optimizer", "config", "settings", "step", "world_size", "retained", "rng", "run", "data")
 
 
 def load_checkpoint(path, flag="--resume"):
@@ -411,6 +431,9 @@ def load_checkpoint(path, flag="--resume"):
     if path.is_dir():
         path = path / "latest.pt"
     if not path.is_file():
+        if path.name == "latest.pt" and run_id(path.parent):
+            raise SettingError(f"{flag}={path.parent}: the run there stopped before its first checkpoint, so there "
+                               f"is nothing to resume: run the same command without {flag} to start it over")
         raise SettingError(f"{flag}={path}: no such checkpoint")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -453,7 +476,10 @@ def checkpoint_field_checks(state):
             ("retained", lambda: isinstance(state["retained"], list) and all(is_int(v, 1) for v in state["retained"])),
             ("rng", lambda: isinstance(state["rng"], list) and len(state["rng"]) >= 1 and all(
                 isinstance(r, dict) and is_state(r.get("cpu")) and (r.get("cuda") is None or is_state(r["cuda"]))
-                for r in state["rng"]))]
+                for r in state["rng"])),
+            ("run", lambda: isinstance(state["run"], str)),
+            ("data", lambda: isinstance(state["data"], dict) and isinstance(state["data"].get("domains"), list)
+                and isinstance(state["data"].get("tokens"), dict) and isinstance(state["data"].get("sha256"), str))]
 
 
 def model_from_checkpoint(state, path, **overrides):
@@ -510,7 +536,7 @@ def resumed_settings(state, s, model, given):
     return old, dict(state["config"])
 
 
-def resume_destination(checkpoint, s, given):
+def resume_destination(checkpoint, state, s, given):
     """Where a resumed run writes: the folder it was resumed from, continued in place, which needs that
     folder's newest checkpoint (an older one would overwrite later progress); or a new --out_dir, a branch
     that starts with the source's metrics up to the checkpoint. Returns (out_dir, branching)."""
@@ -522,7 +548,19 @@ def resume_destination(checkpoint, s, given):
     if not latest.exists() or not os.path.samefile(checkpoint, latest):
         raise SettingError(f"--resume={checkpoint} is not {source}'s latest checkpoint: continuing there would "
                            f"overwrite its later progress; give --out_dir=NEW_FOLDER to branch from it")
+    if run_id(source) != state["run"]:
+        raise SettingError(f"--resume={checkpoint} was not written by the run in {source} (its config.json names "
+                           f"another run): continuing would mix two runs' histories; give --out_dir=NEW_FOLDER to "
+                           f"branch from it")
     return out_dir, False
+
+
+def run_id(folder):
+    """The id in a run folder's config.json, or None where there is none (or it is not train.py's)."""
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()).get("run")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -869,11 +907,15 @@ class Trainer:
             self.raw = emo.Transformer(cfg).to(self.device)
             self.optimizer = make_optimizer(self.raw, s, self.device)
             self.step, self.retained = 0, []
+            self.data = fingerprint(s.data)  # what this run trains on, kept in every checkpoint
+            # a run continued in place keeps its id; a new run, or a branch, gets its own
+            self.run_id = resume[0]["run"] if resume and not resume[2] else uuid.uuid4().hex
             if resume:
                 self.restore(resume)
             self.model = wrap(self.raw, s, self.device)
             if self.master:  # every check passed: only now does the folder hold a run
-                config = {"settings": asdict(s), "model": asdict(cfg), "stages": [asdict(st) for st in stages]}
+                config = {"run": self.run_id, "settings": asdict(s), "model": asdict(cfg),
+                          "stages": [asdict(st) for st in stages]}
                 atomic_write(self.out_dir / "config.json", lambda f: f.write(json.dumps(config, indent=1).encode()))
                 self.metrics = open(self.out_dir / "metrics.jsonl", "a")
         except BaseException:
@@ -1051,7 +1093,8 @@ class Trainer:
         if n > 1 and not keep:
             self.log(f"step {step}: warning: {link} exists and was not written by this run: not replaced")
         retained = (self.retained + ([step] if keep and step not in self.retained else []))[-n:] if n > 1 else []
-        save_checkpoint(out / "latest.pt", self.raw, self.optimizer, self.s, step, self.world, retained, rng)
+        save_checkpoint(out / "latest.pt", self.raw, self.optimizer, self.s, step, self.world, retained, rng,
+                        self.run_id, self.data)
         if ended_stage:
             link_atomically(out / "latest.pt", out / f"stage{ended_stage.index}.pt")
         if keep:
@@ -1171,7 +1214,11 @@ def setup(argv):
                                f"batch depend on it)")
         require(len(state["rng"]) == world, f"--resume={path}: its random states", len(state["rng"]),
                 f"one per process, {world} (corrupt or edited)")
-        out_dir, branching = resume_destination(path, s, given)
+        changed = (Path(s.data) / "meta.json").exists() and fingerprint_change(state["data"], fingerprint(s.data))
+        if changed:
+            raise SettingError(f"--resume={path}: the corpus in {s.data} is not the one the run was trained on "
+                               f"({changed}): a run resumes on its own data; prepare that again, or start a new run")
+        out_dir, branching = resume_destination(path, state, s, given)
         s.out_dir = str(out_dir)
         resume = (state, path, branching)
     experts, fractions = parse_stages(s)

@@ -7,6 +7,7 @@ by domain, deterministic under the seed. `python data/prepare.py` writes one (se
 Corpus(folder, split) reads one, checked once when it is opened.
 """
 
+import fcntl
 import glob
 import functools
 import hashlib
@@ -14,6 +15,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import sysconfig
@@ -322,9 +324,66 @@ def prepare(source=None, name=None, max_tokens=4_000_000, val_fraction=0.05, see
     place at the end, so a failed run leaves the old corpus or none. Errors are one-line DataErrors."""
     require(0 < val_fraction < 1, "--val_fraction", val_fraction, "between 0 and 1")
     require(math.isfinite(max_tokens) and max_tokens >= 1, "--max_tokens", max_tokens, "a finite number >= 1")
-    name = name or ("default" if source is None else Path(source.rstrip("/").replace("hf:", "")).stem or "corpus")
-    out_dir = Path(out_root) / name
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    require(source != "", "--source", source, "a folder, a glob or hf:NAME (leave it out for the default corpus)")
+    out_root = Path(out_root)
+    out_dir = out_root / corpus_name(source, name)
+    if out_dir.exists() and not (out_dir / "meta.json").is_file():
+        raise DataError(f"{out_dir} exists and holds no corpus (no meta.json): it is never replaced; move it away "
+                        f"or give another --name")
+    out_root.mkdir(parents=True, exist_ok=True)
+    lock = open(out_root / f".{out_dir.name}.lock", "a")  # one writer per name; dies with its process
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise DataError(f"another data/prepare.py is writing {out_dir}: wait for it or give another --name") from None
+    try:
+        remove_stale_temps(out_root)
+        return write_corpus(source, out_dir, max_tokens, val_fraction, seed, vocab_size)
+    finally:
+        Path(lock.name).unlink(missing_ok=True)
+        lock.close()
+
+
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def corpus_name(source, name):
+    """The corpus folder's name under data/: --name, or one taken from the source. A name, never a path: a
+    path would let the replace step below reach any folder (data/ itself, the repository, a user's work)."""
+    if name is None:
+        name = "default" if source is None else Path(source.rstrip("/").replace("hf:", "")).stem
+        if not NAME.fullmatch(name):
+            raise DataError(f"--source={source} gives no usable corpus name ({name!r}): give --name=NAME")
+    if not NAME.fullmatch(name):
+        raise DataError(f"--name={name!r} is not allowed: must be a name (letters, digits, _ . -, not starting "
+                        f"with . or -) for a folder under data/; --data=PATH reads a corpus from anywhere, so "
+                        f"prepare it here and move the folder to keep it elsewhere")
+    return name
+
+
+def remove_stale_temps(out_root):
+    """Temp folders of a data/prepare.py that was killed (its pid is gone): nothing else will ever remove them."""
+    for path in out_root.glob(".*.tmp-*"):
+        temp = re.fullmatch(r"\..+\.tmp-(\d+)(-old)?", path.name)
+        if temp and path.is_dir() and not pid_alive(int(temp.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def write_corpus(source, out_dir, max_tokens, val_fraction, seed, vocab_size):
+    """Tokenize, split and write into a temp folder beside out_dir, then swap it in (see prepare)."""
+    name = out_dir.name
+    tmp = out_dir.parent / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "scratch").mkdir(parents=True)
     streams = DomainStreams(tmp / "scratch")
@@ -355,13 +414,48 @@ def prepare(source=None, name=None, max_tokens=4_000_000, val_fraction=0.05, see
                                               token_bytes(vocab_size)) for split in ("train", "val")}}
         shutil.rmtree(tmp / "scratch")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        replace_folder(tmp, out_dir)
     finally:
         streams.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def fingerprint(folder):
+    """What a checkpoint remembers of the corpus it was trained on, cheap at any size: the domains, the token
+    count of each split, and a sha256 of each data file's size, first and last MiB."""
+    folder = Path(folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    digest = hashlib.sha256()
+    for name in ("train.bin", "train_docs.npy", "val.bin", "val_docs.npy"):
+        size = (folder / name).stat().st_size
+        digest.update(f"{name}:{size}".encode())
+        with open(folder / name, "rb") as f:
+            digest.update(f.read(1 << 20))
+            f.seek(max(size - (1 << 20), 0))
+            digest.update(f.read())
+    return {"domains": list(meta["domains"]), "tokens": {split: int(meta["splits"][split]["tokens"])
+                                                         for split in ("train", "val")}, "sha256": digest.hexdigest()}
+
+
+def fingerprint_change(then, now):
+    """How corpus fingerprint `now` differs from `then`, in words; None if it does not."""
+    if then["domains"] != now["domains"]:
+        return f"its domains were {', '.join(then['domains'])}, now {', '.join(now['domains'])}"
+    for split in ("train", "val"):
+        if then["tokens"][split] != now["tokens"][split]:
+            return f"its {split} split had {then['tokens'][split]:,} tokens, now {now['tokens'][split]:,}"
+    return None if then["sha256"] == now["sha256"] else "its token files differ"
+
+
+def replace_folder(new, old):
+    """Put folder `new` where `old` is: the old corpus is renamed aside first and deleted only once the new
+    one stands in its place, so a crash leaves one whole corpus (or the old one beside, under a temp name)."""
+    aside = old.parent / f".{old.name}.tmp-{os.getpid()}-old"
+    if old.exists():
+        os.replace(old, aside)
+    os.replace(new, old)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
