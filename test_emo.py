@@ -1026,14 +1026,15 @@ def test_the_loss_is_averaged_over_ranks_on_the_training_device(monkeypatch):
 
 def test_torchrun_with_two_compiled_processes_grows_stops_and_resumes(corpus, tmp_path):
     """DDP around a compiled model, as configs/gpu-8x.json runs it (bf16 takes the grouped path a GPU takes).
-    A stop saves before any rank exits: each exits 75, which torchrun reports as a failure of the job."""
+    A stop saves before any rank exits; each exits 75 (or is ended by torchrun once a peer has, the
+    checkpoint already written), which torchrun reports as a failure of the job."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
     args = tiny_run(corpus, tmp_path, "--total_tokens=3072", "--batch_size=4", "--batch_tokens=256", "--compile",
                     "--dtype=bf16")
     done = subprocess.run(torchrun + args + ["--stop_at=8"], cwd=Path(__file__).parent, capture_output=True,
                           text=True, timeout=300)
     exits = re.findall(r"rank\s*: (\d) \(local_rank.*\n\s*exitcode\s*: (-?\d+)", done.stderr)  # torchrun's summary
-    assert done.returncode != 0 and sorted(exits) == [("0", "75"), ("1", "75")], done.stderr[-2000:]
+    assert done.returncode != 0 and len(exits) == 2 and {code for _, code in exits} <= {"75", "-15"}, done.stderr[-2000:]
     state = torch.load(tmp_path / "latest.pt", weights_only=True)
     assert state["step"] == 8 and len(state["rng"]) == 2
     done = subprocess.run(torchrun + [f"--resume={tmp_path}"], cwd=Path(__file__).parent, capture_output=True,
@@ -1229,14 +1230,13 @@ def test_retention_keeps_stage_ends_and_the_latest_n_checkpoints(corpus, tmp_pat
 
 
 def test_retention_touches_only_the_checkpoints_it_wrote(corpus, tmp_path):
-    tmp_path.mkdir(exist_ok=True)
-    mine = {"step5000.pt": b"my own", "step_best.pt": b"my best", "step10.pt": b"mine too"}
+    stopped(tiny_run(corpus, tmp_path, "--checkpoint_interval=5", "--keep_latest=2", "--stop_at=15"))
+    mine = {"step5000.pt": b"my own", "step_best.pt": b"my best", "step20.pt": b"mine too"}  # put there mid-run
     for name, data in mine.items():
         (tmp_path / name).write_bytes(data)
-    stopped(tiny_run(corpus, tmp_path, "--checkpoint_interval=5", "--keep_latest=2", "--stop_at=15"))
     train.main([f"--resume={tmp_path}"])  # retention resumes from the list the checkpoint carries
     assert all((tmp_path / name).read_bytes() == data for name, data in mine.items())
-    assert {p.name for p in tmp_path.glob("step*.pt")} == set(mine) | {"step20.pt", "step24.pt"}
+    assert {p.name for p in tmp_path.glob("step*.pt")} == set(mine) | {"step15.pt", "step24.pt"}
 
 
 def test_a_new_run_never_overwrites_a_folder_that_holds_one(corpus, tmp_path):

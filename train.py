@@ -12,11 +12,13 @@ end), latest.pt and one checkpoint per stage; one run at a time owns it. Exit st
 75 it stopped early and can be resumed (a signal or --stop_at), 1 an error (printed as one line).
 """
 
+import errno
 import fcntl
 import json
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -361,6 +363,13 @@ def folder_owner(out_dir):
     return None
 
 
+def open_for_append(path):
+    try:
+        return open(path, "a")
+    except OSError as err:
+        raise TrainingError(f"cannot write {path}: {why_not_written(err, path)}") from None
+
+
 def fsync_folder(folder):
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -371,7 +380,8 @@ def fsync_folder(folder):
 
 def atomic_write(path, write):
     """Write path so that a crash leaves the old file or the new one, never a torn one: a temp file named
-    by this process (two processes never collide), fsync, rename, fsync the folder."""
+    by this process (two processes never collide), fsync, rename, fsync the folder. A full disk or a file
+    that cannot be written is one line naming the path (the old file stays as it was)."""
     tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -379,9 +389,25 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        raise TrainingError(f"cannot write {path}: {why_not_written(err, path)}; it stays as it was") from None
+    except RuntimeError as err:  # torch.save's writer reports a short write (a full disk) as "unexpected pos"
+        if "unexpected pos" not in str(err) and "PytorchStreamWriter" not in str(err):
+            raise
+        raise TrainingError(f"cannot write {path}: the write fell short, most likely no space left on the device "
+                            f"holding {path.parent}; it stays as it was") from None
     finally:
         tmp.unlink(missing_ok=True)
     fsync_folder(path.parent)
+
+
+def why_not_written(err, path):
+    """An OSError on writing path, in the words a user acts on."""
+    if err.errno == errno.ENOSPC:
+        return f"no space left on the device holding {path.parent}"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "not writable (permissions, or a read-only file system)"
+    return err.strerror or type(err).__name__
 
 
 def link_atomically(src, dst):
@@ -854,6 +880,10 @@ def train_step(model, optimizer, micro_batches, lr, grad_clip, dtype):
 # ---------------------------------------------------------------------------------------------
 
 
+class StoppedMidStep(Exception):
+    """A signal arrived while a step was being computed (torch.compile building, say) and broke it."""
+
+
 class Preemption:
     """SIGTERM / SIGINT ask the run to save a checkpoint at the next step boundary and exit cleanly."""
 
@@ -888,16 +918,15 @@ class Trainer:
         self.accum = self.batch_tokens // self.micro_tokens
         self.total_steps = stages[-1].end
         self.out_dir = Path(s.out_dir)
-        self.lock = self.metrics = self.preemption = None
+        self.lock = self.metrics = None
+        self.preemption = Preemption()  # from here on a signal stops the run cleanly, during compilation too
         self.rank, self.device = setup_distributed(s.device, world)
         self.dtype = autocast_dtype(s, self.device)
         self.master = self.rank == 0
+        created = not self.out_dir.exists()
         try:
             if self.master:  # a branch from another run's checkpoint is a new run in its folder
                 self.lock = claim_folder(self.out_dir, resuming=resume is not None and not resume[2])
-            self.log(json.dumps({"settings": asdict(s), "model": asdict(cfg)}))
-            self.log("stages: " + ", ".join(f"E={st.experts} steps {st.start}-{st.end}" for st in stages)
-                     + f" ({self.total_steps} steps of {self.batch_tokens} tokens, {self.accum} micro-batches each)")
             self.train_data, self.val_data = open_data(s, cfg, self.rank, world)
             repeats = epochs_warning(s, self.train_data)
             if repeats:
@@ -913,15 +942,19 @@ class Trainer:
             if resume:
                 self.restore(resume)
             self.model = wrap(self.raw, s, self.device)
+            self.log(json.dumps({"settings": asdict(s), "model": asdict(cfg)}))
+            self.log("stages: " + ", ".join(f"E={st.experts} steps {st.start}-{st.end}" for st in stages)
+                     + f" ({self.total_steps} steps of {self.batch_tokens} tokens, {self.accum} micro-batches each)")
             if self.master:  # every check passed: only now does the folder hold a run
                 config = {"run": self.run_id, "settings": asdict(s), "model": asdict(cfg),
                           "stages": [asdict(st) for st in stages]}
                 atomic_write(self.out_dir / "config.json", lambda f: f.write(json.dumps(config, indent=1).encode()))
-                self.metrics = open(self.out_dir / "metrics.jsonl", "a")
+                self.metrics = open_for_append(self.out_dir / "metrics.jsonl")
         except BaseException:
             self.close()
+            if self.master and created and self.out_dir.is_dir() and set(os.listdir(self.out_dir)) <= {".lock"}:
+                shutil.rmtree(self.out_dir)
             raise
-        self.preemption = Preemption()
         self.idle = torch.zeros(0)  # per layer and expert: steps since it last got a token
         self.cost = None  # this stage's training time, tokens and peak memory in this process (since a resume)
         self.clock = dict(start=time.time(), start_step=self.step, last=time.time(), tokens=0)
@@ -932,8 +965,12 @@ class Trainer:
 
     def record(self, kind, **values):
         if self.metrics:
-            self.metrics.write(json.dumps({"kind": kind, **values}) + "\n")
-            self.metrics.flush()
+            try:
+                self.metrics.write(json.dumps({"kind": kind, **values}) + "\n")
+                self.metrics.flush()
+            except OSError as err:
+                path = self.out_dir / "metrics.jsonl"
+                raise TrainingError(f"cannot write {path}: {why_not_written(err, path)}") from None
 
     def restore(self, resume):
         """Weights, optimizer, step, RNG and retention list from a checkpoint; a branch starts with the
@@ -956,9 +993,24 @@ class Trainer:
     def run(self):
         """Train to the end, or until a signal or --stop_at; returns True when the run finished."""
         try:
-            while self.step < self.total_steps:
-                stage = next(st for st in self.stages if st.start <= self.step < st.end)
-                self.grow_if_due(stage)
+            try:
+                return self.loop()
+            except StoppedMidStep as err:
+                last = self.out_dir / "latest.pt"
+                self.log(f"{err}; " + (f"resume with: python train.py --resume={self.out_dir}" if last.exists() else
+                                       "no checkpoint yet: run the same command again to start over"))
+                return False
+        finally:  # also when the run stops on an error: give back the signal handlers, the log, the lock
+            self.close()
+
+    def loop(self):
+        """Stage by stage (grow at its first step), step by step, until the end, a signal or --stop_at; True
+        when the run finished."""
+        for stage in self.stages:
+            if self.step >= stage.end:  # a resumed run: this stage is done
+                continue
+            self.grow_if_due(stage)
+            while self.step < stage.end:
                 loss, ce, grad_norm, loads = self.train(stage)
                 self.log_step(stage, loss, ce, grad_norm, loads)
                 stage_end = self.step == stage.end
@@ -975,10 +1027,8 @@ class Trainer:
                     self.log(f"stopped at step {self.step} ({'signal' if preempted else '--stop_at'}); resume "
                              f"with: python train.py --resume={self.out_dir}")
                     return False
-            self.finish()
-            return True
-        finally:  # also when the run stops on an error: give back the signal handlers, the log, the lock
-            self.close()
+        self.finish()
+        return True
 
     def grow_if_due(self, stage):
         """At a stage's first step: grow the experts, fit the optimizer to them, re-wrap, and evaluate once
@@ -1016,7 +1066,12 @@ class Trainer:
             loss, ce, grad_norm, loads = train_step(self.model, self.optimizer,
                                                     [(x.to(self.device), y.to(self.device)) for x, y in batches],
                                                     lr, s.grad_clip, self.dtype)
-        except NonFiniteLoss as err:
+        except Exception as err:
+            if not isinstance(err, NonFiniteLoss):
+                if self.preemption.requested:  # a signal to the process group killed the compiler's workers
+                    raise StoppedMidStep(f"stopped by a signal during step {self.step + 1} ({type(err).__name__} "
+                                         f"in the step it interrupted); the step was not taken") from None
+                raise
             last = self.out_dir / "latest.pt"
             where = f"resume it with a lower learning rate: python train.py --resume={self.out_dir} --lr={s.lr / 4:g}" \
                 if last.exists() else "start again with a lower --lr"
