@@ -1605,6 +1605,34 @@ def test_prepare_replaces_only_a_corpus_and_clears_what_a_killed_one_left(two_do
             prepare(str(src), "c", out_root=out, val_fraction=0.34)
 
 
+def test_a_full_disk_at_a_checkpoint_is_one_line_naming_the_folder(corpus, tmp_path, monkeypatch):
+    def short_write(state, f):  # what torch.save raises when the device fills up under it
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(torch, "save", short_write)
+    with pytest.raises(SystemExit) as err:
+        train.main(tiny_run(corpus, tmp_path, "--checkpoint_interval=2"))
+    assert_one_line(err, f"cannot write {tmp_path}/latest.pt: the write fell short, most likely no space left on the "
+                         f"device holding {tmp_path}; it stays as it was")
+    assert not list(tmp_path.glob("*.tmp.*"))
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(train.TrainingError, match="no space left on the device holding"):
+        train.atomic_write(tmp_path / "x.json", lambda f: f.write(b"{}"))
+
+
+def test_a_signal_that_breaks_a_step_stops_the_run_with_the_stop_status(corpus, tmp_path, monkeypatch):
+    """SIGTERM to the process group while torch.compile builds kills its worker processes, and the step fails
+    with a compiler error: that is a stop (exit 75), not a crash."""
+    def interrupted(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise RuntimeError("a compile worker died")
+
+    monkeypatch.setattr(train, "train_step", interrupted)
+    with pytest.raises(SystemExit) as err:
+        train.main(tiny_run(corpus, tmp_path))
+    assert err.value.code == train.EXIT_STOPPED
+
+
 PLAN_BAD = [
     (["--mfu=0"], "--mfu=0.0 is not allowed: must be a fraction in \\(0, 1\\]"), (["--mfu=1.5"], "--mfu=1.5 is not allowed"),
     (["--mfu=-0.4"], "--mfu=-0.4 is not allowed"), (["--mfu=nan"], "--mfu=nan is not allowed"),

@@ -324,9 +324,12 @@ def claim_folder(out_dir, resuming):
         lock.close()
         raise SettingError(f"--out_dir={out_dir}: another training process (pid {owner}) is running there; wait "
                            f"for it or give another --out_dir") from None
-    lock.truncate(0)
-    lock.write(str(os.getpid()))
-    lock.flush()
+    try:  # unbuffered, so that closing the file later never has a write left to fail
+        os.ftruncate(lock.fileno(), 0)
+        os.write(lock.fileno(), str(os.getpid()).encode())
+    except OSError as err:
+        lock.close()
+        raise SettingError(f"--out_dir={out_dir}: cannot write there: {why_not_written(err, out_dir / '.lock')}") from None
     ours = sorted(p for p in out_dir.iterdir() if RUN_FILE.fullmatch(p.name) or TEMP_NAME.fullmatch(p.name))
     if not resuming and ours and not never_checkpointed(out_dir, ours):
         lock.close()
