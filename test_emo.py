@@ -1055,6 +1055,20 @@ def test_every_rank_resumes_its_own_random_state():
     assert torch.equal(torch.get_rng_state(), states[1])
 
 
+def test_flags_override_a_config_files_stage_list_whichever_form_each_gives(tmp_path):
+    (tmp_path / "c.json").write_text('{"experts": "2,4,8"}')
+    s, _, _ = train.parse([f"--config={tmp_path / 'c.json'}", "--stages=4:0.5,8:0.5"])
+    assert train.parse_stages(s) == ([4, 8], [0.5, 0.5])
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_without_lr_advice(corpus, tmp_path):
+    stopped(tiny_run(corpus, tmp_path, "--stop_at=2"))
+    broken = write_checkpoint(tmp_path / "latest.pt", lambda s: s["model"]["norm.weight"].fill_(float("nan")))
+    with pytest.raises(SystemExit) as err:
+        train.main([f"--resume={broken}", f"--out_dir={tmp_path / 'branch'}"])
+    assert_one_line(err, "its weight norm.weight holds NaN or inf .* go on from an earlier checkpoint")
+
+
 def test_a_resumed_run_keeps_no_copy_of_the_checkpoint(corpus, tmp_path):
     stopped(tiny_run(corpus, tmp_path, "--stop_at=2"))
     s, cfg, stages, world, resume = train.setup([f"--resume={tmp_path}"])
@@ -1346,6 +1360,10 @@ TRAIN_BAD = [
     (["--lr_schedule=linear"], "--lr_schedule='linear' is not allowed"), (["--n_expert=4"], "unknown setting --n_expert"),
     (["--lr=fast"], "--lr=fast: expected float"), (["--top_k=3", "--experts=2,4"], "top_k=3 is not allowed: must be at most the first stage's E=2"),
     (["--experts=4,2"], "strictly increasing"), (["--n_experts=4"], "--experts"),
+    (["--experts=8,2", "--schedule=fixed"], "--experts=8,2: expert counts must be positive and strictly increasing"),
+    (["--batch_size=100000"], "must be at least one optimizer step per stage: 2 x 3200000 tokens \\(--batch_size \\* "
+                              "--seq_len \\* processes = 100000 \\* 32 \\* 1\\); or make the batch smaller"),
+    (["--config={tmp}/nested.json"], "--config=.*nested.json: 'config' is not a setting a config file can give"),
     (["--batch_tokens=100"], "multiple of batch_size"), (["--seq_len=8192", "--batch_size=1", "--total_tokens=16384"], "longer than the train split"),
     (["--d_model=66"], "Config.d_model=66"), (["--stages=2:0.5,4:0.4"], "summing to 1"),
     (["--vocab_size=1000"], "smaller than the corpus vocabulary"), (["--experts=2,4", "--stages=2:0.5,4:0.5"], "not both"),
@@ -1380,6 +1398,7 @@ TRAIN_BAD = [
 def test_bad_train_settings_fail_with_one_line_before_any_work(corpus, tmp_path, flags, match):
     (tmp_path / "afile").write_text("x")
     (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "nested.json").write_text('{"config": "other.json"}')
     flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
     base = tiny_run(corpus, tmp_path / "run")
     if any(f.startswith("--experts") for f in flags):  # a row's own --stages, if any, comes after
@@ -1388,7 +1407,7 @@ def test_bad_train_settings_fail_with_one_line_before_any_work(corpus, tmp_path,
     with pytest.raises(SystemExit) as err:
         train.main(args)
     assert_one_line(err, match)
-    assert not (tmp_path / "run" / "config.json").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "run").exists()  # nothing left behind, not even an empty folder
 
 
 def damage(folder, how):

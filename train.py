@@ -111,7 +111,11 @@ def parse(argv):
             raise SettingError(f"--{key}= is empty: give a value, or leave the flag out for its default")
         values[key] = value if _ else "true"
     if "config" in values:
-        values = {**read_config_file(values["config"]), **values}
+        from_file = read_config_file(values["config"])
+        for flag, other in (("stages", "experts"), ("experts", "stages")):  # flags override the file
+            if flag in values:
+                from_file.pop(other, None)
+        values = {**from_file, **values}
     known = {f.name: f.type for f in fields(Settings)} | {f.name: f.type for f in fields(emo.Config)}
     unknown = sorted(set(values) - set(known))
     if unknown:
@@ -199,8 +203,11 @@ def validate(s, cfg, world, n_stages):
     micro_tokens = s.batch_size * cfg.seq_len * world
     require(s.batch_tokens % micro_tokens == 0, "--batch_tokens", s.batch_tokens,
             f"a multiple of batch_size * seq_len * processes = {s.batch_size}*{cfg.seq_len}*{world} = {micro_tokens}")
-    require(s.total_tokens >= (s.batch_tokens or micro_tokens) * n_stages, "--total_tokens", s.total_tokens,
-            f"at least one optimizer step ({s.batch_tokens or micro_tokens} tokens) per stage")
+    step_tokens = s.batch_tokens or micro_tokens
+    require(s.total_tokens >= step_tokens * n_stages, "--total_tokens", s.total_tokens,
+            f"at least one optimizer step per stage: {n_stages} x {step_tokens} tokens (" +
+            ("--batch_tokens" if s.batch_tokens else f"--batch_size * --seq_len * processes = {s.batch_size} * "
+             f"{cfg.seq_len} * {world}") + "); or make the batch smaller")
     require(not (s.growth_init == "silent" and cfg.router == "softmax" and n_stages > 1), "--growth_init",
             s.growth_init, "gaussian or copy with --router=softmax (softmax gates are normalised over all experts, "
             "so no growth can leave the output unchanged)")
@@ -230,10 +237,10 @@ def parse_stages(s):
         raise SettingError(f"--{key}={text}: expected comma-separated {'E:fraction' if s.stages else 'integers'}") from None
     if s.stages and s.schedule == "fixed":
         raise SettingError("--stages gives a progressive schedule: --schedule=fixed takes --experts=E instead")
-    if s.schedule == "fixed":
-        experts = experts[-1:]
     if any(E < 1 for E in experts) or any(b <= a for a, b in zip(experts, experts[1:])):
         raise SettingError(f"--{key}={text}: expert counts must be positive and strictly increasing")
+    if s.schedule == "fixed":
+        experts = experts[-1:]
     if fractions and (any(not f > 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6):
         raise SettingError(f"--stages={s.stages}: each stage needs E:fraction, fractions > 0 summing to 1")
     return experts, fractions
@@ -479,6 +486,10 @@ def load_checkpoint(path, flag="--resume"):
     if wrong:
         raise SettingError(f"{flag}={path}: the checkpoint's {wrong!r} is not what train.py writes (corrupt or "
                            f"edited): {str(state[wrong])[:60]}")
+    broken = next((name for name, t in state["model"].items() if t.is_floating_point() and not t.isfinite().all()), None)
+    if broken:
+        raise SettingError(f"{flag}={path}: its weight {broken} holds NaN or inf (a damaged file, or saved from a run "
+                           f"that diverged): go on from an earlier checkpoint of the run (stageN.pt, stepN.pt)")
     unknown = set(state["config"]) - set(emo.Config.__dataclass_fields__)
     if unknown:
         raise SettingError(f"{flag}={path}: its model config has fields this emo.py does not know: "
