@@ -798,7 +798,7 @@ def _check_plan(n_active, total_tokens, experts, top_k, batch_tokens):
     if batch_tokens is not None:
         require(_is_int(batch_tokens) and batch_tokens > 0, "batch_tokens", batch_tokens, "a positive integer")
         require(total_tokens % batch_tokens == 0, "total_tokens", total_tokens, f"a whole number of batches of "
-                f"batch_tokens={batch_tokens} (e.g. {total_tokens // batch_tokens * batch_tokens})")
+                f"batch_tokens={batch_tokens} (e.g. {max(total_tokens // batch_tokens, 1) * batch_tokens})")
 
 
 # 10. Expert subsets (EMO-modular): select, restrict and prune experts; how specialised routing is -----------

@@ -124,8 +124,15 @@ def build_plan(args):
     law = emo.ScalingLaw()
     if args.fit:
         law = fit_law(law, read_stage_records(args.fit), free=args.fit_params.split(","))
-    stages = emo.plan_stages(n_law, int(args.total_tokens), experts, args.top_k, law=law,
-                             batch_tokens=args.batch_tokens or None)
+    try:
+        stages = emo.plan_stages(n_law, int(args.total_tokens), experts, args.top_k, law=law,
+                                 batch_tokens=args.batch_tokens or None)
+    except SettingError as err:
+        if not args.fit:
+            raise
+        raise SettingError(f"--fit={args.fit}: the law refit from these runs ({law_text(law)}) gives no usable "
+                           f"stages ({err}); fit it to runs that span more tokens and E, or free fewer "
+                           f"coefficients (--fit_params)") from None
     # GPU-hours: the fixed-E run at the assumed MFU; earlier stages are faster by the step-time model
     hours_fixed = emo.flops_per_token(cfg) * args.total_tokens / (args.peak_flops * args.mfu) / 3600
     expert_params = args.n_layer * 3 * args.d_model * args.d_expert  # one routed expert in every layer
@@ -145,13 +152,17 @@ def build_plan(args):
 FIT_KEYS = ("law_n_active", "tokens", "experts", "top_k", "val_loss")
 
 
+def law_text(law):
+    return ", ".join(f"{k}={getattr(law, k):.3g}" for k in emo.LAW_COEFFICIENTS)
+
+
 def fit_law(law, records, free=emo.LAW_COEFFICIENTS, huber_delta=1e-2, inits=6, seed=0):
     """Refit the coefficients of emo.ScalingLaw named in `free` to measured runs, as the law's authors did:
     Huber loss on log L, LBFGS, a/b/c optimised in log space, several starts; e_start and e_max stay fixed.
     records: dicts with law_n_active (the law's N: emo.law_active_params), tokens, experts, top_k and val_loss,
     as train.py's stage records carry them. Returns a new ScalingLaw."""
-    require(set(free) <= set(emo.LAW_COEFFICIENTS), "--fit_params", ",".join(free),
-            f"names of coefficients: {', '.join(emo.LAW_COEFFICIENTS)}")
+    require(set(free) <= set(emo.LAW_COEFFICIENTS) and len(set(free)) == len(free), "--fit_params", ",".join(free),
+            f"names of coefficients, each once: {', '.join(emo.LAW_COEFFICIENTS)}")
     require(len(records) > len(free), "--fit", f"{len(records)} records",
             f"more than the {len(free)} free coefficients: give more runs or free fewer (--fit_params)")
     cols = {key: torch.tensor([float(r[key]) for r in records], dtype=torch.float64) for key in FIT_KEYS}
@@ -257,6 +268,17 @@ def print_plan(plan, args):
         print("split, the paper: " + "  ".join(f"E={E}: {p}%" for E, p in PAPER_SPLIT.items()))
 
 
+def finite_or_null(value):
+    """JSON has no Infinity or NaN (json.dumps writes them, and its default= hook never sees a float): null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -264,7 +286,7 @@ def main(argv=None):
     except SettingError as err:
         sys.exit(f"plan.py: {err}")
     if args.json:
-        print(json.dumps(plan, indent=1, default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else v))
+        print(json.dumps(finite_or_null(plan), indent=1, allow_nan=False))
     else:
         print_plan(plan, args)
 

@@ -1667,6 +1667,8 @@ PLAN_BAD = [
     (["--fit={tmp}/nostage.jsonl"], "--fit=.*no stage records"), (["--fit={tmp}/badstage.jsonl"], "--fit=.*stage record 1 needs positive numbers for val_loss"),
     (["--fit={tmp}/binary.jsonl"], "--fit=.*cannot read JSONL records"), (["--step_times=8:1.0"], "--step_times=8:1.0: needs positive step times at two or more"),
     (["--step_times=x"], "--step_times=x: expected bench.py step's --json output"), (["--step_times=8:1,16:nan"], "needs positive step times"),
+    (["--total_tokens=1000"], "a whole number of batches of batch_tokens=524288 \\(e.g. 524288\\)"),
+    (["--fit={tmp}/twostage.jsonl", "--fit_params=a,a"], "--fit_params='a,a' is not allowed: must be names of coefficients, each once"),
 ]
 
 
@@ -1676,9 +1678,15 @@ def test_bad_plan_flags_fail_with_one_line(tmp_path, flags, match):
     (tmp_path / "badstage.jsonl").write_text('{"kind": "stage", "law_n_active": 1e6, "tokens": 1e7, "experts": 8, "top_k": 2, '
                                              '"val_loss": "low"}\n')
     (tmp_path / "binary.jsonl").write_bytes(b"\xff\xfe\x00")
+    stage = {"kind": "stage", "law_n_active": 1e6, "tokens": 1e7, "experts": 8, "top_k": 2, "val_loss": 3.0}
+    (tmp_path / "twostage.jsonl").write_text(json.dumps(stage) + "\n" + json.dumps({**stage, "experts": 16}) + "\n")
     with pytest.raises(SystemExit) as err:
         plan.main([f.replace("{tmp}", str(tmp_path)) for f in flags])
     assert_one_line(err, "^plan.py: .*" + match)
+
+
+def test_plan_json_is_strict_json_with_null_for_what_never_happens():
+    assert plan.finite_or_null({"d": [1.0, math.inf, {"x": math.nan}], "n": 2}) == {"d": [1.0, None, {"x": None}], "n": 2}
 
 
 BENCH_BAD = [
