@@ -182,17 +182,25 @@ def model_setting(args, key):
     return train.parse(shlex.split(args.train_args))[1].get(key, getattr(emo.Config, key))
 
 
+def growth_flags(init, seed, out, args):
+    return [f"--out_dir={out}", f"--growth_init={init}", f"--total_tokens={args.total_tokens}", f"--seed={seed}",
+            f"--phase_in_steps={args.phase_in_steps}", "--eval_interval=5", "--eval_batches=4",
+            "--log_interval=1000000", "--sample_tokens=0", *shlex.split(args.train_args)]
+
+
 def bench_growth(args):
     rows = []
+    for init in args.inits.split(","):  # every init's settings checked before the first run trains
+        try:
+            train.setup(growth_flags(init, 0, Path(args.out_dir) / "unused", args))
+        except SettingError as err:
+            raise SettingError(f"the {init} growth run: {err}") from None
     for seed in [int(x) for x in args.seeds.split(",")]:
         for init in args.inits.split(","):
             out = Path(args.out_dir) / f"growth-{init}-seed{seed}"
             clear_run_folder(out)
             start = time.time()
-            train.run([f"--out_dir={out}", f"--growth_init={init}", f"--total_tokens={args.total_tokens}",
-                       f"--seed={seed}", f"--phase_in_steps={args.phase_in_steps}", "--eval_interval=5",
-                       "--eval_batches=4", "--log_interval=1000000", "--sample_tokens=0",
-                       *shlex.split(args.train_args)])
+            train.run(growth_flags(init, seed, out, args))
             records = train.read_metrics(out)
             rows.append(growth_row(records, init, seed, time.time() - start))
     return rows
@@ -320,13 +328,28 @@ def repro_arms(args):
     return arms
 
 
+def arm_command(name, flags, seed, args):
+    """(run folder, train.py command) of one arm and seed."""
+    out = Path(args.out_dir) / f"{name}-seed{seed}"
+    return out, [sys.executable, str(HERE / "train.py"), *flags, f"--seed={seed}",
+                 f"--total_tokens={args.total_tokens}", f"--phase_in_steps={args.phase_in_steps}",
+                 "--sample_tokens=0", *shlex.split(args.train_args), f"--out_dir={out}"]
+
+
+def check_arms(arms, args):
+    """Every arm's train.py settings, checked as train.py checks them, before the first arm trains: a bad
+    arm is refused in one line, not after hours of the others."""
+    for name, flags in arms.items():
+        try:
+            train.setup(arm_command(name, flags, 0, args)[1][2:])
+        except SettingError as err:
+            raise SettingError(f"the {name} arm: {err}") from None
+
+
 def run_arm(name, flags, seed, args):
     """One arm's train.py run for one seed as its own process (a clean process: fair time and memory), in
     out_dir/name-seedS; a folder that already holds a finished run of the same command is reused."""
-    out = Path(args.out_dir) / f"{name}-seed{seed}"
-    command = [sys.executable, str(HERE / "train.py"), *flags, f"--seed={seed}",
-               f"--total_tokens={args.total_tokens}", f"--phase_in_steps={args.phase_in_steps}",
-               "--sample_tokens=0", *shlex.split(args.train_args), f"--out_dir={out}"]
+    out, command = arm_command(name, flags, seed, args)
     if not finished(out, command):
         clear_run_folder(out)
         out.mkdir(parents=True)
@@ -340,6 +363,7 @@ def run_arm(name, flags, seed, args):
 
 def bench_repro(args):
     rows, folders = [], {}
+    check_arms(repro_arms(args), args)
     for seed in [int(x) for x in args.seeds.split(",")]:
         for name, flags in repro_arms(args).items():
             out = run_arm(name, flags, seed, args)
@@ -484,6 +508,7 @@ def bench_frontier(args):
     share kept and measure each domain's validation bits per byte; the arms trained at a pruned size are
     measured whole. Returns the rows, a summary per arm and share, and frontier.png."""
     rows = []
+    check_arms({name: flags for name, (flags, _) in frontier_arms(args).items()}, args)
     for seed in [int(x) for x in args.seeds.split(",")]:
         for name, (flags, share) in frontier_arms(args).items():
             out = run_arm(name, flags, seed, args)
@@ -825,6 +850,9 @@ def print_gpu(report, args):
           + ("" if not report["skipped"] else f"; skipped {len(report['skipped'])}: " + "; ".join(report["skipped"])))
 
 
+BENCH_OWNED = ("out_dir", "resume", "seed", "total_tokens", "stop_at")  # train.py flags bench.py sets per run
+
+
 def check_args(args):
     """bench.py's own flags, before any work: one line naming the flag."""
     for flag in ("tokens", "d_model", "d_expert", "top_k", "repeats", "phase_in_steps"):
@@ -841,6 +869,10 @@ def check_args(args):
     inits = args.inits.split(",")
     require(all(i in emo.GROWTH_INITS for i in inits), "--inits", args.inits,
             f"a comma-separated subset of {','.join(emo.GROWTH_INITS)}")
+    given = {flag[2:].partition("=")[0] for flag in shlex.split(args.train_args) if flag.startswith("--")}
+    owned = given & set(BENCH_OWNED)
+    require(not owned, "--train_args", args.train_args, f"train.py flags other than --{', --'.join(BENCH_OWNED)}: "
+            f"bench.py sets those for each run (it takes --out_dir, --seeds and --total_tokens itself)")
 
 
 def main(argv=None):

@@ -1697,6 +1697,13 @@ BENCH_BAD = [
     (["repro", "--total_tokens=0"], "--total_tokens=0.0 is not allowed"), (["repro", "--inits=zeros"], "--inits='zeros' is not allowed"),
     (["step", "--experts=2", "--train_args=--lr=fast"], "--lr=fast: expected float"),
     (["step", "--experts=2", "--train_args=--d_model=66"], "Config.d_model=66 is not allowed"),
+    # every arm is checked before the first one trains
+    (["frontier", "--experts=4,2"], "the modular-progressive arm: --experts=4,2: expert counts must be positive and "
+                                    "strictly increasing"),
+    (["repro", "--train_args=--top_k=4"], "the progressive-gaussian arm: --top_k=4 is not allowed"),
+    (["growth", "--train_args=--router=softmax"], "the silent growth run: --growth_init='silent' is not allowed"),
+    (["repro", "--train_args=--out_dir=mine"], "--train_args='--out_dir=mine' is not allowed: must be train.py flags "
+                                               "other than --out_dir"),
 ]
 
 
@@ -1874,7 +1881,7 @@ def test_bench_repro_runs_every_arm_once_and_reuses_finished_runs(corpus, tmp_pa
 
 def test_bench_never_deletes_a_run_another_process_is_training(corpus, tmp_path):
     """Two bench.py processes on one out_dir: the second must not delete the first's unfinished run."""
-    args = argparse.Namespace(seeds="0", experts="2,4", inits="gaussian", total_tokens=2048, phase_in_steps=20,
+    args = argparse.Namespace(seeds="0", experts="2,4", inits="gaussian", total_tokens=4096, phase_in_steps=20,
                               out_dir=str(tmp_path), train_args=f"--data={corpus}")
     live = tmp_path / "fixed-4-seed0"
     lock = train.claim_folder(live, resuming=False)  # as a running train.py holds it
