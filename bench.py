@@ -50,6 +50,7 @@ import torch.nn.functional as F
 import emo
 import eval as evaluate
 import plan
+import runs
 import train
 from data.corpus import Corpus, DataError
 from emo import SettingError, require
@@ -127,12 +128,12 @@ def moe_row(args, n_experts, device, dtype):
         paths["dense+compile"] = torch.compile(dense_ffn, dynamic=False)
     tps, peak = {}, {}
     for name, fn in paths.items():
-        tracked = train.reset_peak_memory(device) and device.type == "cuda"  # a CPU's RSS says little per path
+        tracked = runs.reset_peak_memory(device) and device.type == "cuda"  # a CPU's RSS says little per path
         tps[name] = args.tokens / seconds_per_call(fn, x, args.repeats, device)
-        peak[name] = train.peak_memory(device) if tracked else None
+        peak[name] = runs.peak_memory(device) if tracked else None
     best = "grouped+compile" if args.compile else "grouped"
     active = args.top_k * 3 * args.d_model * args.d_expert + n_experts * args.d_model  # experts a token uses + router
-    top = train.peak_flops(device)
+    top = runs.peak_flops(device)
     return {"experts": n_experts, "tokens_per_s": tps, "peak_memory": peak,
             "grouped_vs_dense": tps["grouped"] / tps["dense"], "grouped_vs_loop": tps["grouped"] / tps["loop"],
             "grouped_vs_naive": tps["grouped"] / tps["naive"],
@@ -170,7 +171,7 @@ def print_moe(rows, args):
 def clear_run_folder(out):
     """Delete a bench run folder before running it again, unless a training process still owns it (a second
     bench.py on the same out_dir): a live run is never deleted."""
-    owner = train.folder_owner(out)
+    owner = runs.folder_owner(out)
     if owner is not None:
         raise SettingError(f"{out}: a training process (pid {owner}) is running there; wait for it to "
                            f"finish, or give another --out_dir")
@@ -201,7 +202,7 @@ def bench_growth(args):
             clear_run_folder(out)
             start = time.time()
             train.run(growth_flags(init, seed, out, args))
-            records = train.read_metrics(out)
+            records = runs.read_metrics(out)
             rows.append(growth_row(records, init, seed, time.time() - start))
     return rows
 
@@ -240,7 +241,7 @@ def print_growth(rows, args):
 
 
 def bench_step(args):
-    """train.py's step (forward, backward, clipping, AdamW, balancing; train.timed_step) for each E."""
+    """train.py's step (forward, backward, clipping, AdamW, balancing; timed_step) for each E."""
     argv = shlex.split(args.train_args)
     rows = [step_row(argv, int(E), args.repeats) for E in args.experts.split(",")]
     for r in rows:
@@ -252,16 +253,39 @@ def bench_step(args):
                 device=rows[0]["device"])
 
 
+def timed_step(argv, n_experts):
+    """train.py's model, optimizer and training step at E = n_experts: the settings, wrappers (dtype,
+    compile) and step of a run with these flags, on random tokens (timing needs tokens, not text).
+    Returns (raw model, optimizer, device, step) where step(i) takes one optimizer step on batch i."""
+    s, model_settings, _ = train.parse(argv)
+    train.size_for_corpus(model_settings, s.data)
+    cfg = emo.Config(**{**model_settings, "n_experts": n_experts})
+    train.validate(s, cfg, 1, 1)
+    device = torch.device(runs.resolve_device(s.device))
+    dtype = train.autocast_dtype(s, device)
+    torch.manual_seed(0)
+    raw = emo.Transformer(cfg).to(device)
+    optimizer = train.make_optimizer(raw, s, device)
+    model = train.wrap(raw, s, device)
+
+    def step(i):
+        tokens = torch.randint(cfg.vocab_size, (s.batch_size, cfg.seq_len + 1), generator=torch.Generator().manual_seed(i))
+        tokens = tokens.to(device)
+        return train.train_step(model, optimizer, [(tokens[:, :-1], tokens[:, 1:])], s.lr, s.grad_clip, dtype)
+
+    return raw, optimizer, device, step
+
+
 def step_row(argv, n_experts, repeats):
     """One E: step time, the optimizer's share of it, peak and state memory, and one growth E -> 2E."""
-    raw, optimizer, device, step = train.timed_step(argv, n_experts)
+    raw, optimizer, device, step = timed_step(argv, n_experts)
     for i in range(2):  # warm-up: first-call allocations, compilation, optimizer state
         step(i)
-    tracked = train.reset_peak_memory(device)
+    tracked = runs.reset_peak_memory(device)
     seconds = statistics.median(timed(lambda: step(i), device) for i in range(2, 2 + repeats))
-    peak = train.peak_memory(device) if tracked else None
+    peak = runs.peak_memory(device) if tracked else None
     tokens = raw.config.seq_len * train.parse(argv)[0].batch_size
-    mfu = train.mfu(tokens / seconds, raw.config, device)
+    mfu = runs.mfu(tokens / seconds, raw.config, device)
     # the optimizer step alone, on gradients of the size the training step leaves (zero_grad freed them)
     for p in raw.parameters():
         p.grad = torch.zeros_like(p)
@@ -269,7 +293,7 @@ def step_row(argv, n_experts, repeats):
     optimizer.zero_grad(set_to_none=True)
     dtype = train.autocast_dtype(train.parse(argv)[0], device)
     cast = statistics.median(expert_cast_seconds(raw, dtype, device) for _ in range(repeats)) if dtype else None
-    state = train.state_memory(raw, optimizer)
+    state = runs.state_memory(raw, optimizer)
     growth = timed(lambda: (emo.grow_experts(raw, 2 * n_experts, init="gaussian"),
                             emo.grow_optimizer(optimizer, "reset")), device)
     return dict(experts=n_experts, step_seconds=seconds, tokens_per_second=tokens / seconds, mfu=mfu,
@@ -369,7 +393,7 @@ def bench_repro(args):
             out = run_arm(name, flags, seed, args)
             rows.append(repro_row(name, seed, out))
             folders.setdefault(name, []).append(out)
-    plot = train.plot_losses(folders, Path(args.out_dir) / "curves.png",
+    plot = runs.plot_losses(folders, Path(args.out_dir) / "curves.png",
                              title="validation bits per byte, every arm and seed (dotted: growth)")
     return dict(runs=rows, arms=repro_summary(rows), plots=[plot])
 
@@ -383,7 +407,7 @@ def finished(out, command):
 def repro_row(name, seed, out):
     """One run's results from its metrics.jsonl: final losses, the val-loss curve, growth events, balance,
     time and the per-stage costs."""
-    records = train.read_metrics(out)
+    records = runs.read_metrics(out)
     final = [r for r in records if r["kind"] == "eval"][-1]
     stages = [r for r in records if r["kind"] == "stage"]
     cv = [r["load_cv"] for r in records if r["kind"] == "step"]
@@ -521,8 +545,8 @@ def frontier_rows(name, seed, out, shares, matches=None):
     """One run's model pruned per domain at each share: the mean of the domains' bits per byte (each domain
     counts once, as tasks do), each domain's, and the parameters kept. matches: the share of E_max a model
     trained at a pruned size stands for (its row's keep)."""
-    state, path = train.load_checkpoint(out)
-    model = train.model_from_checkpoint(state, path, pool_size=None, pool_size_range=None).eval()
+    state, path = runs.load_checkpoint(out, settings_type=train.Settings)
+    model = runs.model_from_checkpoint(state, path, pool_size=None, pool_size_range=None).eval()
     data = state["settings"]["data"]
     results, sizes = evaluate.evaluate_subsets(model, Corpus(data, "train"), Corpus(data, "val"), shares,
                                               calib_rows=8, eval_rows=64)
@@ -549,7 +573,7 @@ def frontier_summary(rows):
 
 
 def plot_frontier(summary, rows, png):
-    plt = train.pyplot()
+    plt = runs.pyplot()
     if plt is None:
         return f"no {png}: matplotlib is not installed (optional: pip install matplotlib)"
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -754,7 +778,7 @@ def compiled_run(args, device, report):
     train.run(flags + [f"--out_dir={full}"])
     seconds = time.time() - start
     graphs, breaks = counters["stats"]["unique_graphs"] - graphs, sum(counters["graph_break"].values()) - breaks
-    records = train.read_metrics(full)
+    records = runs.read_metrics(full)
     stages = [r for r in records if r["kind"] == "stage"]
     evals = [r for r in records if r["kind"] == "eval"]
     report["checks"].append(dict(
@@ -769,7 +793,7 @@ def compiled_run(args, device, report):
     train.run([f"--resume={full / 'stage2.pt'}", f"--out_dir={branch}", *shlex.split(args.train_args)])
     boundary = stages[1]["step"]
     first = {r["step"]: r["loss"] for r in records if r["kind"] == "step" and r["step"] > boundary}
-    again = {r["step"]: r["loss"] for r in train.read_metrics(branch) if r["kind"] == "step" and r["step"] > boundary}
+    again = {r["step"]: r["loss"] for r in runs.read_metrics(branch) if r["kind"] == "step" and r["step"] > boundary}
     diffs = [abs(again[step] - loss) / loss for step, loss in first.items()]
     exact = all(again[step] == loss for step, loss in first.items())
     report["checks"].append(dict(
@@ -791,7 +815,7 @@ def torchrun_nccl(args, device, report):
                "--batch_tokens=8192", "--total_tokens=163840", "--stages=8:0.5,16:0.5", "--sample_tokens=0",
                f"--out_dir={folder}", *shlex.split(args.train_args)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    records = train.read_metrics(folder) if (folder / "metrics.jsonl").exists() else []
+    records = runs.read_metrics(folder) if (folder / "metrics.jsonl").exists() else []
     steps = [r for r in records if r["kind"] == "step"]
     growths = [r for r in records if r["kind"] == "growth"]
     agree = bool(growths) and all(len(set(g["weights_per_rank"])) == 1 for g in growths)
@@ -905,7 +929,7 @@ def main(argv=None):
     args.seeds = args.seeds or {"repro": "0,1,2", "frontier": "0,1"}.get(args.what, "0")
     if args.total_tokens is None:
         args.total_tokens = 2_500_000 if args.what in ("repro", "frontier") else 400_000
-    train.keep_freed_memory()
+    runs.keep_freed_memory()
     bench, show = {"moe": (bench_moe, print_moe), "growth": (bench_growth, print_growth),
                    "step": (bench_step, print_step), "repro": (bench_repro, print_repro),
                    "frontier": (bench_frontier, print_frontier),
@@ -913,7 +937,7 @@ def main(argv=None):
     try:
         check_args(args)
         args.total_tokens = int(args.total_tokens)
-        train.resolve_device(args.device)
+        runs.resolve_device(args.device)
         rows = bench(args)
     except (SettingError, DataError, train.TrainingError) as err:
         sys.exit(f"bench.py: {err}")

@@ -18,6 +18,7 @@ import sys
 import torch
 
 import emo
+import runs
 import train
 from data.corpus import Corpus, DataError, fingerprint, fingerprint_change
 from emo import SettingError, require
@@ -137,8 +138,8 @@ def main(argv=None):
         require(args.finetune_steps >= 0, "--finetune_steps", args.finetune_steps, "an integer >= 0 (0: no finetuning)")
         require(math.isfinite(args.finetune_lr) and args.finetune_lr > 0, "--finetune_lr", args.finetune_lr,
                 "a finite number > 0")
-        state, path = train.load_checkpoint(args.checkpoint, flag="--checkpoint")
-        model = train.model_from_checkpoint(state, path, pool_size=None, pool_size_range=None).eval()
+        state, path = runs.load_checkpoint(args.checkpoint, flag="--checkpoint", settings_type=train.Settings)
+        model = runs.model_from_checkpoint(state, path, pool_size=None, pool_size_range=None).eval()
         cfg = model.config
         data = args.data or state["settings"]["data"]
         train_data, val_data = Corpus(data, "train"), Corpus(data, "val")

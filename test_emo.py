@@ -31,6 +31,7 @@ import bench
 import emo
 import eval as evaluate
 import plan
+import runs
 import train
 from data.corpus import GPT2_VOCAB, Corpus, DataError, gpt2_encoding, prepare, python_install_documents
 
@@ -502,7 +503,7 @@ def test_new_experts_get_tokens_soon_after_growth_also_with_document_pools(corpu
     modular = Path(__file__).parent / "configs" / "modular.json"
     train.main(tiny_run(corpus, tmp_path, f"--config={modular}", "--stages=2:0.34,4:0.33,8:0.33",
                         "--total_tokens=9216"))
-    events = bench.growth_row(train.read_metrics(tmp_path), "gaussian", 0, None)["events"]
+    events = bench.growth_row(runs.read_metrics(tmp_path), "gaussian", 0, None)["events"]
     assert [e["experts"] for e in events] == ["2->4", "4->8"]
     assert all(e["steps_to_adopt"] is not None and e["steps_to_adopt"] <= 5 for e in events), events
 
@@ -933,7 +934,7 @@ def stopped(args):
 
 
 def records(out_dir, kind):
-    return [r for r in train.read_metrics(out_dir) if r["kind"] == kind]
+    return [r for r in runs.read_metrics(out_dir) if r["kind"] == kind]
 
 
 def test_a_progressive_run_grows_at_the_planned_step_and_the_loss_falls(corpus, tmp_path):
@@ -1020,7 +1021,7 @@ def test_the_loss_is_averaged_over_ranks_on_the_training_device(monkeypatch):
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
     monkeypatch.setattr(dist, "all_reduce", lambda t, *args, **kwargs: seen.append(t.device))
-    out = train.mean_over_ranks(torch.ones(2, device="meta"))
+    out = runs.mean_over_ranks(torch.ones(2, device="meta"))
     assert seen == [torch.device("meta")] and out.device.type == "meta" and out.dtype == torch.float64
 
 
@@ -1051,7 +1052,7 @@ def test_torchrun_with_two_compiled_processes_grows_stops_and_resumes(corpus, tm
 def test_every_rank_resumes_its_own_random_state():
     states = [torch.manual_seed(seed).get_state() for seed in (1, 2)]
     rng = [{"cpu": state, "cuda": None} for state in states]
-    train.restore_rng(rng, 1, torch.device("cpu"))
+    runs.restore_rng(rng, 1, torch.device("cpu"))
     assert torch.equal(torch.get_rng_state(), states[1])
 
 
@@ -1073,9 +1074,10 @@ def test_a_resumed_run_keeps_no_copy_of_the_checkpoint(corpus, tmp_path):
     stopped(tiny_run(corpus, tmp_path, "--stop_at=2"))
     s, cfg, stages, world, resume = train.setup([f"--resume={tmp_path}"])
     weight = weakref.ref(resume[0]["model"]["blocks.0.moe.w_in"])
-    trainer = train.Trainer(s, cfg, stages, world, resume)
-    trainer.close()
-    assert weight() is None and trainer.step == 2  # the weights were copied into the model, then let go
+    raw = emo.Transformer(cfg)
+    run = argparse.Namespace(rank=0, device=torch.device("cpu"), out_dir=tmp_path, log=print, retained=None)
+    step = train.resume_from(resume, raw, train.make_optimizer(raw, s, run.device), run)
+    assert weight() is None and step == 2  # the weights were copied into the model, then let go
 
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.glob("configs/*.json")), ids=lambda p: p.name)
@@ -1120,15 +1122,15 @@ def test_every_shipped_config_fits_the_grouped_matmul(path):
     ("NVIDIA GeForce RTX 4090", None),
 ])
 def test_peak_flops_follow_the_device_name_and_unknown_devices_have_none(name, flops):
-    assert train.peak_flops_of(name) == flops
-    assert train.peak_flops("cpu") is None and train.mfu(1e6, tiny(), "cpu") is None  # shown as '-'
+    assert runs.peak_flops_of(name) == flops
+    assert runs.peak_flops("cpu") is None and runs.mfu(1e6, tiny(), "cpu") is None  # shown as '-'
 
 
 def test_checkpoints_load_with_ddp_and_compile_prefixes():
     model = seeded_model()
     wrapped = {f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}
     fresh = seeded_model(seed=1)
-    fresh.load_state_dict(train.strip_prefixes(wrapped))
+    fresh.load_state_dict(runs.strip_prefixes(wrapped))
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
 
 
@@ -1136,7 +1138,7 @@ def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
     lines = [{"kind": "step", "step": 11}, {"kind": "eval", "step": 12}, {"kind": "stage", "step": 12},
              {"kind": "growth", "step": 12}, {"kind": "step", "step": 13}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    train.trim_metrics(tmp_path / "metrics.jsonl", tmp_path / "metrics.jsonl", 12)
+    runs.trim_metrics(tmp_path / "metrics.jsonl", tmp_path / "metrics.jsonl", 12)
     kept = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert kept == lines[:3]
 
@@ -1145,8 +1147,8 @@ def test_collapse_warnings_name_the_layer_and_the_idle_experts():
     s = train.Settings(collapse_steps=3, max_load_cv=1.0)
     idle = torch.tensor([[0, 3, 0, 0], [0, 0, 0, 2]])
     loads = torch.tensor([[9.0, 0, 1, 1], [1.0, 1, 1, 1]])
-    assert train.collapse_warnings(idle, loads, s, check_cv=False) == ["layer 0: experts [1] got no token for 3 steps"]
-    assert "layer 0: expert load CV 1.52 > --max_load_cv=1.0" == train.collapse_warnings(idle, loads, s, check_cv=True)[1]
+    assert runs.collapse_warnings(idle, loads, s, check_cv=False) == ["layer 0: experts [1] got no token for 3 steps"]
+    assert "layer 0: expert load CV 1.52 > --max_load_cv=1.0" == runs.collapse_warnings(idle, loads, s, check_cv=True)[1]
 
 
 def test_a_non_finite_loss_stops_before_the_step_with_advice_the_program_accepts(corpus, tmp_path):
@@ -1274,16 +1276,16 @@ def test_a_second_process_on_the_same_folder_is_refused(corpus, tmp_path):
     finally:
         first.kill()
         first.wait()
-    train.claim_folder(tmp_path, resuming=True).close()  # the lock died with the killed process
+    runs.claim_folder(tmp_path, resuming=True).close()  # the lock died with the killed process
 
 
 def test_stale_temp_files_are_cleaned_and_temp_names_never_collide(tmp_path):
     (tmp_path / "latest.pt.tmp.4242").write_bytes(b"half a checkpoint")
     (tmp_path / "notes.tmp.1").write_text("a user's file")
-    lock = train.claim_folder(tmp_path, resuming=True)
+    lock = runs.claim_folder(tmp_path, resuming=True)
     lock.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "notes.tmp.1"]
-    train.atomic_write(tmp_path / "config.json", lambda f: f.write(b"{}"))
+    runs.atomic_write(tmp_path / "config.json", lambda f: f.write(b"{}"))
     assert f"config.json.tmp.{os.getpid()}" not in os.listdir(tmp_path)  # the temp name is this process's own
 
 
@@ -1296,9 +1298,9 @@ def test_replacing_a_stage_checkpoint_or_a_file_is_atomic(tmp_path, monkeypatch)
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
-        train.link_atomically(tmp_path / "latest.pt", tmp_path / "stage1.pt")
+        runs.link_atomically(tmp_path / "latest.pt", tmp_path / "stage1.pt")
     with pytest.raises(KeyboardInterrupt):
-        train.atomic_write(tmp_path / "latest.pt", lambda f: f.write(b"newer"))
+        runs.atomic_write(tmp_path / "latest.pt", lambda f: f.write(b"newer"))
     monkeypatch.undo()
     assert (tmp_path / "stage1.pt").read_bytes() == b"old stage end" and (tmp_path / "latest.pt").read_bytes() == b"new"
 
@@ -1334,7 +1336,7 @@ def test_a_torn_last_metrics_line_does_not_stop_a_resume(corpus, tmp_path):
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"torn": \n{"kind": "step", "step": 99}\n')
     with pytest.raises(DataError, match="metrics.jsonl:.*not a JSON record"):
-        train.read_metrics(tmp_path)
+        runs.read_metrics(tmp_path)
 
 
 def test_paths_are_relative_to_the_working_directory(tmp_path, monkeypatch):
@@ -1636,7 +1638,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_naming_the_folder(corpus, tmp_p
     assert not list(tmp_path.glob("*.tmp.*"))
     monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
     with pytest.raises(train.TrainingError, match="no space left on the device holding"):
-        train.atomic_write(tmp_path / "x.json", lambda f: f.write(b"{}"))
+        runs.atomic_write(tmp_path / "x.json", lambda f: f.write(b"{}"))
 
 
 def test_a_signal_that_breaks_a_step_stops_the_run_with_the_stop_status(corpus, tmp_path, monkeypatch):
@@ -1783,14 +1785,14 @@ def test_the_suite_tries_every_bad_input_table():
 
 def test_a_peak_memory_window_sees_a_big_allocation_and_forgets_it_after_a_reset():
     cpu = torch.device("cpu")
-    if not train.reset_peak_memory(cpu):
+    if not runs.reset_peak_memory(cpu):
         pytest.skip("no resettable peak RSS on this OS")
-    base = train.peak_memory(cpu)
+    base = runs.peak_memory(cpu)
     big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-    assert train.peak_memory(cpu) >= base + 60 * 2**20
+    assert runs.peak_memory(cpu) >= base + 60 * 2**20
     del big
-    train.reset_peak_memory(cpu)
-    assert train.peak_memory(cpu) < base + 32 * 2**20
+    runs.reset_peak_memory(cpu)
+    assert runs.peak_memory(cpu) < base + 32 * 2**20
 
 
 def write_metrics(folder, evals, growth_steps=()):
@@ -1804,7 +1806,7 @@ def write_metrics(folder, evals, growth_steps=()):
 def test_the_loss_plot_is_optional_and_says_so_without_matplotlib(tmp_path, monkeypatch):
     write_metrics(tmp_path / "run", [(5, 6.0), (10, 5.0)], growth_steps=[5])
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    message = train.plot_losses({"run": tmp_path / "run"}, tmp_path / "loss.png")
+    message = runs.plot_losses({"run": tmp_path / "run"}, tmp_path / "loss.png")
     assert "matplotlib is not installed" in message and not (tmp_path / "loss.png").exists()
 
 
@@ -1814,7 +1816,7 @@ def test_the_loss_plot_is_a_png_with_every_run(tmp_path):
     write_metrics(tmp_path / "b", [(5, 6.5), (10, 5.5)])
     write_metrics(tmp_path / "c", [(5, 6.1), (10, 5.2)])
     runs = {"a": tmp_path / "a", "b and c": [tmp_path / "b", tmp_path / "c"]}  # seeds: thin lines and a mean
-    assert train.plot_losses(runs, tmp_path / "loss.png").startswith("wrote")
+    assert runs.plot_losses(runs, tmp_path / "loss.png").startswith("wrote")
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -1884,7 +1886,7 @@ def test_bench_never_deletes_a_run_another_process_is_training(corpus, tmp_path)
     args = argparse.Namespace(seeds="0", experts="2,4", inits="gaussian", total_tokens=4096, phase_in_steps=20,
                               out_dir=str(tmp_path), train_args=f"--data={corpus}")
     live = tmp_path / "fixed-4-seed0"
-    lock = train.claim_folder(live, resuming=False)  # as a running train.py holds it
+    lock = runs.claim_folder(live, resuming=False)  # as a running train.py holds it
     (live / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(emo.SettingError, match=f"pid {os.getpid()}.* is running there"):
         bench.bench_repro(args)

@@ -5,21 +5,17 @@ python train.py --config=configs/gpu-8x.json       # settings from a JSON file; 
 torchrun --standalone --nproc_per_node=8 train.py --config=configs/gpu-8x.json
 python train.py --resume=runs/default              # continue exactly where a run stopped
 python train.py --schedule=fixed --experts=8       # the fixed-E baseline
+python train.py --help                             # every setting, its default and meaning
 
 Every Settings and emo.Config field is a --key=value flag; paths are relative to the working directory.
 The run folder (--out_dir) gets config.json, metrics.jsonl (one record per step, eval, growth and stage
-end), latest.pt and one checkpoint per stage; one run at a time owns it. Exit status: 0 the run finished,
-75 it stopped early and can be resumed (a signal or --stop_at), 1 an error (printed as one line).
+end), latest.pt and one checkpoint per stage; one run at a time owns it (runs.py). Exit status: 0 the run
+finished, 75 it stopped early and can be resumed (a signal or --stop_at), 1 an error (printed as one line).
 """
 
-import errno
-import fcntl
 import json
 import math
 import os
-import re
-import shutil
-import signal
 import sys
 import time
 import uuid
@@ -32,12 +28,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import emo
-from data.corpus import DEFAULT_FOLDER, Corpus, DataError, fingerprint, fingerprint_change, prepare, vocabulary
+import runs
+from data.corpus import DEFAULT_FOLDER, Corpus, DataError, fingerprint, prepare, vocabulary
 from emo import SettingError, require
-
-HERE = Path(__file__).resolve().parent
-CHECKPOINT_FORMAT = "emo-checkpoint-3"
-EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped before the end on purpose; `--resume` continues it
+from runs import EXIT_STOPPED, TrainingError
 
 
 @dataclass
@@ -91,10 +85,6 @@ RESUMABLE = {"resume", "config", "device", "dtype", "compile", "eval_interval", 
 PER_INVOCATION = {"resume", "config", "stop_at"}  # orders for this command only, never inherited on resume
 
 
-class TrainingError(RuntimeError):
-    """The run cannot go on (a non-finite loss): printed as one line naming the step and what to do."""
-
-
 # ---------------------------------------------------------------------------------------------
 # Settings: flags and config files -> validated Settings + emo.Config
 # ---------------------------------------------------------------------------------------------
@@ -102,6 +92,9 @@ class TrainingError(RuntimeError):
 
 def parse(argv):
     """--key=value flags (and a --config JSON file) -> (Settings, model settings dict, keys given)."""
+    if "--help" in argv or "-h" in argv:
+        runs.print_help(__doc__, Settings, emo.Config)
+        sys.exit(0)
     values = {}
     for arg in argv:
         if not arg.startswith("--"):
@@ -111,67 +104,23 @@ def parse(argv):
             raise SettingError(f"--{key}= is empty: give a value, or leave the flag out for its default")
         values[key] = value if _ else "true"
     if "config" in values:
-        from_file = read_config_file(values["config"])
+        from_file = runs.read_config_file(values["config"])
         for flag, other in (("stages", "experts"), ("experts", "stages")):  # flags override the file
             if flag in values:
                 from_file.pop(other, None)
         values = {**from_file, **values}
     known = {f.name: f.type for f in fields(Settings)} | {f.name: f.type for f in fields(emo.Config)}
     unknown = sorted(set(values) - set(known))
-    if unknown:
-        hint = " (the stage list --experts sets E)" if "n_experts" in unknown else ""
-        raise SettingError(f"unknown setting --{unknown[0]}{hint}; allowed: {', '.join(sorted(known))}")
     if "n_experts" in values:
         raise SettingError("--n_experts is set by the schedule: give the stage list --experts=2,4,8 instead")
+    if unknown:
+        raise SettingError(runs.unknown_flag(unknown[0], known))
     if values.get("stages") and "experts" in values:
         raise SettingError("give --stages=E:fraction,... or --experts=E,..., not both (--stages names its E)")
-    typed = {key: convert(key, value, known[key]) for key, value in values.items()}
+    typed = {key: runs.convert(key, value, known[key]) for key, value in values.items()}
     settings = Settings(**{k: v for k, v in typed.items() if k in Settings.__dataclass_fields__})
     model = {k: v for k, v in typed.items() if k in emo.Config.__dataclass_fields__}  # the rest: Config's
     return settings, model, set(values)
-
-
-def read_config_file(path):
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise SettingError(f"--config={path}: cannot read a JSON object ({type(err).__name__})") from None
-    if not isinstance(data, dict):
-        raise SettingError(f"--config={path}: must hold a JSON object of settings")
-    for key, value in data.items():
-        if key in ("config", "resume"):
-            raise SettingError(f"--config={path}: {key!r} is not a setting a config file can give (a flag only)")
-        if value == "" or value == []:
-            raise SettingError(f"--config={path}: {key!r} is empty: give a value, or leave it out for its default")
-    return data
-
-
-def convert(key, value, kind):
-    """A flag's text (or a JSON value) as the field's type, or a one-line error naming it."""
-    if not isinstance(value, str):  # from a JSON file
-        value = ",".join(map(str, value)) if isinstance(value, list) else json.dumps(value)
-    if "None" in str(kind):  # pool_size (int | float | None), pool_size_range (tuple | None)
-        if value.lower() in ("none", "null", ""):
-            return None
-        try:
-            numbers = tuple(int(v) if v.strip().lstrip("-").isdigit() else float(v) for v in value.split(","))
-        except ValueError:
-            raise SettingError(f"--{key}={value}: expected a number, a pair lo,hi, or none") from None
-        return numbers if "tuple" in str(kind) else numbers[0] if len(numbers) == 1 else numbers
-    kind = {"int": int, "float": float, "str": str, "bool": bool}.get(kind, kind)
-    try:
-        if kind is bool:
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return value.lower() in ("true", "1")
-        if kind is int:
-            number = float(value)  # allows 2e6
-            if number != int(number):
-                raise ValueError
-            return int(number)
-        return kind(value.strip('"') if kind is str else value)
-    except (ValueError, OverflowError):  # OverflowError: int("inf")
-        raise SettingError(f"--{key}={value}: expected {'true/false' if kind is bool else kind.__name__}") from None
 
 
 def validate(s, cfg, world, n_stages):
@@ -211,19 +160,7 @@ def validate(s, cfg, world, n_stages):
     require(not (s.growth_init == "silent" and cfg.router == "softmax" and n_stages > 1), "--growth_init",
             s.growth_init, "gaussian or copy with --router=softmax (softmax gates are normalised over all experts, "
             "so no growth can leave the output unchanged)")
-    resolve_device(s.device)
-
-
-def resolve_device(setting):
-    """'auto' -> cuda if this machine has one, else cpu; a device the machine lacks is refused."""
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    require(re.fullmatch(r"cpu|cuda(:\d+)?", setting), "--device", setting, "auto, cpu, cuda or cuda:N")
-    if setting.startswith("cuda"):
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        require(count > 0, "--device", setting, "cpu or auto: this machine has no CUDA device")
-        require(int(setting.partition(":")[2] or 0) < count, "--device", setting, f"cuda:0..cuda:{count - 1}")
-    return setting
+    runs.resolve_device(s.device)
 
 
 def parse_stages(s):
@@ -288,371 +225,9 @@ def lr_at(step, s, total_steps, stage):
     return warm * (low + 0.5 * (s.lr - low) * (1 + math.cos(math.pi * progress)))
 
 
-def collapse_warnings(idle, loads, s, check_cv):
-    """Router collapse, per layer: experts that got no token for collapse_steps steps (said once, when
-    they reach it), or (when check_cv, at log steps) a load CV above max_load_cv."""
-    warnings = []
-    for layer, (layer_idle, load) in enumerate(zip(idle, loads)):
-        dead = (layer_idle == s.collapse_steps).nonzero().flatten().tolist()
-        if dead:
-            warnings.append(f"layer {layer}: experts {dead} got no token for {s.collapse_steps} steps")
-        cv = (load.std() / load.mean()).item() if check_cv else 0.0
-        if cv > s.max_load_cv:
-            warnings.append(f"layer {layer}: expert load CV {cv:.2f} > --max_load_cv={s.max_load_cv}")
-    return warnings
-
-
 # ---------------------------------------------------------------------------------------------
-# The run folder: one owner, atomic files, checkpoints that cannot run code
+# The model on its device, its optimizer, the data and evaluation
 # ---------------------------------------------------------------------------------------------
-
-RUN_FILE = re.compile(r"config\.json|metrics\.jsonl|loss\.png|(latest|stage\d+|step\d+)\.pt")  # what a run writes
-TEMP_NAME = re.compile(r"(latest|stage\d+|step\d+)\.pt\.tmp\.\d+|(config\.json|metrics\.jsonl)\.tmp\.\d+")
-
-
-def claim_folder(out_dir, resuming):
-    """Make out_dir this run's own: create it, refuse a file or a read-only folder, refuse a new run into a
-    folder that holds one, and lock it against a second process (the lock dies with the process, kill -9
-    included). Returns the open lock file, to keep for the run's lifetime."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SettingError(f"--out_dir={out_dir} is a file: give a folder")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise SettingError(f"--out_dir={out_dir}: cannot create it ({err.strerror})") from None
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise SettingError(f"--out_dir={out_dir} is not writable")
-    lock = open(out_dir / ".lock", "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        owner = lock.read().strip() or "?"
-        lock.close()
-        raise SettingError(f"--out_dir={out_dir}: another training process (pid {owner}) is running there; wait "
-                           f"for it or give another --out_dir") from None
-    try:  # unbuffered, so that closing the file later never has a write left to fail
-        os.ftruncate(lock.fileno(), 0)
-        os.write(lock.fileno(), str(os.getpid()).encode())
-    except OSError as err:
-        lock.close()
-        raise SettingError(f"--out_dir={out_dir}: cannot write there: {why_not_written(err, out_dir / '.lock')}") from None
-    ours = sorted(p for p in out_dir.iterdir() if RUN_FILE.fullmatch(p.name) or TEMP_NAME.fullmatch(p.name))
-    if not resuming and ours and not never_checkpointed(out_dir, ours):
-        lock.close()
-        if (out_dir / "latest.pt").exists() or run_id(out_dir):
-            raise SettingError(f"--out_dir={out_dir} already holds a run: continue it with --resume={out_dir}, or "
-                               f"start over in another --out_dir (or delete this folder first)")
-        raise SettingError(f"--out_dir={out_dir} holds {ours[0].name}, which a run writes: give another --out_dir "
-                           f"(or move your file)")
-    for path in ours:  # a new run: what a run that never checkpointed left; a resume: stale temp files
-        if not resuming or TEMP_NAME.fullmatch(path.name):
-            path.unlink()
-    return lock
-
-
-def never_checkpointed(out_dir, files):
-    """Did these files come from a train.py run that stopped before its first checkpoint (a non-finite loss,
-    a kill while compiling)? Then there is nothing to resume, and a new run may start over in the folder."""
-    left = {p.name for p in files if not TEMP_NAME.fullmatch(p.name)}
-    return "config.json" in left and left <= {"config.json", "metrics.jsonl"} and run_id(out_dir) is not None
-
-
-def folder_owner(out_dir):
-    """The pid of the training process that holds out_dir's lock (claim_folder), or None if none does."""
-    path = Path(out_dir) / ".lock"
-    if not path.exists():
-        return None
-    with open(path, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            return lock.read().strip() or "?"
-        fcntl.flock(lock, fcntl.LOCK_UN)
-    return None
-
-
-def open_for_append(path):
-    try:
-        return open(path, "a")
-    except OSError as err:
-        raise TrainingError(f"cannot write {path}: {why_not_written(err, path)}") from None
-
-
-def fsync_folder(folder):
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path, write):
-    """Write path so that a crash leaves the old file or the new one, never a torn one: a temp file named
-    by this process (two processes never collide), fsync, rename, fsync the folder. A full disk or a file
-    that cannot be written is one line naming the path (the old file stays as it was)."""
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        raise TrainingError(f"cannot write {path}: {why_not_written(err, path)}; it stays as it was") from None
-    except RuntimeError as err:  # torch.save's writer reports a short write (a full disk) as "unexpected pos"
-        if "unexpected pos" not in str(err) and "PytorchStreamWriter" not in str(err):
-            raise
-        raise TrainingError(f"cannot write {path}: the write fell short, most likely no space left on the device "
-                            f"holding {path.parent}; it stays as it was") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_folder(path.parent)
-
-
-def why_not_written(err, path):
-    """An OSError on writing path, in the words a user acts on."""
-    if err.errno == errno.ENOSPC:
-        return f"no space left on the device holding {path.parent}"
-    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return "not writable (permissions, or a read-only file system)"
-    return err.strerror or type(err).__name__
-
-
-def link_atomically(src, dst):
-    """dst becomes a hard link of src (the same checkpoint, no second write), replacing an old dst in one
-    rename, so a kill at any moment leaves the old dst or the new one."""
-    tmp = dst.with_name(f"{dst.name}.tmp.{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    os.link(src, tmp)
-    os.replace(tmp, dst)
-
-
-def rng_states(device):
-    """Every rank's random state, gathered (call it on all ranks): entry r is rank r's CPU generator and, on
-    CUDA, its own device's generator. Ranks draw different numbers on the GPU (document pools of their own
-    data), so each resumes from its own state, and a machine with fewer GPUs visible resumes just the same."""
-    mine = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-    if not dist.is_initialized():
-        return [mine]
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    return everyone
-
-
-def restore_rng(rng, rank, device):
-    """This rank's entry of rng_states: its CPU generator, and its own CUDA device's where it trained on one."""
-    torch.set_rng_state(rng[rank]["cpu"])
-    if device.type == "cuda" and rng[rank]["cuda"] is not None:
-        torch.cuda.set_rng_state(rng[rank]["cuda"], device)
-
-
-def save_checkpoint(path, raw, optimizer, s, step, world, retained, rng, run, data):
-    """Everything a resume needs, as tensors, numbers, strings, lists and dicts (loadable with weights_only);
-    run: the run's id (config.json has it too), data: the corpus's fingerprint, both checked on resume."""
-    state = {"format": CHECKPOINT_FORMAT, "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
-             "config": asdict(raw.config), "settings": asdict(s), "step": step, "world_size": world,
-             "retained": list(retained), "rng": rng, "run": run, "data": data}
-    atomic_write(path, lambda f: torch.save(state, f))
-
-
-CHECKPOINT_KEYS = ("model", "optimizer", "config", "settings", "step", "world_size", "retained", "rng", "run", "data")
-
-
-def load_checkpoint(path, flag="--resume"):
-    """A checkpoint file, or a run folder's latest.pt, loaded with weights_only=True: a crafted file can only
-    fail to load, never run code. Returns (state, the file's path)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "latest.pt"
-    if not path.is_file():
-        if path.name == "latest.pt" and run_id(path.parent):
-            raise SettingError(f"{flag}={path.parent}: the run there stopped before its first checkpoint, so there "
-                               f"is nothing to resume: run the same command without {flag} to start it over")
-        raise SettingError(f"{flag}={path}: no such checkpoint")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unpickling failure: a corrupt, truncated or foreign (maybe hostile) file
-        raise SettingError(f"{flag}={path}: not a loadable emo checkpoint ({type(err).__name__}); corrupt, "
-                           f"truncated, or not made by train.py") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise SettingError(f"{flag}={path}: not an {CHECKPOINT_FORMAT} checkpoint (found {found!r})")
-    missing = [key for key in CHECKPOINT_KEYS if key not in state]
-    if missing:
-        raise SettingError(f"{flag}={path}: the checkpoint lacks {', '.join(missing)} (corrupt)")
-    wrong = next((key for key, ok in checkpoint_field_checks(state) if not ok()), None)
-    if wrong:
-        raise SettingError(f"{flag}={path}: the checkpoint's {wrong!r} is not what train.py writes (corrupt or "
-                           f"edited): {str(state[wrong])[:60]}")
-    broken = next((name for name, t in state["model"].items() if t.is_floating_point() and not t.isfinite().all()), None)
-    if broken:
-        raise SettingError(f"{flag}={path}: its weight {broken} holds NaN or inf (a damaged file, or saved from a run "
-                           f"that diverged): go on from an earlier checkpoint of the run (stageN.pt, stepN.pt)")
-    unknown = set(state["config"]) - set(emo.Config.__dataclass_fields__)
-    if unknown:
-        raise SettingError(f"{flag}={path}: its model config has fields this emo.py does not know: "
-                           f"{', '.join(sorted(unknown))} (made by another version?)")
-    return state, path
-
-
-def checkpoint_field_checks(state):
-    """(field, check) pairs in the order a loader relies on them: each check is a no-argument callable."""
-    def is_int(v, low):
-        return isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-    def is_state(v):
-        return torch.is_tensor(v) and v.dtype == torch.uint8
-
-    return [("model", lambda: isinstance(state["model"], dict) and all(map(torch.is_tensor, state["model"].values()))),
-            ("optimizer", lambda: isinstance(state["optimizer"], dict)),
-            ("config", lambda: isinstance(state["config"], dict)),
-            ("settings", lambda: isinstance(state["settings"], dict) and all(
-                type(state["settings"][f.name]) is type(getattr(Settings(), f.name))
-                for f in fields(Settings) if f.name in state["settings"])),
-            ("step", lambda: is_int(state["step"], 0)),
-            ("world_size", lambda: is_int(state["world_size"], 1)),
-            ("retained", lambda: isinstance(state["retained"], list) and all(is_int(v, 1) for v in state["retained"])),
-            ("rng", lambda: isinstance(state["rng"], list) and len(state["rng"]) >= 1 and all(
-                isinstance(r, dict) and is_state(r.get("cpu")) and (r.get("cuda") is None or is_state(r["cuda"]))
-                for r in state["rng"])),
-            ("run", lambda: isinstance(state["run"], str)),
-            ("data", lambda: isinstance(state["data"], dict) and isinstance(state["data"].get("domains"), list)
-                and isinstance(state["data"].get("tokens"), dict) and isinstance(state["data"].get("sha256"), str))]
-
-
-def model_from_checkpoint(state, path, **overrides):
-    """Rebuild the checkpoint's Transformer (from load_checkpoint); weights that do not fit give one line."""
-    try:
-        cfg = emo.Config(**{**state["config"], **overrides})
-    except SettingError as err:
-        raise SettingError(f"{path}: its model config: {err}") from None
-    raw = emo.Transformer(cfg)
-    load_weights(raw, state["model"], path)
-    return raw
-
-
-def load_weights(raw, state_dict, path):
-    """load_state_dict, after checking names and shapes so a mismatch is one line, not a page of them."""
-    state_dict = strip_prefixes(state_dict)
-    expected = raw.state_dict()
-    wrong = sorted(expected.keys() ^ state_dict.keys()) or \
-        [k for k in expected if tuple(expected[k].shape) != tuple(state_dict[k].shape)]
-    if wrong:
-        k = wrong[0]
-        detail = (f"{k} has shape {list(state_dict[k].shape)}, the config needs {list(expected[k].shape)}"
-                  if k in expected and k in state_dict else f"{k} is {'missing' if k in expected else 'unexpected'}")
-        raise SettingError(f"{path}: its weights do not match its config ({detail}; {len(wrong)} such): corrupt")
-    raw.load_state_dict(state_dict)
-
-
-def strip_prefixes(state_dict):
-    """Checkpoints load with or without DDP (module.) and torch.compile (_orig_mod.) prefixes."""
-    out = {}
-    for key, value in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            key = key.replace(prefix, "")
-        out[key] = value
-    return out
-
-
-def resumed_settings(state, s, model, given):
-    """The checkpoint's settings and model; flags may change only RESUMABLE settings, else one clear line."""
-    try:
-        old = Settings(**state["settings"])
-    except TypeError:
-        raise SettingError("--resume: the checkpoint's settings are not this train.py's (made by another "
-                           "version?)") from None
-    changed = [k for k in given if k in Settings.__dataclass_fields__ and k not in RESUMABLE
-               and getattr(s, k) != getattr(old, k)]
-    changed += [k for k in given if k in emo.Config.__dataclass_fields__ and model[k] != state["config"].get(k)]
-    if changed:
-        raise SettingError("--resume: these settings differ from the checkpoint's and cannot change mid-run: "
-                           + ", ".join(f"{k} (checkpoint {state['config'].get(k, getattr(old, k, None))!r})"
-                                       for k in changed))
-    for k in (given & RESUMABLE) | PER_INVOCATION:
-        setattr(old, k, getattr(s, k))
-    return old, dict(state["config"])
-
-
-def resume_destination(checkpoint, state, s, given):
-    """Where a resumed run writes: the folder it was resumed from, continued in place, which needs that
-    folder's newest checkpoint (an older one would overwrite later progress); or a new --out_dir, a branch
-    that starts with the source's metrics up to the checkpoint. Returns (out_dir, branching)."""
-    source = checkpoint.parent
-    out_dir = Path(s.out_dir) if "out_dir" in given else source
-    if out_dir.resolve() != source.resolve():
-        return out_dir, True
-    latest = source / "latest.pt"
-    if not latest.exists() or not os.path.samefile(checkpoint, latest):
-        raise SettingError(f"--resume={checkpoint} is not {source}'s latest checkpoint: continuing there would "
-                           f"overwrite its later progress; give --out_dir=NEW_FOLDER to branch from it")
-    if run_id(source) != state["run"]:
-        raise SettingError(f"--resume={checkpoint} was not written by the run in {source} (its config.json names "
-                           f"another run): continuing would mix two runs' histories; give --out_dir=NEW_FOLDER to "
-                           f"branch from it")
-    return out_dir, False
-
-
-def run_id(folder):
-    """The id in a run folder's config.json, or None where there is none (or it is not train.py's)."""
-    try:
-        return json.loads((Path(folder) / "config.json").read_text()).get("run")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-# ---------------------------------------------------------------------------------------------
-# metrics.jsonl: one JSON record per line, appended and flushed as the run goes
-# ---------------------------------------------------------------------------------------------
-
-
-def read_metrics(folder):
-    """A run folder's metrics.jsonl as a list of records (step, eval, growth, stage, warning). A torn last
-    line (a process killed mid-write) is left out; damage anywhere else is an error."""
-    path = Path(folder) / "metrics.jsonl"
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    records = []
-    for n, line in enumerate(lines, 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if n < len(lines):
-                raise DataError(f"{path}:{n}: not a JSON record (the file is damaged)") from None
-    return records
-
-
-def logged_by(record, step):
-    """Was this record written before the checkpoint at `step`? A growth at `step` comes right after it."""
-    return record["step"] < step if record["kind"] == "growth" else record["step"] <= step
-
-
-def trim_metrics(source, dest, step):
-    """Write to dest the records of source logged up to the checkpoint at `step` (what comes after is about
-    to be redone; a growth at `step` itself happened after the checkpoint was written)."""
-    kept = [r for r in read_metrics(source.parent) if logged_by(r, step)] if source.exists() else []
-    atomic_write(dest, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
-
-
-# ---------------------------------------------------------------------------------------------
-# Devices, processes, memory
-# ---------------------------------------------------------------------------------------------
-
-
-def setup_distributed(device_setting, world):
-    """(rank, device). Under torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK) a process group is set up even
-    for one process, so `torchrun --nproc_per_node=1` runs the multi-GPU code path: NCCL on GPU, gloo on CPU."""
-    device = resolve_device(device_setting)
-    if "RANK" not in os.environ:
-        return 0, torch.device(device)
-    rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    if device.startswith("cuda"):
-        torch.cuda.set_device(local)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
-        return rank, torch.device("cuda", local)
-    dist.init_process_group("gloo")
-    return rank, torch.device("cpu")
 
 
 def autocast_dtype(s, device):
@@ -684,111 +259,6 @@ def wrap(raw, s, device):
         # broadcast_buffers=False: each rank keeps its own expert counts until update_router_bias sums them
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     return model
-
-
-def mean_over_ranks(t):
-    """The mean of tensor t over data-parallel ranks, in float64 on t's own device: NCCL, the CUDA process
-    group, has no CPU backend, so a collective must never be handed a CPU tensor there."""
-    t = t.detach().double()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t
-
-
-def per_rank(value):
-    """A Python number from every rank, in rank order (one item when not distributed): for what ranks must
-    share (the weights) or must not (their batches)."""
-    if not dist.is_initialized():
-        return [value]
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, value)
-    return everyone
-
-
-# Dense bf16 peak FLOP/s by CUDA device name, most specific first (the vendors' data sheets, without sparsity)
-PEAK_BF16_FLOPS = (("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H200 NVL", 835e12),
-                   ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12))
-
-
-def peak_flops(device):
-    """Dense bf16 peak FLOP/s of a CUDA device, or None where we do not know it (CPU, other GPUs)."""
-    device = torch.device(device)
-    return peak_flops_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-
-
-def peak_flops_of(name):
-    """Dense bf16 peak FLOP/s for a CUDA device name such as 'NVIDIA H100 PCIe'; None for names not listed."""
-    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
-
-
-def mfu(tokens_per_second, cfg, device):
-    """Model FLOPs utilisation from active parameters, or None on devices without a known peak."""
-    peak = peak_flops(device)
-    return None if peak is None else tokens_per_second * emo.flops_per_token(cfg) / peak
-
-
-def _glibc():
-    """The C library, where it is glibc (mallopt, malloc_trim); None elsewhere."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-def keep_freed_memory():
-    """Ask glibc to keep freed memory in the process instead of returning each large block to the OS.
-
-    Training allocates and frees the same large activations every step; by default glibc maps each block
-    over 32 MB fresh and unmaps it on free, so every step pays page faults. On a 2-core CPU that was half
-    the MoE layer's time (bench.py moe: system time 26 s -> 2 s, E=128 tokens/s 1.8x). No-op off glibc.
-    """
-    libc = _glibc()
-    if libc:
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: serve blocks up to 1 GiB from the heap
-        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never shrink the heap
-
-
-def reset_peak_memory(device):
-    """Start a peak-memory window: CUDA's allocator peak, or on Linux the process's peak resident set
-    (writing 5 to /proc/self/clear_refs resets VmHWM). Returns False where neither can be reset."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return True
-    libc = _glibc()
-    if libc:
-        libc.malloc_trim(0)  # give back what keep_freed_memory kept, else the window starts at that heap
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_memory(device):
-    """Bytes since reset_peak_memory: peak allocated tensors on CUDA; peak RSS of the whole process on CPU
-    (the Python and torch runtime included, so compare CPU values as differences)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    status = Path("/proc/self/status").read_text()
-    return int(status.split("VmHWM:")[1].split()[0]) * 1024  # reported in kB
-
-
-def state_memory(raw, optimizer):
-    """Bytes of weights + their gradients + optimizer moments: the memory growth adds to. Gradients are
-    counted at their size during the step (zero_grad frees them between steps)."""
-    params = [p for p in raw.parameters() if p.requires_grad]
-    moments = [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v) and v.dim()]
-    return sum(2 * p.numel() * p.element_size() for p in params) + sum(v.numel() * v.element_size() for v in moments)
-
-
-# ---------------------------------------------------------------------------------------------
-# Data and evaluation
-# ---------------------------------------------------------------------------------------------
 
 
 def open_data(s, cfg, rank, world):
@@ -877,7 +347,7 @@ def train_step(model, optimizer, micro_batches, lr, grad_clip, dtype):
         loss_sum += losses["loss"].detach()
         ce_sum += losses["ce"].detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip or float("inf"))
-    loss_value, ce_value = mean_over_ranks(torch.stack([loss_sum, ce_sum]).double() / len(micro_batches)).tolist()
+    loss_value, ce_value = runs.mean_over_ranks(torch.stack([loss_sum, ce_sum]).double() / len(micro_batches)).tolist()
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm.item())):
         optimizer.zero_grad(set_to_none=True)
         for moe in raw.moe_layers():  # forget this step's routing counts too: nothing of it remains
@@ -890,362 +360,150 @@ def train_step(model, optimizer, micro_batches, lr, grad_clip, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
-# The run
+# The run: stage by stage, step by step
 # ---------------------------------------------------------------------------------------------
 
 
-class StoppedMidStep(Exception):
-    """A signal arrived while a step was being computed (torch.compile building, say) and broke it."""
+def train(s, cfg, stages, world, resume=None):
+    """Train to the end of the last stage, or until a signal or --stop_at: stage by stage, growing the
+    experts at each stage's first step (grow), then step by step, the learning rate re-warming after each
+    growth (lr_at). Returns (the model, whether the run finished).
+    resume: None, or (checkpoint state, its path, whether the run branches into a new folder)."""
+    micro_tokens = s.batch_size * cfg.seq_len * world
+    batch_tokens = s.batch_tokens or micro_tokens
+    accum, total_steps = batch_tokens // micro_tokens, stages[-1].end
+    with runs.Run(s.out_dir, s.device, world, new=resume is None or resume[2], keep_latest=s.keep_latest) as run:
+        device, rank = run.device, run.rank
+        dtype = autocast_dtype(s, device)
+        train_data, val_data = open_data(s, cfg, rank, world)
+        repeats = epochs_warning(s, train_data)
+        if repeats:
+            run.log(f"warning: {repeats}")
+        torch.manual_seed(s.seed)
+        runs.keep_freed_memory()
+        raw = emo.Transformer(cfg).to(device)
+        optimizer = make_optimizer(raw, s, device)
+        step, data = 0, fingerprint(s.data)  # what the run trains on, kept in every checkpoint
+        run_id = resume[0]["run"] if resume and not resume[2] else uuid.uuid4().hex  # a branch is a run of its own
+        if resume:
+            step = resume_from(resume, raw, optimizer, run)
+        model = wrap(raw, s, device)
+        run.log(json.dumps({"settings": asdict(s), "model": asdict(cfg)}))
+        run.log("stages: " + ", ".join(f"E={st.experts} steps {st.start}-{st.end}" for st in stages)
+                + f" ({total_steps} steps of {batch_tokens} tokens, {accum} micro-batches each)")
+        run.start({"run": run_id, "settings": asdict(s), "model": asdict(cfg), "stages": [asdict(st) for st in stages]},
+                  resumed_from=resume and resume[1], step=step)
+        meter = runs.Meter(run, s, stages, step, batch_tokens)
 
+        def batch(i):  # this step's i-th micro-batch: this rank's share, in the seed's order
+            return train_data.batch(step * accum + i, s.batch_size, cfg.seq_len, s.seed, rank, world)
 
-class Preemption:
-    """SIGTERM / SIGINT ask the run to save a checkpoint at the next step boundary and exit cleanly."""
+        def evaluate_now(model):
+            return evaluate(model, val_data, s, raw.config, device, dtype, rank, world)
 
-    def __init__(self):
-        self.requested = False
-        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def request(self, signum, frame):
-        self.requested = True
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def agreed(self, device):
-        """All ranks stop at the same step if any one was signalled."""
-        if not dist.is_initialized():
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
-class Trainer:
-    """One run: the model, its optimizer, the stage plan, the data and the run folder. run() is the loop;
-    each of its steps is a method below, in the order the loop calls them."""
-
-    def __init__(self, s, cfg, stages, world, resume=None):
-        self.s, self.stages, self.world = s, stages, world
-        self.micro_tokens = s.batch_size * cfg.seq_len * world
-        self.batch_tokens = s.batch_tokens or self.micro_tokens
-        self.accum = self.batch_tokens // self.micro_tokens
-        self.total_steps = stages[-1].end
-        self.out_dir = Path(s.out_dir)
-        self.lock = self.metrics = None
-        self.preemption = Preemption()  # from here on a signal stops the run cleanly, during compilation too
-        self.rank, self.device = setup_distributed(s.device, world)
-        self.dtype = autocast_dtype(s, self.device)
-        self.master = self.rank == 0
-        created = not self.out_dir.exists()
-        try:
-            if self.master:  # a branch from another run's checkpoint is a new run in its folder
-                self.lock = claim_folder(self.out_dir, resuming=resume is not None and not resume[2])
-            self.train_data, self.val_data = open_data(s, cfg, self.rank, world)
-            repeats = epochs_warning(s, self.train_data)
-            if repeats:
-                self.log(f"warning: {repeats}")
-            torch.manual_seed(s.seed)
-            keep_freed_memory()
-            self.raw = emo.Transformer(cfg).to(self.device)
-            self.optimizer = make_optimizer(self.raw, s, self.device)
-            self.step, self.retained = 0, []
-            self.data = fingerprint(s.data)  # what this run trains on, kept in every checkpoint
-            # a run continued in place keeps its id; a new run, or a branch, gets its own
-            self.run_id = resume[0]["run"] if resume and not resume[2] else uuid.uuid4().hex
-            if resume:
-                self.restore(resume)
-            self.model = wrap(self.raw, s, self.device)
-            self.log(json.dumps({"settings": asdict(s), "model": asdict(cfg)}))
-            self.log("stages: " + ", ".join(f"E={st.experts} steps {st.start}-{st.end}" for st in stages)
-                     + f" ({self.total_steps} steps of {self.batch_tokens} tokens, {self.accum} micro-batches each)")
-            if self.master:  # every check passed: only now does the folder hold a run
-                config = {"run": self.run_id, "settings": asdict(s), "model": asdict(cfg),
-                          "stages": [asdict(st) for st in stages]}
-                atomic_write(self.out_dir / "config.json", lambda f: f.write(json.dumps(config, indent=1).encode()))
-                self.metrics = open_for_append(self.out_dir / "metrics.jsonl")
-        except BaseException:
-            self.close()
-            if self.master and created and self.out_dir.is_dir() and set(os.listdir(self.out_dir)) <= {".lock"}:
-                shutil.rmtree(self.out_dir)
-            raise
-        self.idle = torch.zeros(0)  # per layer and expert: steps since it last got a token
-        self.cost = None  # this stage's training time, tokens and peak memory in this process (since a resume)
-        self.clock = dict(start=time.time(), start_step=self.step, last=time.time(), tokens=0)
-
-    def log(self, text):
-        if self.master:
-            print(text)
-
-    def record(self, kind, **values):
-        if self.metrics:
-            try:
-                self.metrics.write(json.dumps({"kind": kind, **values}) + "\n")
-                self.metrics.flush()
-            except OSError as err:
-                path = self.out_dir / "metrics.jsonl"
-                raise TrainingError(f"cannot write {path}: {why_not_written(err, path)}") from None
-
-    def restore(self, resume):
-        """Weights, optimizer, step, RNG and retention list from a checkpoint; a branch starts with the
-        source's metrics up to the checkpoint, a run continued in place drops what came after it."""
-        state, path, branching = resume
-        load_weights(self.raw, state["model"], path)
-        try:
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as err:
-            raise SettingError(f"--resume={path}: its optimizer state does not fit the model ({err}): corrupt") from None
-        self.step = state["step"]
-        self.retained = [] if branching else list(state["retained"])
-        restore_rng(state["rng"], self.rank, self.device)
-        del state["model"], state["optimizer"]  # loaded: a copy kept for the whole run would double host memory
-        if self.master:
-            trim_metrics(path.parent / "metrics.jsonl", self.out_dir / "metrics.jsonl", self.step)
-        self.log(f"resumed from {path} at step {self.step} (E={self.raw.config.n_experts})"
-                 + (f"; writing to {self.out_dir}" if branching else ""))
-
-    def run(self):
-        """Train to the end, or until a signal or --stop_at; returns True when the run finished."""
-        try:
-            try:
-                return self.loop()
-            except StoppedMidStep as err:
-                last = self.out_dir / "latest.pt"
-                self.log(f"{err}; " + (f"resume with: python train.py --resume={self.out_dir}" if last.exists() else
-                                       "no checkpoint yet: run the same command again to start over"))
-                return False
-        finally:  # also when the run stops on an error: give back the signal handlers, the log, the lock
-            self.close()
-
-    def loop(self):
-        """Stage by stage (grow at its first step), step by step, until the end, a signal or --stop_at; True
-        when the run finished."""
-        for stage in self.stages:
-            if self.step >= stage.end:  # a resumed run: this stage is done
+        for stage in stages:
+            if step >= stage.end:  # a resumed run: this stage is done
                 continue
-            self.grow_if_due(stage)
-            while self.step < stage.end:
-                loss, ce, grad_norm, loads = self.train(stage)
-                self.log_step(stage, loss, ce, grad_norm, loads)
-                stage_end = self.step == stage.end
-                if self.step % self.s.eval_interval == 0 or stage_end:
-                    val = self.evaluate(stage)
+            meter.start_stage(stage, device)
+            if raw.config.n_experts != stage.experts:  # the stage's first step
+                model = grow(raw, optimizer, stage, s, device, run, step, evaluate_now, batch(0)[0])
+            while step < stage.end:
+                lr = lr_at(step, s, total_steps, stage)
+                micro_batches = [tuple(t.to(device) for t in batch(i)) for i in range(accum)]
+                try:
+                    loss, ce, grad_norm, loads = meter.timed(
+                        lambda: train_step(model, optimizer, micro_batches, lr, s.grad_clip, dtype))
+                except NonFiniteLoss as err:
+                    raise non_finite_advice(err, s, step, stage) from None
+                except Exception as err:
+                    if not run.preemption.requested:
+                        raise
+                    # a signal to the process group killed torch.compile's workers mid-step: a stop, not a crash
+                    last = Path(s.out_dir) / "latest.pt"
+                    run.log(f"stopped by a signal during step {step + 1} ({type(err).__name__} in the step it broke); "
+                            + (f"resume with: python train.py --resume={s.out_dir}" if last.exists() else
+                               "no checkpoint yet: run the same command again to start over"))
+                    return raw, False
+                step += 1
+                meter.log_step(stage, step, loss, ce, lr, grad_norm, loads, raw.config, device)
+                stage_end = step == stage.end
+                if step % s.eval_interval == 0 or stage_end:
+                    val = log_eval(run, evaluate_now(model), stage, step)
                     if stage_end:
-                        self.end_stage(stage, val)
-                stop = bool(self.s.stop_at and self.step >= self.s.stop_at)
-                preempted = self.preemption.agreed(self.device)
-                periodic = self.s.checkpoint_interval and self.step % self.s.checkpoint_interval == 0
-                if periodic or stage_end or stop or preempted or self.step == self.total_steps:
-                    self.checkpoint(stage if stage_end else None)
+                        meter.end_stage(stage, step, val, raw, optimizer, device)
+                stop = bool(s.stop_at and step >= s.stop_at)
+                preempted = run.stop_requested()
+                periodic = s.checkpoint_interval and step % s.checkpoint_interval == 0
+                if periodic or stage_end or stop or preempted or step == total_steps:
+                    run.checkpoint(step, stage.index if stage_end else None, dict(
+                        raw=raw, optimizer=optimizer, settings=s, world_size=world, run=run_id, data=data))
                 if stop or preempted:
-                    self.log(f"stopped at step {self.step} ({'signal' if preempted else '--stop_at'}); resume "
-                             f"with: python train.py --resume={self.out_dir}")
-                    return False
-        self.finish()
-        return True
-
-    def grow_if_due(self, stage):
-        """At a stage's first step: grow the experts, fit the optimizer to them, re-wrap, and evaluate once
-        (the spike growth itself causes)."""
-        if self.cost is None or self.cost["stage"] != stage.index:
-            self.cost = dict(stage=stage.index, seconds=0.0, tokens=0, tracked=reset_peak_memory(self.device))
-        if self.raw.config.n_experts == stage.experts:
-            return
-        t0, old = time.time(), self.raw.config.n_experts
-        emo.grow_experts(self.raw, stage.experts, init=self.s.growth_init)
-        emo.grow_optimizer(self.optimizer, self.s.growth_optimizer)
-        self.model = wrap(self.raw, self.s, self.device)
-        seconds = time.time() - t0
-        val = evaluate(self.model, self.val_data, self.s, self.raw.config, self.device, self.dtype, self.rank,
-                       self.world)
-        self.log(f"step {self.step}: grew E {old} -> {stage.experts} ({self.s.growth_init} init, optimizer "
-                 f"{self.s.growth_optimizer}) in {seconds:.2f}s; val loss right after: {val['loss']:.4f}")
-        # what data parallelism rests on, seen where it can break: every rank drew the same new experts, and
-        # each reads its own share of the data
-        weights = sum(p.detach().double().sum().item() for p in self.raw.parameters())
-        x, _ = self.train_data.batch(self.step * self.accum, self.s.batch_size, self.raw.config.seq_len, self.s.seed,
-                                     self.rank, self.world)
-        self.record("growth", step=self.step, stage=stage.index, experts_from=old, experts=stage.experts,
-                    init=self.s.growth_init, seconds=seconds, val_loss=val["loss"], val_bpb=val["bpb"],
-                    weights_per_rank=per_rank(weights), tokens_per_rank=per_rank(int(x.sum())))
-
-    def train(self, stage):
-        """One optimizer step on this step's micro-batches; a non-finite loss stops the run, weights untouched."""
-        s, cfg = self.s, self.raw.config
-        lr = lr_at(self.step, s, self.total_steps, stage)
-        batches = [self.train_data.batch(self.step * self.accum + i, s.batch_size, cfg.seq_len, s.seed, self.rank,
-                                         self.world) for i in range(self.accum)]
-        t0 = time.time()
-        try:
-            loss, ce, grad_norm, loads = train_step(self.model, self.optimizer,
-                                                    [(x.to(self.device), y.to(self.device)) for x, y in batches],
-                                                    lr, s.grad_clip, self.dtype)
-        except Exception as err:
-            if not isinstance(err, NonFiniteLoss):
-                if self.preemption.requested:  # a signal to the process group killed the compiler's workers
-                    raise StoppedMidStep(f"stopped by a signal during step {self.step + 1} ({type(err).__name__} "
-                                         f"in the step it interrupted); the step was not taken") from None
-                raise
-            last = self.out_dir / "latest.pt"
-            where = f"resume it with a lower learning rate: python train.py --resume={self.out_dir} --lr={s.lr / 4:g}" \
-                if last.exists() else "start again with a lower --lr"
-            raise TrainingError(f"non-finite loss or gradient at step {self.step + 1} (stage {stage.index}, "
-                                f"E={stage.experts}; {err}); the step was not taken. Last checkpoint: "
-                                f"{last if last.exists() else 'none yet'}; {where}") from None
-        self.cost["seconds"] += time.time() - t0  # train_step ends on .item(): the GPU work is done
-        self.cost["tokens"] += self.batch_tokens
-        self.step += 1
-        self.clock["tokens"] += self.batch_tokens
-        self.lr = lr
-        return loss, ce, grad_norm, loads
-
-    def log_step(self, stage, loss, ce, grad_norm, loads):
-        """The step's record, router-collapse warnings, and the progress line every log_interval steps."""
-        s, step = self.s, self.step
-        self.idle = (self.idle + 1) * (loads == 0) if self.idle.shape == loads.shape else (loads == 0).long()
-        for warning in collapse_warnings(self.idle, loads, s, check_cv=step % s.log_interval == 0):
-            self.log(f"step {step}: warning: {warning}")
-            self.record("warning", step=step, message=warning)
-        new_from = self.stages[stage.index - 2].experts if stage.index > 1 else stage.experts
-        self.record("step", step=step, stage=stage.index, experts=stage.experts, loss=loss, ce=ce, lr=self.lr,
-                    grad_norm=grad_norm.item(), tokens=step * self.batch_tokens,
-                    load_cv=(loads.std(dim=1) / loads.mean(dim=1)).mean().item(),
-                    new_share=(loads[:, new_from:].sum() / loads.sum()).item())
-        if step % s.log_interval == 0 or step == self.total_steps:
-            clock, now = self.clock, time.time()
-            tps = clock["tokens"] / (now - clock["last"])
-            util = mfu(tps / self.world, self.raw.config, self.device)
-            eta = (now - clock["start"]) / (step - clock["start_step"]) * (self.total_steps - step)
-            self.log(f"step {step}/{self.total_steps} | stage {stage.index}/{len(self.stages)} E={stage.experts} | "
-                     f"loss {loss:.4f} | lr {self.lr:.2e} | {tps:,.0f} tok/s | mfu "
-                     f"{'-' if util is None else f'{util:.1%}'} | eta {eta / 60:.1f} min")
-            clock["last"], clock["tokens"] = time.time(), 0
-
-    def evaluate(self, stage):
-        val = evaluate(self.model, self.val_data, self.s, self.raw.config, self.device, self.dtype, self.rank,
-                       self.world)
-        self.log(f"step {self.step}: val loss {val['loss']:.4f}, {val['bpb']:.4f} bits per byte | "
-                 + " ".join(f"{d} {v:.3f}" for d, v in val["bpb_per_domain"].items()))
-        self.record("eval", step=self.step, stage=stage.index, experts=stage.experts, val_loss=val["loss"],
-                    val_bpb=val["bpb"], val_loss_per_domain=val["loss_per_domain"],
-                    val_bpb_per_domain=val["bpb_per_domain"])
-        return val
-
-    def end_stage(self, stage, val):
-        """The stage's summary record: what plan.py --fit reads, and what the stage cost."""
-        raw, cost = self.raw, self.cost
-        self.record("stage", step=self.step, stage=stage.index, experts=stage.experts, top_k=raw.config.top_k,
-                    n_active=raw.num_params(active=True), law_n_active=emo.law_active_params(raw.config),
-                    params_total=raw.num_params(), tokens=self.step * self.batch_tokens, val_loss=val["loss"],
-                    val_bpb=val["bpb"],
-                    seconds=time.time() - self.clock["start"], train_seconds=cost["seconds"],
-                    tokens_per_second=cost["tokens"] / cost["seconds"],
-                    peak_memory=peak_memory(self.device) if cost["tracked"] else None,
-                    state_memory=state_memory(raw, self.optimizer))
-
-    def checkpoint(self, ended_stage):
-        """latest.pt; at a stage end also stageN.pt; with --keep_latest=N > 1 the N newest as stepS.pt. All
-        are hard links of one write. Retention removes only stepS.pt files this run wrote (the checkpoint
-        lists them), so a user's own files in the folder are never touched."""
-        rng = rng_states(self.device)
-        if self.master:
-            self.save(ended_stage, rng)
-        if dist.is_initialized():
-            # no rank goes on (or exits, at a stop) before the file is written: torchrun ends every rank when
-            # one exits with a non-zero status, rank 0 mid-write included
-            dist.barrier()
-
-    def save(self, ended_stage, rng):
-        out, step, n = self.out_dir, self.step, self.s.keep_latest
-        link = out / f"step{step}.pt"
-        keep = n > 1 and (step in self.retained or not link.exists())  # never replace a file we did not write
-        if n > 1 and not keep:
-            self.log(f"step {step}: warning: {link} exists and was not written by this run: not replaced")
-        retained = (self.retained + ([step] if keep and step not in self.retained else []))[-n:] if n > 1 else []
-        save_checkpoint(out / "latest.pt", self.raw, self.optimizer, self.s, step, self.world, retained, rng,
-                        self.run_id, self.data)
-        if ended_stage:
-            link_atomically(out / "latest.pt", out / f"stage{ended_stage.index}.pt")
-        if keep:
-            link_atomically(out / "latest.pt", link)
-        for old in set(self.retained) - set(retained):
-            (out / f"step{old}.pt").unlink(missing_ok=True)
-        self.retained = retained
-
-    def finish(self):
-        """The end of a finished run: a text sample and the loss plot."""
-        if self.master and self.s.sample_tokens:
-            self.log("sample: " + repr(sample(self.raw, self.train_data.encoding(), self.s.sample_tokens,
-                                              self.device, self.dtype)))
-        if self.master:  # record() flushed every line: the plot reads them all
-            self.log(plot_losses({self.out_dir.name: self.out_dir}, self.out_dir / "loss.png"))
+                    run.log(f"stopped at step {step} ({'signal' if preempted else '--stop_at'}); resume with: "
+                            f"python train.py --resume={s.out_dir}")
+                    return raw, False
+        if s.sample_tokens:
+            run.log("sample: " + repr(sample(raw, train_data.encoding(), s.sample_tokens, device, dtype)))
+        if run.master:  # record() flushed every line: the plot reads them all
+            run.log(runs.plot_losses({Path(s.out_dir).name: Path(s.out_dir)}, Path(s.out_dir) / "loss.png"))
         if dist.is_initialized():  # wait for rank 0's sample and plot: a rank that tears down gloo early can abort
             dist.barrier()
-
-    def close(self):
-        if self.preemption:
-            self.preemption.restore()
-        if self.metrics:
-            self.metrics.close()
-        if self.lock:
-            self.lock.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return raw, True
 
 
-def pyplot():
-    """matplotlib.pyplot for writing PNGs, or None: matplotlib is optional."""
+def grow(raw, optimizer, stage, s, device, run, step, evaluate_now, x):
+    """A stage's first step: grow every layer's experts (emo.grow_experts), fit the optimizer to them, and
+    re-wrap (compile and DDP see new shapes); then record the validation loss right after (the spike growth
+    itself causes) and what data parallelism rests on, seen where it can break: every rank drew the same new
+    experts (its weights' sum) and reads its own share of the data (x, its first micro-batch). Returns the
+    re-wrapped model."""
+    t0, old = time.time(), raw.config.n_experts
+    emo.grow_experts(raw, stage.experts, init=s.growth_init)
+    emo.grow_optimizer(optimizer, s.growth_optimizer)
+    model = wrap(raw, s, device)
+    seconds = time.time() - t0
+    val = evaluate_now(model)
+    run.log(f"step {step}: grew E {old} -> {stage.experts} ({s.growth_init} init, optimizer {s.growth_optimizer}) "
+            f"in {seconds:.2f}s; val loss right after: {val['loss']:.4f}")
+    weights = sum(p.detach().double().sum().item() for p in raw.parameters())
+    run.record("growth", step=step, stage=stage.index, experts_from=old, experts=stage.experts, init=s.growth_init,
+               seconds=seconds, val_loss=val["loss"], val_bpb=val["bpb"], weights_per_rank=runs.per_rank(weights),
+               tokens_per_rank=runs.per_rank(int(x.sum())))
+    return model
+
+
+def resume_from(resume, raw, optimizer, run):
+    """Weights, optimizer moments, this rank's random state and the retention list from a checkpoint; returns
+    its step. The loaded weights are dropped once copied (a copy kept for the run would double host memory)."""
+    state, path, branching = resume
+    runs.load_weights(raw, state["model"], path)
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise SettingError(f"--resume={path}: its optimizer state does not fit the model ({err}): corrupt") from None
+    runs.restore_rng(state["rng"], run.rank, run.device)
+    run.retained = [] if branching else list(state["retained"])
+    del state["model"], state["optimizer"]
+    run.log(f"resumed from {path} at step {state['step']} (E={raw.config.n_experts})"
+            + (f"; writing to {run.out_dir}" if branching else ""))
+    return state["step"]
 
 
-def plot_losses(runs, png, title="validation bits per byte (dotted: expert growth)"):
-    """Validation bits per byte (validation loss for runs that did not record it) against tokens: the whole
-    run, and beside it the last 40 % zoomed in, where the arms part. runs: {label: run folder, or a list of
-    them (seeds: thin lines and their mean in bold)}; a dotted line at each growth of a label's first run.
-    matplotlib is optional: without it this writes nothing and says so."""
-    plt = pyplot()
-    if plt is None:
-        return f"no {png}: matplotlib is not installed (optional: pip install matplotlib)"
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    lines, bpb = [], True  # (color, x, y, width, label) for both panels; did every run record bits per byte
-    for i, (label, folders) in enumerate(runs.items()):
-        color, curves = f"C{i % 10}", []
-        for n, folder in enumerate(folders if isinstance(folders, list) else [folders]):
-            records = read_metrics(folder)
-            tokens = {0: 0, **{r["step"]: r["tokens"] for r in records if r["kind"] == "step"}}
-            evals = [r for r in records if r["kind"] == "eval"]
-            bpb = bpb and all("val_bpb" in r for r in evals)
-            curves.append({tokens[r["step"]]: r.get("val_bpb", r["val_loss"]) for r in evals})
-            for growth in (r for r in records if r["kind"] == "growth" and n == 0):
-                for ax in axes:
-                    ax.axvline(tokens[growth["step"]], color=color, linestyle=":", linewidth=1)
-        common = sorted(set.intersection(*map(set, curves)))
-        if len(curves) > 1:
-            lines += [(color, list(c), list(c.values()), 0.6, None) for c in curves]
-        lines.append((color, common, [sum(c[t] for c in curves) / len(curves) for t in common], 1.8,
-                      label + (f" ({len(curves)} seeds)" if len(curves) > 1 else "")))
-    end = max(max(x) for _, x, _, _, _ in lines)
-    late = [v for _, x, y, _, _ in lines for t, v in zip(x, y) if t >= 0.6 * end]
-    for ax in axes:
-        for color, x, y, width, label in lines:
-            ax.plot(x, y, color=color, linewidth=width, alpha=1.0 if label else 0.5, label=label)
-        ax.set(xlabel="tokens", ylabel="validation " + ("bits per byte" if bpb else "loss (bits per byte where recorded)"))
-    low = min(y for _, _, ys, _, label in lines if label for y in ys)
-    axes[0].set_ylim(low - 0.05, low + 1.2)  # the first evals would flatten the rest
-    axes[0].set_title(title, fontsize=10)
-    axes[1].set_xlim(0.6 * end, end * 1.01)
-    axes[1].set_ylim(min(late) - 0.01, max(late) + 0.01)
-    axes[1].set_title("the last 40 % of tokens", fontsize=10)
-    axes[1].legend(fontsize=8)
-    fig.savefig(png, dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    return f"wrote {png}"
+def log_eval(run, val, stage, step):
+    run.log(f"step {step}: val loss {val['loss']:.4f}, {val['bpb']:.4f} bits per byte | "
+            + " ".join(f"{d} {v:.3f}" for d, v in val["bpb_per_domain"].items()))
+    run.record("eval", step=step, stage=stage.index, experts=stage.experts, val_loss=val["loss"], val_bpb=val["bpb"],
+               val_loss_per_domain=val["loss_per_domain"], val_bpb_per_domain=val["bpb_per_domain"])
+    return val
+
+
+def non_finite_advice(err, s, step, stage):
+    """A non-finite step as one line: where it happened, and a command the program accepts."""
+    last = Path(s.out_dir) / "latest.pt"
+    where = f"resume it with a lower learning rate: python train.py --resume={s.out_dir} --lr={s.lr / 4:g}" \
+        if last.exists() else "start again with a lower --lr"
+    return TrainingError(f"non-finite loss or gradient at step {step + 1} (stage {stage.index}, E={stage.experts}; "
+                         f"{err}); the step was not taken. Last checkpoint: {last if last.exists() else 'none yet'}; "
+                         f"{where}")
 
 
 def sample(raw, enc, n_tokens, device, dtype):
@@ -1258,6 +516,30 @@ def sample(raw, enc, n_tokens, device, dtype):
         out = raw.generate(prompt, n_tokens, temperature=0.8, top_k=50)
     raw.train()
     return enc.decode([t for t in out[0].tolist() if t < enc.n_vocab])
+
+
+# ---------------------------------------------------------------------------------------------
+# From flags to a run
+# ---------------------------------------------------------------------------------------------
+
+
+def resumed_settings(state, s, model, given):
+    """The checkpoint's settings and model; flags may change only RESUMABLE settings, else one clear line."""
+    try:
+        old = Settings(**state["settings"])
+    except TypeError:
+        raise SettingError("--resume: the checkpoint's settings are not this train.py's (made by another "
+                           "version?)") from None
+    changed = [k for k in given if k in Settings.__dataclass_fields__ and k not in RESUMABLE
+               and getattr(s, k) != getattr(old, k)]
+    changed += [k for k in given if k in emo.Config.__dataclass_fields__ and model[k] != state["config"].get(k)]
+    if changed:
+        raise SettingError("--resume: these settings differ from the checkpoint's and cannot change mid-run: "
+                           + ", ".join(f"{k} (checkpoint {state['config'].get(k, getattr(old, k, None))!r})"
+                                       for k in changed))
+    for k in (given & RESUMABLE) | PER_INVOCATION:
+        setattr(old, k, getattr(s, k))
+    return old, dict(state["config"])
 
 
 def size_for_corpus(model_settings, data):
@@ -1275,19 +557,9 @@ def setup(argv):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     resume = None
     if s.resume:
-        state, path = load_checkpoint(s.resume)
+        state, path = runs.load_checkpoint(s.resume, settings_type=Settings)
         s, model_settings = resumed_settings(state, s, model_settings, given)
-        if state["world_size"] != world:
-            raise SettingError(f"--resume={path}: the run used {state['world_size']} process(es), this one has "
-                               f"{world}: resume with the same torchrun --nproc_per_node (the data order and the "
-                               f"batch depend on it)")
-        require(len(state["rng"]) == world, f"--resume={path}: its random states", len(state["rng"]),
-                f"one per process, {world} (corrupt or edited)")
-        changed = (Path(s.data) / "meta.json").exists() and fingerprint_change(state["data"], fingerprint(s.data))
-        if changed:
-            raise SettingError(f"--resume={path}: the corpus in {s.data} is not the one the run was trained on "
-                               f"({changed}): a run resumes on its own data; prepare that again, or start a new run")
-        out_dir, branching = resume_destination(path, state, s, given)
+        out_dir, branching = runs.check_resume(state, path, s.data, "out_dir" in given and s.out_dir, world)
         s.out_dir = str(out_dir)
         resume = (state, path, branching)
     experts, fractions = parse_stages(s)
@@ -1320,35 +592,10 @@ def setup(argv):
     return s, cfg, stages, world, resume
 
 
-def timed_step(argv, n_experts):
-    """train.py's model, optimizer and training step at E = n_experts, for bench.py: the settings, wrappers
-    (dtype, compile) and step of a run with these flags, on random tokens (timing needs tokens, not text).
-    Returns (raw model, optimizer, device, step) where step(i) takes one optimizer step on batch i."""
-    s, model_settings, _ = parse(argv)
-    size_for_corpus(model_settings, s.data)
-    cfg = emo.Config(**{**model_settings, "n_experts": n_experts})
-    validate(s, cfg, 1, 1)
-    _, device = setup_distributed(s.device, 1)
-    dtype = autocast_dtype(s, device)
-    torch.manual_seed(0)
-    raw = emo.Transformer(cfg).to(device)
-    optimizer = make_optimizer(raw, s, device)
-    model = wrap(raw, s, device)
-
-    def step(i):
-        tokens = torch.randint(cfg.vocab_size, (s.batch_size, cfg.seq_len + 1), generator=torch.Generator().manual_seed(i))
-        tokens = tokens.to(device)
-        return train_step(model, optimizer, [(tokens[:, :-1], tokens[:, 1:])], s.lr, s.grad_clip, dtype)
-
-    return raw, optimizer, device, step
-
-
 def run(argv):
     """Train as the flags say; returns (the model, whether the run finished)."""
     s, cfg, stages, world, resume = setup(argv)
-    trainer = Trainer(s, cfg, stages, world, resume)
-    finished = trainer.run()
-    return trainer.raw, finished
+    return train(s, cfg, stages, world, resume)
 
 
 def main(argv=None):
@@ -1356,6 +603,8 @@ def main(argv=None):
         _, finished = run(sys.argv[1:] if argv is None else argv)
     except (SettingError, DataError, TrainingError) as err:
         sys.exit(f"train.py: {err}")
+    except KeyboardInterrupt:  # Ctrl-C before the run's own handler was set: nothing to save yet
+        sys.exit("train.py: interrupted")
     if not finished:
         sys.exit(EXIT_STOPPED)
 

@@ -1,0 +1,850 @@
+"""The run machinery behind train.py, kept out of the training loop: flags and config files, the run folder
+and its lock, atomic files, checkpoints and the rules for resuming them, metrics.jsonl, processes and
+signals, and what a run measures of itself (MFU, memory, the loss plot). bench.py and eval.py use it too.
+
+A run folder holds config.json, metrics.jsonl, latest.pt, stageN.pt (and stepN.pt with --keep_latest); one
+process at a time owns it (.lock). Checkpoints load with weights_only=True and are checked field by field.
+"""
+
+import argparse
+import difflib
+import errno
+import fcntl
+import inspect
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import emo
+from data.corpus import DataError, fingerprint, fingerprint_change
+from emo import SettingError, require
+
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped before the end on purpose; `--resume` continues it
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a non-finite loss, a full disk): printed as one line naming what to do."""
+
+
+class StoppedMidStep(Exception):
+    """A signal arrived while a step was being computed (torch.compile building, say) and broke it."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags: --key=value, config files, --help from the settings' own comments
+# ---------------------------------------------------------------------------------------------
+
+
+def read_config_file(path):
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise SettingError(f"--config={path}: cannot read a JSON object ({type(err).__name__})") from None
+    if not isinstance(data, dict):
+        raise SettingError(f"--config={path}: must hold a JSON object of settings")
+    for key, value in data.items():
+        if key in ("config", "resume"):
+            raise SettingError(f"--config={path}: {key!r} is not a setting a config file can give (a flag only)")
+        if value == "" or value == []:
+            raise SettingError(f"--config={path}: {key!r} is empty: give a value, or leave it out for its default")
+    return data
+
+
+def convert(key, value, kind):
+    """A flag's text (or a JSON value) as the field's type, or a one-line error naming it."""
+    if not isinstance(value, str):  # from a JSON file
+        value = ",".join(map(str, value)) if isinstance(value, list) else json.dumps(value)
+    if "None" in str(kind):  # pool_size (int | float | None), pool_size_range (tuple | None)
+        if value.lower() in ("none", "null", ""):
+            return None
+        try:
+            numbers = tuple(int(v) if v.strip().lstrip("-").isdigit() else float(v) for v in value.split(","))
+        except ValueError:
+            raise SettingError(f"--{key}={value}: expected a number, a pair lo,hi, or none") from None
+        return numbers if "tuple" in str(kind) else numbers[0] if len(numbers) == 1 else numbers
+    kind = {"int": int, "float": float, "str": str, "bool": bool}.get(kind, kind)
+    try:
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return value.lower() in ("true", "1")
+        if kind is int:
+            number = float(value)  # allows 2e6
+            if number != int(number):
+                raise ValueError
+            return int(number)
+        return kind(value.strip('"') if kind is str else value)
+    except (ValueError, OverflowError):  # OverflowError: int("inf")
+        raise SettingError(f"--{key}={value}: expected {'true/false' if kind is bool else kind.__name__}") from None
+
+
+def setting_help(*classes):
+    """{field: (default, its comment)} for dataclasses whose fields are commented on their own line of source,
+    `name: type = default  # what it means`: --help is generated from the one place a setting is declared."""
+    out = {}
+    for cls in classes:
+        defaults = {f.name: f.default for f in fields(cls)}
+        for line in inspect.getsource(cls).splitlines():
+            found = re.match(r"\s+(\w+): [^=]+(= [^#]*)?(#\s*(.*))?$", line)
+            if found and found.group(1) in defaults:
+                out[found.group(1)] = (defaults[found.group(1)], (found.group(4) or "").strip())
+    return out
+
+
+def print_help(doc, *classes):
+    print(doc.strip() + "\n\nsettings (--key=value; default, then meaning):")
+    for name, (default, meaning) in setting_help(*classes).items():
+        print(f"  --{name}={'' if default is None else default}" + (f"  {meaning}" if meaning else ""))
+
+
+def unknown_flag(flag, known):
+    """The one line for a flag no command knows: the closest real one, if any is close."""
+    close = difflib.get_close_matches(flag, known, n=1)
+    return f"unknown setting --{flag}" + (f"; did you mean --{close[0]}?" if close else "") + \
+        " (--help lists every setting)"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse as every emo command uses it: a bad flag is one line and exit status 1, as train.py's, not a
+    usage block and 2; --help as usual."""
+
+    def error(self, message):
+        sys.exit(f"{self.prog}: {message} (--help lists every flag)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The run folder: one owner, atomic files
+# ---------------------------------------------------------------------------------------------
+
+
+RUN_FILE = re.compile(r"config\.json|metrics\.jsonl|loss\.png|(latest|stage\d+|step\d+)\.pt")  # what a run writes
+TEMP_NAME = re.compile(r"(latest|stage\d+|step\d+)\.pt\.tmp\.\d+|(config\.json|metrics\.jsonl)\.tmp\.\d+")
+
+
+def claim_folder(out_dir, resuming):
+    """Make out_dir this run's own: create it, refuse a file or a read-only folder, refuse a new run into a
+    folder that holds one, and lock it against a second process (the lock dies with the process, kill -9
+    included). Returns the open lock file, to keep for the run's lifetime."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SettingError(f"--out_dir={out_dir} is a file: give a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SettingError(f"--out_dir={out_dir}: cannot create it ({err.strerror})") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise SettingError(f"--out_dir={out_dir} is not writable")
+    lock = open(out_dir / ".lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        owner = lock.read().strip() or "?"
+        lock.close()
+        raise SettingError(f"--out_dir={out_dir}: another training process (pid {owner}) is running there; wait "
+                           f"for it or give another --out_dir") from None
+    try:  # unbuffered, so that closing the file later never has a write left to fail
+        os.ftruncate(lock.fileno(), 0)
+        os.write(lock.fileno(), str(os.getpid()).encode())
+    except OSError as err:
+        lock.close()
+        raise SettingError(f"--out_dir={out_dir}: cannot write there: {why_not_written(err, out_dir / '.lock')}") from None
+    ours = sorted(p for p in out_dir.iterdir() if RUN_FILE.fullmatch(p.name) or TEMP_NAME.fullmatch(p.name))
+    if not resuming and ours and not never_checkpointed(out_dir, ours):
+        lock.close()
+        if (out_dir / "latest.pt").exists() or run_id(out_dir):
+            raise SettingError(f"--out_dir={out_dir} already holds a run: continue it with --resume={out_dir}, or "
+                               f"start over in another --out_dir (or delete this folder first)")
+        raise SettingError(f"--out_dir={out_dir} holds {ours[0].name}, which a run writes: give another --out_dir "
+                           f"(or move your file)")
+    for path in ours:  # a new run: what a run that never checkpointed left; a resume: stale temp files
+        if not resuming or TEMP_NAME.fullmatch(path.name):
+            path.unlink()
+    return lock
+
+
+def never_checkpointed(out_dir, files):
+    """Did these files come from a train.py run that stopped before its first checkpoint (a non-finite loss,
+    a kill while compiling)? Then there is nothing to resume, and a new run may start over in the folder."""
+    left = {p.name for p in files if not TEMP_NAME.fullmatch(p.name)}
+    return "config.json" in left and left <= {"config.json", "metrics.jsonl"} and run_id(out_dir) is not None
+
+
+def folder_owner(out_dir):
+    """The pid of the training process that holds out_dir's lock (claim_folder), or None if none does."""
+    path = Path(out_dir) / ".lock"
+    if not path.exists():
+        return None
+    with open(path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            return lock.read().strip() or "?"
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    return None
+
+
+def run_id(folder):
+    """The id in a run folder's config.json, or None where there is none (or it is not train.py's)."""
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()).get("run")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def open_for_append(path):
+    try:
+        return open(path, "a")
+    except OSError as err:
+        raise TrainingError(f"cannot write {path}: {why_not_written(err, path)}") from None
+
+
+def fsync_folder(folder):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, write):
+    """Write path so that a crash leaves the old file or the new one, never a torn one: a temp file named
+    by this process (two processes never collide), fsync, rename, fsync the folder. A full disk or a file
+    that cannot be written is one line naming the path (the old file stays as it was)."""
+    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        raise TrainingError(f"cannot write {path}: {why_not_written(err, path)}; it stays as it was") from None
+    except RuntimeError as err:  # torch.save's writer reports a short write (a full disk) as "unexpected pos"
+        if "unexpected pos" not in str(err) and "PytorchStreamWriter" not in str(err):
+            raise
+        raise TrainingError(f"cannot write {path}: the write fell short, most likely no space left on the device "
+                            f"holding {path.parent}; it stays as it was") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_folder(path.parent)
+
+
+def why_not_written(err, path):
+    """An OSError on writing path, in the words a user acts on."""
+    if err.errno == errno.ENOSPC:
+        return f"no space left on the device holding {path.parent}"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "not writable (permissions, or a read-only file system)"
+    return err.strerror or type(err).__name__
+
+
+def link_atomically(src, dst):
+    """dst becomes a hard link of src (the same checkpoint, no second write), replacing an old dst in one
+    rename, so a kill at any moment leaves the old dst or the new one."""
+    tmp = dst.with_name(f"{dst.name}.tmp.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    os.link(src, tmp)
+    os.replace(tmp, dst)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: everything a resume needs, loadable with weights_only, checked on load
+# ---------------------------------------------------------------------------------------------
+
+
+CHECKPOINT_FORMAT = "emo-checkpoint-3"
+CHECKPOINT_KEYS = ("model", "optimizer", "config", "settings", "step", "world_size", "retained", "rng", "run", "data")
+
+
+def rng_states(device):
+    """Every rank's random state, gathered (call it on all ranks): entry r is rank r's CPU generator and, on
+    CUDA, its own device's generator. Ranks draw different numbers on the GPU (document pools of their own
+    data), so each resumes from its own state, and a machine with fewer GPUs visible resumes just the same."""
+    mine = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    if not dist.is_initialized():
+        return [mine]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def restore_rng(rng, rank, device):
+    """This rank's entry of rng_states: its CPU generator, and its own CUDA device's where it trained on one."""
+    torch.set_rng_state(rng[rank]["cpu"])
+    if device.type == "cuda" and rng[rank]["cuda"] is not None:
+        torch.cuda.set_rng_state(rng[rank]["cuda"], device)
+
+
+def save_checkpoint(path, raw, optimizer, settings, step, world_size, retained, rng, run, data):
+    """Everything a resume needs, as tensors, numbers, strings, lists and dicts (loadable with weights_only);
+    run: the run's id (config.json has it too), data: the corpus's fingerprint, both checked on resume."""
+    state = {"format": CHECKPOINT_FORMAT, "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
+             "config": asdict(raw.config), "settings": asdict(settings), "step": step, "world_size": world_size,
+             "retained": list(retained), "rng": rng, "run": run, "data": data}
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path, flag="--resume", settings_type=None):
+    """A checkpoint file, or a run folder's latest.pt, loaded with weights_only=True: a crafted file can only
+    fail to load, never run code; every field checked (settings against settings_type, train.Settings).
+    Returns (state, the file's path)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "latest.pt"
+    if not path.is_file():
+        if path.name == "latest.pt" and run_id(path.parent):
+            raise SettingError(f"{flag}={path.parent}: the run there stopped before its first checkpoint, so there "
+                               f"is nothing to resume: run the same command without {flag} to start it over")
+        raise SettingError(f"{flag}={path}: no such checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unpickling failure: a corrupt, truncated or foreign (maybe hostile) file
+        raise SettingError(f"{flag}={path}: not a loadable emo checkpoint ({type(err).__name__}); corrupt, "
+                           f"truncated, or not made by train.py") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise SettingError(f"{flag}={path}: not an {CHECKPOINT_FORMAT} checkpoint (found {found!r})")
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise SettingError(f"{flag}={path}: the checkpoint lacks {', '.join(missing)} (corrupt)")
+    wrong = next((key for key, ok in checkpoint_field_checks(state, settings_type) if not ok()), None)
+    if wrong:
+        raise SettingError(f"{flag}={path}: the checkpoint's {wrong!r} is not what train.py writes (corrupt or "
+                           f"edited): {str(state[wrong])[:60]}")
+    broken = next((name for name, t in state["model"].items() if t.is_floating_point() and not t.isfinite().all()), None)
+    if broken:
+        raise SettingError(f"{flag}={path}: its weight {broken} holds NaN or inf (a damaged file, or saved from a run "
+                           f"that diverged): go on from an earlier checkpoint of the run (stageN.pt, stepN.pt)")
+    unknown = set(state["config"]) - set(emo.Config.__dataclass_fields__)
+    if unknown:
+        raise SettingError(f"{flag}={path}: its model config has fields this emo.py does not know: "
+                           f"{', '.join(sorted(unknown))} (made by another version?)")
+    return state, path
+
+
+def checkpoint_field_checks(state, settings_type):
+    """(field, check) pairs in the order a loader relies on them: each check is a no-argument callable.
+    settings_type: the dataclass the checkpoint's settings must fit, field by field, or None."""
+    def is_int(v, low):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    def is_state(v):
+        return torch.is_tensor(v) and v.dtype == torch.uint8
+
+    return [("model", lambda: isinstance(state["model"], dict) and all(map(torch.is_tensor, state["model"].values()))),
+            ("optimizer", lambda: isinstance(state["optimizer"], dict)),
+            ("config", lambda: isinstance(state["config"], dict)),
+            ("settings", lambda: isinstance(state["settings"], dict) and (settings_type is None or all(
+                type(state["settings"][f.name]) is type(getattr(settings_type(), f.name))
+                for f in fields(settings_type) if f.name in state["settings"]))),
+            ("step", lambda: is_int(state["step"], 0)),
+            ("world_size", lambda: is_int(state["world_size"], 1)),
+            ("retained", lambda: isinstance(state["retained"], list) and all(is_int(v, 1) for v in state["retained"])),
+            ("rng", lambda: isinstance(state["rng"], list) and len(state["rng"]) >= 1 and all(
+                isinstance(r, dict) and is_state(r.get("cpu")) and (r.get("cuda") is None or is_state(r["cuda"]))
+                for r in state["rng"])),
+            ("run", lambda: isinstance(state["run"], str)),
+            ("data", lambda: isinstance(state["data"], dict) and isinstance(state["data"].get("domains"), list)
+                and isinstance(state["data"].get("tokens"), dict) and isinstance(state["data"].get("sha256"), str))]
+
+
+def model_from_checkpoint(state, path, **overrides):
+    """Rebuild the checkpoint's Transformer (from load_checkpoint); weights that do not fit give one line."""
+    try:
+        cfg = emo.Config(**{**state["config"], **overrides})
+    except SettingError as err:
+        raise SettingError(f"{path}: its model config: {err}") from None
+    raw = emo.Transformer(cfg)
+    load_weights(raw, state["model"], path)
+    return raw
+
+
+def load_weights(raw, state_dict, path):
+    """load_state_dict, after checking names and shapes so a mismatch is one line, not a page of them."""
+    state_dict = strip_prefixes(state_dict)
+    expected = raw.state_dict()
+    wrong = sorted(expected.keys() ^ state_dict.keys()) or \
+        [k for k in expected if tuple(expected[k].shape) != tuple(state_dict[k].shape)]
+    if wrong:
+        k = wrong[0]
+        detail = (f"{k} has shape {list(state_dict[k].shape)}, the config needs {list(expected[k].shape)}"
+                  if k in expected and k in state_dict else f"{k} is {'missing' if k in expected else 'unexpected'}")
+        raise SettingError(f"{path}: its weights do not match its config ({detail}; {len(wrong)} such): corrupt")
+    raw.load_state_dict(state_dict)
+
+
+def strip_prefixes(state_dict):
+    """Checkpoints load with or without DDP (module.) and torch.compile (_orig_mod.) prefixes."""
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            key = key.replace(prefix, "")
+        out[key] = value
+    return out
+
+
+def check_resume(state, path, data, out_dir, world):
+    """What a resume must meet before anything loads: the same number of processes, the same corpus, and a
+    destination that loses nothing. out_dir: the --out_dir given (else a false value). Returns (out_dir,
+    whether the run branches into a new folder)."""
+    if state["world_size"] != world:
+        raise SettingError(f"--resume={path}: the run used {state['world_size']} process(es), this one has "
+                           f"{world}: resume with the same torchrun --nproc_per_node (the data order and the "
+                           f"batch depend on it)")
+    require(len(state["rng"]) == world, f"--resume={path}: its random states", len(state["rng"]),
+            f"one per process, {world} (corrupt or edited)")
+    changed = (Path(data) / "meta.json").exists() and fingerprint_change(state["data"], fingerprint(data))
+    if changed:
+        raise SettingError(f"--resume={path}: the corpus in {data} is not the one the run was trained on "
+                           f"({changed}): a run resumes on its own data; prepare that again, or start a new run")
+    return resume_destination(path, state, out_dir)
+
+
+def resume_destination(checkpoint, state, out_dir):
+    """Where a resumed run writes: the folder it was resumed from, continued in place, which needs that
+    folder's newest checkpoint (an older one would overwrite later progress) written by that folder's run;
+    or a new out_dir, a branch that starts with the source's metrics up to the checkpoint."""
+    source = checkpoint.parent
+    out_dir = Path(out_dir) if out_dir else source
+    if out_dir.resolve() != source.resolve():
+        return out_dir, True
+    latest = source / "latest.pt"
+    if not latest.exists() or not os.path.samefile(checkpoint, latest):
+        raise SettingError(f"--resume={checkpoint} is not {source}'s latest checkpoint: continuing there would "
+                           f"overwrite its later progress; give --out_dir=NEW_FOLDER to branch from it")
+    if run_id(source) != state["run"]:
+        raise SettingError(f"--resume={checkpoint} was not written by the run in {source} (its config.json names "
+                           f"another run): continuing would mix two runs' histories; give --out_dir=NEW_FOLDER to "
+                           f"branch from it")
+    return out_dir, False
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics.jsonl: one JSON record per line, appended and flushed as the run goes
+# ---------------------------------------------------------------------------------------------
+
+
+def read_metrics(folder):
+    """A run folder's metrics.jsonl as a list of records (step, eval, growth, stage, warning). A torn last
+    line (a process killed mid-write) is left out; damage anywhere else is an error."""
+    path = Path(folder) / "metrics.jsonl"
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for n, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n < len(lines):
+                raise DataError(f"{path}:{n}: not a JSON record (the file is damaged)") from None
+    return records
+
+
+def logged_by(record, step):
+    """Was this record written before the checkpoint at `step`? A growth at `step` comes right after it."""
+    return record["step"] < step if record["kind"] == "growth" else record["step"] <= step
+
+
+def trim_metrics(source, dest, step):
+    """Write to dest the records of source logged up to the checkpoint at `step` (what comes after is about
+    to be redone; a growth at `step` itself happened after the checkpoint was written)."""
+    kept = [r for r in read_metrics(source.parent) if logged_by(r, step)] if source.exists() else []
+    atomic_write(dest, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices, processes, signals
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_device(setting):
+    """'auto' -> cuda if this machine has one, else cpu; a device the machine lacks is refused."""
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    require(re.fullmatch(r"cpu|cuda(:\d+)?", setting), "--device", setting, "auto, cpu, cuda or cuda:N")
+    if setting.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        require(count > 0, "--device", setting, "cpu or auto: this machine has no CUDA device")
+        require(int(setting.partition(":")[2] or 0) < count, "--device", setting, f"cuda:0..cuda:{count - 1}")
+    return setting
+
+
+def setup_distributed(device_setting, world):
+    """(rank, device). Under torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK) a process group is set up even
+    for one process, so `torchrun --nproc_per_node=1` runs the multi-GPU code path: NCCL on GPU, gloo on CPU."""
+    device = resolve_device(device_setting)
+    if "RANK" not in os.environ:
+        return 0, torch.device(device)
+    rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        return rank, torch.device("cuda", local)
+    dist.init_process_group("gloo")
+    return rank, torch.device("cpu")
+
+
+def mean_over_ranks(t):
+    """The mean of tensor t over data-parallel ranks, in float64 on t's own device: NCCL, the CUDA process
+    group, has no CPU backend, so a collective must never be handed a CPU tensor there."""
+    t = t.detach().double()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
+def per_rank(value):
+    """A Python number from every rank, in rank order (one item when not distributed): for what ranks must
+    share (the weights) or must not (their batches)."""
+    if not dist.is_initialized():
+        return [value]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, value)
+    return everyone
+
+
+class Preemption:
+    """SIGTERM / SIGINT ask the run to save a checkpoint at the next step boundary and exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def request(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self, device):
+        """All ranks stop at the same step if any one was signalled."""
+        if not dist.is_initialized():
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+# ---------------------------------------------------------------------------------------------
+# What a run measures of itself: MFU, memory, the loss plot
+# ---------------------------------------------------------------------------------------------
+
+
+# Dense bf16 peak FLOP/s by CUDA device name, most specific first (the vendors' data sheets, without sparsity)
+PEAK_BF16_FLOPS = (("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H200 NVL", 835e12),
+                   ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12))
+
+
+def peak_flops(device):
+    """Dense bf16 peak FLOP/s of a CUDA device, or None where we do not know it (CPU, other GPUs)."""
+    device = torch.device(device)
+    return peak_flops_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
+def peak_flops_of(name):
+    """Dense bf16 peak FLOP/s for a CUDA device name such as 'NVIDIA H100 PCIe'; None for names not listed."""
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+def mfu(tokens_per_second, cfg, device):
+    """Model FLOPs utilisation from active parameters, or None on devices without a known peak."""
+    peak = peak_flops(device)
+    return None if peak is None else tokens_per_second * emo.flops_per_token(cfg) / peak
+
+
+def _glibc():
+    """The C library, where it is glibc (mallopt, malloc_trim); None elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def keep_freed_memory():
+    """Ask glibc to keep freed memory in the process instead of returning each large block to the OS.
+
+    Training allocates and frees the same large activations every step; by default glibc maps each block
+    over 32 MB fresh and unmaps it on free, so every step pays page faults. On a 2-core CPU that was half
+    the MoE layer's time (bench.py moe: system time 26 s -> 2 s, E=128 tokens/s 1.8x). No-op off glibc.
+    """
+    libc = _glibc()
+    if libc:
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: serve blocks up to 1 GiB from the heap
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never shrink the heap
+
+
+def reset_peak_memory(device):
+    """Start a peak-memory window: CUDA's allocator peak, or on Linux the process's peak resident set
+    (writing 5 to /proc/self/clear_refs resets VmHWM). Returns False where neither can be reset."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    libc = _glibc()
+    if libc:
+        libc.malloc_trim(0)  # give back what keep_freed_memory kept, else the window starts at that heap
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory(device):
+    """Bytes since reset_peak_memory: peak allocated tensors on CUDA; peak RSS of the whole process on CPU
+    (the Python and torch runtime included, so compare CPU values as differences)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) * 1024  # reported in kB
+
+
+def state_memory(raw, optimizer):
+    """Bytes of weights + their gradients + optimizer moments: the memory growth adds to. Gradients are
+    counted at their size during the step (zero_grad frees them between steps)."""
+    params = [p for p in raw.parameters() if p.requires_grad]
+    moments = [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v) and v.dim()]
+    return sum(2 * p.numel() * p.element_size() for p in params) + sum(v.numel() * v.element_size() for v in moments)
+
+
+def pyplot():
+    """matplotlib.pyplot for writing PNGs, or None: matplotlib is optional."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def plot_losses(runs, png, title="validation bits per byte (dotted: expert growth)"):
+    """Validation bits per byte (validation loss for runs that did not record it) against tokens: the whole
+    run, and beside it the last 40 % zoomed in, where the arms part. runs: {label: run folder, or a list of
+    them (seeds: thin lines and their mean in bold)}; a dotted line at each growth of a label's first run.
+    matplotlib is optional: without it this writes nothing and says so."""
+    plt = pyplot()
+    if plt is None:
+        return f"no {png}: matplotlib is not installed (optional: pip install matplotlib)"
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    lines, bpb = [], True  # (color, x, y, width, label) for both panels; did every run record bits per byte
+    for i, (label, folders) in enumerate(runs.items()):
+        color, curves = f"C{i % 10}", []
+        for n, folder in enumerate(folders if isinstance(folders, list) else [folders]):
+            records = read_metrics(folder)
+            tokens = {0: 0, **{r["step"]: r["tokens"] for r in records if r["kind"] == "step"}}
+            evals = [r for r in records if r["kind"] == "eval"]
+            bpb = bpb and all("val_bpb" in r for r in evals)
+            curves.append({tokens[r["step"]]: r.get("val_bpb", r["val_loss"]) for r in evals})
+            for growth in (r for r in records if r["kind"] == "growth" and n == 0):
+                for ax in axes:
+                    ax.axvline(tokens[growth["step"]], color=color, linestyle=":", linewidth=1)
+        common = sorted(set.intersection(*map(set, curves)))
+        if len(curves) > 1:
+            lines += [(color, list(c), list(c.values()), 0.6, None) for c in curves]
+        lines.append((color, common, [sum(c[t] for c in curves) / len(curves) for t in common], 1.8,
+                      label + (f" ({len(curves)} seeds)" if len(curves) > 1 else "")))
+    end = max(max(x) for _, x, _, _, _ in lines)
+    late = [v for _, x, y, _, _ in lines for t, v in zip(x, y) if t >= 0.6 * end]
+    for ax in axes:
+        for color, x, y, width, label in lines:
+            ax.plot(x, y, color=color, linewidth=width, alpha=1.0 if label else 0.5, label=label)
+        ax.set(xlabel="tokens", ylabel="validation " + ("bits per byte" if bpb else "loss (bits per byte where recorded)"))
+    low = min(y for _, _, ys, _, label in lines if label for y in ys)
+    axes[0].set_ylim(low - 0.05, low + 1.2)  # the first evals would flatten the rest
+    axes[0].set_title(title, fontsize=10)
+    axes[1].set_xlim(0.6 * end, end * 1.01)
+    axes[1].set_ylim(min(late) - 0.01, max(late) + 0.01)
+    axes[1].set_title("the last 40 % of tokens", fontsize=10)
+    axes[1].legend(fontsize=8)
+    fig.savefig(png, dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return f"wrote {png}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The run as one process sees it
+# ---------------------------------------------------------------------------------------------
+
+
+class Run:
+    """One process's side of a run: its device and rank, the run folder (rank 0 owns its lock and writes
+    config.json, metrics.jsonl and the checkpoints), and the signals that stop it. A context manager: the
+    lock, the metrics file, the signal handlers and the process group are released however the run ends,
+    and a run refused before it wrote anything leaves no folder behind."""
+
+    def __init__(self, out_dir, device, world, new, keep_latest):
+        self.out_dir, self.world, self.new, self.keep_latest = Path(out_dir), world, new, keep_latest
+        self.device_setting = device
+        self.lock = self.metrics = self.preemption = None
+        self.retained = []  # the stepS.pt files this run wrote and keeps (--keep_latest)
+
+    def __enter__(self):
+        self.preemption = Preemption()  # from here on a signal stops the run cleanly, during compilation too
+        self.created = not self.out_dir.exists()
+        try:
+            self.rank, self.device = setup_distributed(self.device_setting, self.world)
+            self.master = self.rank == 0
+            if self.master:  # a branch from another run's checkpoint is a new run in its folder
+                self.lock = claim_folder(self.out_dir, resuming=not self.new)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        self.preemption.restore()
+        if self.metrics:
+            self.metrics.close()
+        if self.lock:
+            self.lock.close()
+            if self.created and set(os.listdir(self.out_dir)) <= {".lock"}:  # refused before it held anything
+                shutil.rmtree(self.out_dir)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def log(self, text):
+        if self.master:
+            print(text)
+
+    def start(self, config, resumed_from=None, step=0):
+        """Every check passed: only now does the folder hold a run. config.json is written; metrics.jsonl is
+        continued (a resume in place drops what came after its checkpoint) or started (a branch starts
+        with its source's records up to the checkpoint)."""
+        if not self.master:
+            return
+        if resumed_from:
+            trim_metrics(resumed_from.parent / "metrics.jsonl", self.out_dir / "metrics.jsonl", step)
+        atomic_write(self.out_dir / "config.json", lambda f: f.write(json.dumps(config, indent=1).encode()))
+        self.metrics = open_for_append(self.out_dir / "metrics.jsonl")
+
+    def record(self, kind, **values):
+        if self.metrics:
+            try:
+                self.metrics.write(json.dumps({"kind": kind, **values}) + "\n")
+                self.metrics.flush()
+            except OSError as err:
+                path = self.out_dir / "metrics.jsonl"
+                raise TrainingError(f"cannot write {path}: {why_not_written(err, path)}") from None
+
+    def stop_requested(self):
+        """A signal reached any rank: all ranks stop at the same step."""
+        return self.preemption.agreed(self.device)
+
+    def checkpoint(self, step, ended_stage, state):
+        """latest.pt from state (save_checkpoint's fields but the random states and retention list, which this
+        adds); at a stage end also stageN.pt; with --keep_latest=N > 1 the N newest as stepS.pt. All are hard
+        links of one write. Retention removes only stepS.pt files this run wrote (the checkpoint lists them),
+        so a user's own files in the folder are never touched. Every rank waits for the file: torchrun ends
+        all ranks when one exits with a non-zero status, rank 0 mid-write included."""
+        rng = rng_states(self.device)
+        if self.master:
+            self.save(step, ended_stage, {**state, "rng": rng})
+        if dist.is_initialized():
+            dist.barrier()
+
+    def save(self, step, ended_stage, state):
+        out, n = self.out_dir, self.keep_latest
+        link = out / f"step{step}.pt"
+        keep = n > 1 and (step in self.retained or not link.exists())  # never replace a file we did not write
+        if n > 1 and not keep:
+            self.log(f"step {step}: warning: {link} exists and was not written by this run: not replaced")
+        retained = (self.retained + ([step] if keep and step not in self.retained else []))[-n:] if n > 1 else []
+        save_checkpoint(out / "latest.pt", step=step, retained=retained, **state)
+        if ended_stage:
+            link_atomically(out / "latest.pt", out / f"stage{ended_stage}.pt")
+        if keep:
+            link_atomically(out / "latest.pt", link)
+        for old in set(self.retained) - set(retained):
+            (out / f"step{old}.pt").unlink(missing_ok=True)
+        self.retained = retained
+
+
+# ---------------------------------------------------------------------------------------------
+# What the training loop reports of each step and stage
+# ---------------------------------------------------------------------------------------------
+
+
+def collapse_warnings(idle, loads, s, check_cv):
+    """Router collapse, per layer: experts that got no token for collapse_steps steps (said once, when
+    they reach it), or (when check_cv, at log steps) a load CV above max_load_cv."""
+    warnings = []
+    for layer, (layer_idle, load) in enumerate(zip(idle, loads)):
+        dead = (layer_idle == s.collapse_steps).nonzero().flatten().tolist()
+        if dead:
+            warnings.append(f"layer {layer}: experts {dead} got no token for {s.collapse_steps} steps")
+        cv = (load.std() / load.mean()).item() if check_cv else 0.0
+        if cv > s.max_load_cv:
+            warnings.append(f"layer {layer}: expert load CV {cv:.2f} > --max_load_cv={s.max_load_cv}")
+    return warnings
+
+
+class Meter:
+    """The step records, router-collapse warnings and progress line (tokens/s, MFU, ETA) of a run, and each
+    stage's cost in this process (training seconds, tokens, peak memory): what train.py's loop reports."""
+
+    def __init__(self, run, s, stages, step, batch_tokens):
+        self.run, self.s, self.stages, self.batch_tokens = run, s, stages, batch_tokens
+        self.total_steps = stages[-1].end
+        self.idle = torch.zeros(0)  # per layer and expert: steps since it last got a token
+        self.cost = None  # this stage's training time, tokens and peak memory (since a resume)
+        self.clock = dict(start=time.time(), start_step=step, last=time.time(), tokens=0)
+
+    def start_stage(self, stage, device):
+        self.cost = dict(stage=stage.index, seconds=0.0, tokens=0, tracked=reset_peak_memory(device))
+
+    def timed(self, take_step):
+        """take_step() (one optimizer step), its time and tokens counted toward the stage's cost."""
+        t0 = time.time()
+        result = take_step()
+        self.cost["seconds"] += time.time() - t0  # a step ends on .item(): the GPU work is done
+        self.cost["tokens"] += self.batch_tokens
+        self.clock["tokens"] += self.batch_tokens
+        return result
+
+    def log_step(self, stage, step, loss, ce, lr, grad_norm, loads, cfg, device):
+        """The step's record, router-collapse warnings, and the progress line every log_interval steps."""
+        s, run, total = self.s, self.run, self.total_steps
+        self.idle = (self.idle + 1) * (loads == 0) if self.idle.shape == loads.shape else (loads == 0).long()
+        for warning in collapse_warnings(self.idle, loads, s, check_cv=step % s.log_interval == 0):
+            run.log(f"step {step}: warning: {warning}")
+            run.record("warning", step=step, message=warning)
+        new_from = self.stages[stage.index - 2].experts if stage.index > 1 else stage.experts
+        run.record("step", step=step, stage=stage.index, experts=stage.experts, loss=loss, ce=ce, lr=lr,
+                   grad_norm=grad_norm.item(), tokens=step * self.batch_tokens,
+                   load_cv=(loads.std(dim=1) / loads.mean(dim=1)).mean().item(),
+                   new_share=(loads[:, new_from:].sum() / loads.sum()).item())
+        if step % s.log_interval == 0 or step == total:
+            clock, now = self.clock, time.time()
+            tps = clock["tokens"] / (now - clock["last"])
+            util = mfu(tps / run.world, cfg, device)
+            eta = (now - clock["start"]) / (step - clock["start_step"]) * (total - step)
+            run.log(f"step {step}/{total} | stage {stage.index}/{len(self.stages)} E={stage.experts} | loss "
+                    f"{loss:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | mfu {'-' if util is None else f'{util:.1%}'} | "
+                    f"eta {eta / 60:.1f} min")
+            clock["last"], clock["tokens"] = time.time(), 0
+
+    def end_stage(self, stage, step, val, raw, optimizer, device):
+        """The stage's summary record: what plan.py --fit reads, and what the stage cost."""
+        cost = self.cost
+        self.run.record("stage", step=step, stage=stage.index, experts=stage.experts, top_k=raw.config.top_k,
+                        n_active=raw.num_params(active=True), law_n_active=emo.law_active_params(raw.config),
+                        params_total=raw.num_params(), tokens=step * self.batch_tokens, val_loss=val["loss"],
+                        val_bpb=val["bpb"], seconds=time.time() - self.clock["start"], train_seconds=cost["seconds"],
+                        tokens_per_second=cost["tokens"] / cost["seconds"],
+                        peak_memory=peak_memory(device) if cost["tracked"] else None,
+                        state_memory=state_memory(raw, optimizer))
