@@ -900,16 +900,16 @@ def check_args(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["moe", "growth", "step", "repro", "frontier", "gpu"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = runs.ArgumentParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["moe", "growth", "step", "repro", "frontier", "gpu"], help="what to run")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd grouped and dense paths")
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--d_model", type=int, default=256)
-    parser.add_argument("--d_expert", type=int, default=256)
-    parser.add_argument("--top_k", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=4096, help="moe: tokens per forward")
+    parser.add_argument("--d_model", type=int, default=256, help="moe: model width")
+    parser.add_argument("--d_expert", type=int, default=256, help="moe: hidden size of one expert")
+    parser.add_argument("--top_k", type=int, default=2, help="moe: routed experts per token")
+    parser.add_argument("--repeats", type=int, default=5, help="moe, step: timed repeats (the median is reported)")
     parser.add_argument("--seeds", default=None, help="growth, repro, frontier: comma-separated seeds (default 0; 0,1,2; 0,1)")
     parser.add_argument("--total_tokens", type=float, default=None,
                         help="growth, repro, frontier: tokens per training run (default 400000, 2500000, 2500000)")

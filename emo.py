@@ -33,10 +33,10 @@ ROUTERS = ("sigmoid", "softmax")
 class Config:
     """Every model setting. Frozen: growth and pruning give the model a new Config (dataclasses.replace)."""
     vocab_size: int = 8192  # the default corpus's compact GPT-2 vocabulary (train.py takes the corpus's)
-    seq_len: int = 128
-    n_layer: int = 4
-    n_head: int = 4
-    d_model: int = 64
+    seq_len: int = 128  # tokens per training window (and the longest context)
+    n_layer: int = 4  # transformer blocks, each attention + an MoE layer
+    n_head: int = 4  # attention heads (d_model / n_head must be even: RoPE)
+    d_model: int = 64  # width of the residual stream
     n_experts: int = 8  # E: routed experts per MoE layer (this is what grows)
     top_k: int = 2  # k: routed experts per token (never changes, so compute per token is fixed)
     d_expert: int = 64  # hidden size of one SwiGLU expert
@@ -45,7 +45,7 @@ class Config:
     bias_rate: float = 1e-3  # sigmoid router: gamma, the balancing bias step per optimizer step
     lb_coef: float = 0.01  # softmax router: weight of the load-balancing loss
     z_coef: float = 1e-3  # softmax router: weight of the router z-loss
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # RoPE base frequency
     norm_eps: float = 2.0**-23  # RMSNorm epsilon: fp32's machine epsilon, torch's default (Llama: 1e-6)
     phase_in_steps: int = 100  # silent growth: steps for a new expert's offset to climb one unit of score
     # EMO-modular document pools (off by default): each document routes inside its own pool of experts

@@ -119,7 +119,7 @@ def parse_shares(text):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runs.ArgumentParser(prog="eval.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint, or a run folder (its latest.pt)")
     p.add_argument("--data", help="corpus folder (default: the run's)")
     p.add_argument("--keep", help="shares of each layer's experts to keep (default 1,0.5,0.25,0.125, those of "
@@ -129,7 +129,7 @@ def main(argv=None):
     p.add_argument("--finetune_steps", type=int, default=0, help="finetune each pruned copy on its domain (0: no)")
     p.add_argument("--finetune_lr", type=float, default=3e-4, help="finetuning's constant learning rate")
     p.add_argument("--finetune_batch", type=int, default=16, help="training windows per finetuning step")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args(argv)
     try:
         keep = parse_shares(args.keep or DEFAULT_KEEP)

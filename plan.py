@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import emo
+import runs
 from emo import SettingError, require
 
 # The paper's main run (as reported): 16 layers, d_model 2048, fine-grained experts of hidden 768,
@@ -33,21 +34,21 @@ PAPER_SPLIT = {8: 23.5, 16: 9.5, 32: 16.5, 64: 21.8, 128: 28.6}  # % of tokens p
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runs.ArgumentParser(prog="plan.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named run; other flags override its values")
     p.add_argument("--n_active", type=float, help="the law's N (default: emo.law_active_params of the model shape: "
                    "active parameters with the tied embedding counted twice, as the law counts them)")
-    p.add_argument("--total_tokens", type=float, default=2e10)
+    p.add_argument("--total_tokens", type=float, default=2e10, help="tokens of the whole run")
     p.add_argument("--experts", default="8,16,32,64", help="expert count per stage, increasing")
-    p.add_argument("--top_k", type=int, default=8)
+    p.add_argument("--top_k", type=int, default=8, help="routed experts per token (fixed through growth)")
     p.add_argument("--batch_tokens", type=int, default=524_288, help="tokens per optimizer step (0: no rounding)")
-    p.add_argument("--d_model", type=int, default=768)
-    p.add_argument("--n_layer", type=int, default=12)
-    p.add_argument("--n_head", type=int, default=12)
-    p.add_argument("--d_expert", type=int, default=384)
-    p.add_argument("--n_shared", type=int, default=1)
-    p.add_argument("--seq_len", type=int, default=1024)
-    p.add_argument("--vocab_size", type=int, default=50304)
+    p.add_argument("--d_model", type=int, default=768, help="model width")
+    p.add_argument("--n_layer", type=int, default=12, help="transformer blocks")
+    p.add_argument("--n_head", type=int, default=12, help="attention heads")
+    p.add_argument("--d_expert", type=int, default=384, help="hidden size of one expert")
+    p.add_argument("--n_shared", type=int, default=1, help="always-on shared experts")
+    p.add_argument("--seq_len", type=int, default=1024, help="tokens per window")
+    p.add_argument("--vocab_size", type=int, default=50304, help="padded vocabulary")
     p.add_argument("--fit", metavar="JSONL", help="refit the law from train.py's stage records first")
     p.add_argument("--fit_params", default=",".join(emo.LAW_COEFFICIENTS),
                    help="coefficients to refit (few runs: fit a few, e.g. a,b,c)")
@@ -57,7 +58,7 @@ def parse_args(argv):
                    help="measured step times, from `bench.py step --json` or as 8:0.101,128:0.109: fit rho to them")
     p.add_argument("--peak_flops", type=float, default=989e12, help="per GPU, bf16 dense (H100/H200)")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed MFU of the fixed-E run, for GPU-hours")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
     defaults = vars(p.parse_args([]))
     args = p.parse_args(argv)
     if args.preset:  # preset values replace the defaults, flags given explicitly still win

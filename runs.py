@@ -44,6 +44,37 @@ class StoppedMidStep(Exception):
 # ---------------------------------------------------------------------------------------------
 
 
+def parse_flags(argv, doc, classes, same_thing):
+    """--key=value flags, over a --config JSON file, as {setting: typed value} for the fields of `classes`
+    (dataclasses). --help prints every field with its default and comment. same_thing: two settings that say
+    one thing in two forms (a flag of either overrides the file's other; both as flags is refused)."""
+    if "--help" in argv or "-h" in argv:
+        print_help(doc, *classes)
+        sys.exit(0)
+    values = {}
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise SettingError(f"unexpected argument {arg!r}: settings are --key=value flags")
+        key, _, value = arg[2:].partition("=")
+        if _ and not value:  # an unset shell variable, say: never silently the default
+            raise SettingError(f"--{key}= is empty: give a value, or leave the flag out for its default")
+        values[key] = value if _ else "true"
+    if "config" in values:
+        from_file = read_config_file(values["config"])
+        for flag, other in (same_thing, same_thing[::-1]):  # flags override the file
+            if flag in values:
+                from_file.pop(other, None)
+        values = {**from_file, **values}
+    known = {f.name: f.type for cls in classes for f in fields(cls)}
+    unknown = sorted(set(values) - set(known) - {"n_experts"})
+    if unknown:
+        raise SettingError(unknown_flag(unknown[0], known))
+    first, second = same_thing
+    if values.get(first) and second in values:
+        raise SettingError(f"give --{first} or --{second}, not both (they say the same in two forms)")
+    return {key: convert(key, value, known.get(key, "int")) for key, value in values.items()}
+
+
 def read_config_file(path):
     try:
         data = json.loads(Path(path).read_text())
@@ -117,8 +148,15 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse as every emo command uses it: a bad flag is one line and exit status 1, as train.py's, not a
     usage block and 2; --help as usual."""
 
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)  # --nam is not --name: a flag means what it says
+
     def error(self, message):
-        sys.exit(f"{self.prog}: {message} (--help lists every flag)")
+        close = re.search(r"unrecognized arguments: --([\w-]+)", message)
+        known = [a.lstrip("-") for action in self._actions for a in action.option_strings]
+        if close:
+            message = unknown_flag(close.group(1), known)
+        sys.exit(f"{self.prog}: {message}" + ("" if close else " (--help lists every flag)"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import plan
 import runs
 import train
 from data.corpus import GPT2_VOCAB, Corpus, DataError, gpt2_encoding, prepare, python_install_documents
+from data.prepare import main as prepare_main
 
 
 def tiny(**overrides):
@@ -1761,6 +1762,46 @@ def test_bad_prepare_flags_fail_with_one_line(tmp_path, flags, match):
     assert done.returncode == 1 and len(error) == 1 and re.search(match, error[0]), done.stderr
     assert "Traceback" not in done.stderr and not (Path(__file__).parent / "data" / "never-written").exists()
     assert (tmp_path / "mywork" / "notes.txt").read_text() == "mine" and (Path(__file__).parent / "data" / "corpus.py").exists()
+
+
+@pytest.mark.parametrize("command", ["train.py", "eval.py", "plan.py", "bench.py", "data/prepare.py"])
+def test_every_command_answers_help_with_each_setting_and_its_meaning(command):
+    done = subprocess.run([sys.executable, command, "--help"], cwd=Path(__file__).parent, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == ""
+    if command == "train.py":  # generated from Settings' and Config's own field comments
+        for name in list(train.Settings.__dataclass_fields__) + list(emo.Config.__dataclass_fields__):
+            line = next(line for line in done.stdout.splitlines() if line.startswith(f"  --{name}="))
+            assert len(line.split("  ")[-1]) > 3 or name == "n_experts", line  # a meaning beside the default
+    else:
+        flags = re.findall(r"^  (--\w+)", done.stdout, re.M)
+        assert flags and "-h, --help" in done.stdout
+
+
+@pytest.mark.parametrize("command,flag,close", [("train.py", "--lr_schedul=wsd", "--lr_schedule"),
+                                                ("eval.py", "--kep=1", "--keep"), ("plan.py", "--total_token=1e9", "--total_tokens"),
+                                                ("bench.py", "--token=3", "--tokens"), ("data/prepare.py", "--nam=x", "--name")])
+def test_an_unknown_flag_names_the_closest_real_one_and_every_command_exits_1(command, flag, close):
+    args = [flag] if command != "bench.py" else ["moe", flag]
+    args += ["--checkpoint=x"] if command == "eval.py" else []
+    done = subprocess.run([sys.executable, command, *args], cwd=Path(__file__).parent, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.strip().count("\n") == 0, done.stderr
+    assert f"did you mean {close}?" in done.stderr and not (Path(__file__).parent / "data" / "x").exists()
+
+
+def test_every_argparse_flag_has_a_meaning(monkeypatch):
+    seen = {}
+
+    def record(parser, argv=None, namespace=None):
+        seen[parser.prog] = [a.option_strings[0] for a in parser._actions if a.help is None]
+        raise SystemExit(0)
+
+    monkeypatch.setattr(runs.ArgumentParser, "parse_args", record)
+    for main in (bench.main, evaluate.main, plan.main, prepare_main):
+        with pytest.raises(SystemExit):
+            main([])
+    assert seen == {"bench.py": [], "eval.py": [], "plan.py": [], "data/prepare.py": []}
 
 
 def test_a_genuine_bug_keeps_its_traceback(corpus, tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ import sys
 import time
 import uuid
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -37,11 +37,11 @@ from runs import EXIT_STOPPED, TrainingError
 @dataclass
 class Settings:
     data: str = "data/default"  # a corpus folder made by data/prepare.py
-    out_dir: str = "runs/default"
+    out_dir: str = "runs/default"  # the run folder: config, metrics, checkpoints
     resume: str = ""  # a checkpoint, or a run folder (its latest.pt)
     config: str = ""  # a JSON file of settings; flags override it
     # the schedule
-    total_tokens: int = 4_000_000
+    total_tokens: int = 4_000_000  # tokens the whole run trains on, all stages together
     schedule: str = "progressive"  # "progressive" (stage budgets from the scaling law) or "fixed"
     experts: str = "2,4,8,16,32"  # E per stage; the fixed schedule uses the last
     stages: str = ""  # explicit stages "E:fraction,...", e.g. "8:0.235,16:0.095,...": overrides the solver
@@ -50,24 +50,24 @@ class Settings:
     # optimisation
     batch_size: int = 16  # sequences per micro-batch per process
     batch_tokens: int = 0  # tokens per optimizer step over all processes (0: one micro-batch per process)
-    lr: float = 3e-3
+    lr: float = 3e-3  # peak learning rate (AdamW)
     min_lr_frac: float = 0.0  # the LR decays to lr * min_lr_frac
     lr_schedule: str = "wsd"  # warmup-stable-decay (the paper) or cosine
-    warmup_steps: int = 20
+    warmup_steps: int = 20  # linear warmup at the start of the run
     rewarm_steps: int = 20  # LR re-warm after each growth (the paper: 500 of ~240K steps)
     decay_frac: float = 0.1  # wsd: linear decay over the last 10% of steps (the paper)
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    weight_decay: float = 0.1  # AdamW, on matrices only
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.95  # AdamW's second-moment decay
     grad_clip: float = 1.0  # 0: no clipping
     # running
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     dtype: str = "auto"  # autocast: bf16 or fp32 (auto: bf16 on CUDA, fp32 on CPU)
-    compile: bool = False
-    seed: int = 0
+    compile: bool = False  # torch.compile the model (the GPU path; recompiled at each growth)
+    seed: int = 0  # initial weights and data order: one seed, one run
     eval_interval: int = 100  # steps between validation evals (and at every stage end)
     eval_batches: int = 32  # 65K tokens at the default batch: enough to tell runs apart (RESULTS.md)
-    log_interval: int = 10
+    log_interval: int = 10  # steps between progress lines
     sample_tokens: int = 48  # length of the text sample printed at the end (0: none)
     stop_at: int = 0  # save and exit after this many steps (a time-limited job); resume later
     checkpoint_interval: int = 100  # steps between latest.pt saves (also at every stage end and the end)
@@ -92,35 +92,12 @@ PER_INVOCATION = {"resume", "config", "stop_at"}  # orders for this command only
 
 def parse(argv):
     """--key=value flags (and a --config JSON file) -> (Settings, model settings dict, keys given)."""
-    if "--help" in argv or "-h" in argv:
-        runs.print_help(__doc__, Settings, emo.Config)
-        sys.exit(0)
-    values = {}
-    for arg in argv:
-        if not arg.startswith("--"):
-            raise SettingError(f"unexpected argument {arg!r}: settings are --key=value flags")
-        key, _, value = arg[2:].partition("=")
-        if _ and not value:  # an unset shell variable, say: never silently the default
-            raise SettingError(f"--{key}= is empty: give a value, or leave the flag out for its default")
-        values[key] = value if _ else "true"
-    if "config" in values:
-        from_file = runs.read_config_file(values["config"])
-        for flag, other in (("stages", "experts"), ("experts", "stages")):  # flags override the file
-            if flag in values:
-                from_file.pop(other, None)
-        values = {**from_file, **values}
-    known = {f.name: f.type for f in fields(Settings)} | {f.name: f.type for f in fields(emo.Config)}
-    unknown = sorted(set(values) - set(known))
-    if "n_experts" in values:
+    typed = runs.parse_flags(argv, __doc__, (Settings, emo.Config), same_thing=("stages", "experts"))
+    if "n_experts" in typed:
         raise SettingError("--n_experts is set by the schedule: give the stage list --experts=2,4,8 instead")
-    if unknown:
-        raise SettingError(runs.unknown_flag(unknown[0], known))
-    if values.get("stages") and "experts" in values:
-        raise SettingError("give --stages=E:fraction,... or --experts=E,..., not both (--stages names its E)")
-    typed = {key: runs.convert(key, value, known[key]) for key, value in values.items()}
     settings = Settings(**{k: v for k, v in typed.items() if k in Settings.__dataclass_fields__})
     model = {k: v for k, v in typed.items() if k in emo.Config.__dataclass_fields__}  # the rest: Config's
-    return settings, model, set(values)
+    return settings, model, set(typed)
 
 
 def validate(s, cfg, world, n_stages):

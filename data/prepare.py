@@ -15,17 +15,18 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: import from the repository
+import runs  # noqa: E402
 from data.corpus import DEFAULT_VOCAB, GPT2_VOCAB, DataError, prepare  # noqa: E402
 from emo import SettingError  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runs.ArgumentParser(prog="data/prepare.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", help="folder, glob, or hf:fineweb-edu / hf:tinystories (default: this Python)")
     p.add_argument("--name", help="output folder name under data/ (default: 'default' or the source's name)")
     p.add_argument("--max_tokens", type=float, default=4e6, help="cap on tokens, shared fairly by domains")
-    p.add_argument("--val_fraction", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val_fraction", type=float, default=0.05, help="share of each domain's documents held out")
+    p.add_argument("--seed", type=int, default=0, help="which documents go to val")
     p.add_argument("--vocab_size", type=int, default=DEFAULT_VOCAB,
                    help=f"GPT-2's first N-1 ranks + <|endoftext|> (default {DEFAULT_VOCAB}); {GPT2_VOCAB}: all of GPT-2")
     args = p.parse_args(argv)
