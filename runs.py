@@ -431,6 +431,26 @@ def strip_prefixes(state_dict):
     return out
 
 
+def resumed_settings(state, s, model, given, resumable, per_invocation):
+    """The checkpoint's settings (of the dataclass type(s)) and model: flags may change only the `resumable`
+    settings, else one clear line; the `per_invocation` ones are this command's, never inherited."""
+    try:
+        old = type(s)(**state["settings"])
+    except TypeError:
+        raise SettingError("--resume: the checkpoint's settings are not this train.py's (made by another "
+                           "version?)") from None
+    changed = [k for k in given if k in type(s).__dataclass_fields__ and k not in resumable
+               and getattr(s, k) != getattr(old, k)]
+    changed += [k for k in given if k in emo.Config.__dataclass_fields__ and model[k] != state["config"].get(k)]
+    if changed:
+        raise SettingError("--resume: these settings differ from the checkpoint's and cannot change mid-run: "
+                           + ", ".join(f"{k} (checkpoint {state['config'].get(k, getattr(old, k, None))!r})"
+                                       for k in changed))
+    for k in (given & resumable) | per_invocation:
+        setattr(old, k, getattr(s, k))
+    return old, dict(state["config"])
+
+
 def check_resume(state, path, data, out_dir, world):
     """What a resume must meet before anything loads: the same number of processes, the same corpus, and a
     destination that loses nothing. out_dir: the --out_dir given (else a false value). Returns (out_dir,

@@ -33,7 +33,8 @@ import eval as evaluate
 import plan
 import runs
 import train
-from data.corpus import GPT2_VOCAB, Corpus, DataError, gpt2_encoding, prepare, python_install_documents
+from data.corpus import (GPT2_VOCAB, Corpus, DataError, epochs_warning, gpt2_encoding, prepare,
+                         python_install_documents)
 from data.prepare import main as prepare_main
 
 
@@ -1098,8 +1099,8 @@ def test_each_shipped_gpu_recipe_writes_to_its_own_run_folder():
 
 def test_a_run_longer_than_its_train_split_is_warned_with_the_epochs(corpus):
     data = Corpus(corpus, "train")
-    assert train.epochs_warning(train.Settings(data=str(corpus), total_tokens=len(data.tokens)), data) is None
-    warning = train.epochs_warning(train.Settings(data=str(corpus), total_tokens=3 * len(data.tokens)), data)
+    assert epochs_warning(train.Settings(data=str(corpus), total_tokens=len(data.tokens)), data) is None
+    warning = epochs_warning(train.Settings(data=str(corpus), total_tokens=3 * len(data.tokens)), data)
     assert "is 3.0 epochs of" in warning and "the data repeats" in warning
 
 

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import emo
 import runs
-from data.corpus import DEFAULT_FOLDER, Corpus, DataError, fingerprint, prepare, vocabulary
+from data.corpus import DataError, epochs_warning, fingerprint, open_for_training, vocabulary
 from emo import SettingError, require
 from runs import EXIT_STOPPED, TrainingError
 
@@ -238,38 +238,6 @@ def wrap(raw, s, device):
     return model
 
 
-def open_data(s, cfg, rank, world):
-    """The train and val splits, checked against the model; the default corpus is prepared if missing."""
-    folder = Path(s.data)
-    if not (folder / "meta.json").exists() and folder.resolve() == DEFAULT_FOLDER.resolve():
-        if rank == 0:
-            print("preparing the default corpus (python data/prepare.py) ...")
-            prepare()
-        if dist.is_initialized():
-            dist.barrier()
-    train_data, val_data = Corpus(folder, "train"), Corpus(folder, "val")
-    if train_data.vocab_size > cfg.vocab_size:
-        raise SettingError(f"--vocab_size={cfg.vocab_size} is smaller than the corpus vocabulary "
-                           f"({train_data.vocab_size}, {folder}/meta.json)")
-    if cfg.eot_id != train_data.eot_id:
-        raise SettingError(f"--eot_id={cfg.eot_id} is not the corpus's end-of-text id {train_data.eot_id} "
-                           f"({folder}/meta.json): documents would be split in the wrong places")
-    for name, split in (("train", train_data), ("val", val_data)):
-        if split.n_windows(cfg.seq_len) < 1:
-            raise SettingError(f"--seq_len={cfg.seq_len} is longer than the {name} split of {folder} "
-                               f"({len(split.tokens)} tokens)")
-    return train_data, val_data
-
-
-def epochs_warning(s, train_data):
-    """A run that reads more tokens than the train split holds repeats it: said before training, not found later."""
-    epochs = s.total_tokens / len(train_data.tokens)
-    if epochs > 1:
-        return (f"--total_tokens={s.total_tokens:,} is {epochs:.1f} epochs of {s.data}'s train split "
-                f"({len(train_data.tokens):,} tokens): the data repeats")
-    return None
-
-
 @torch.no_grad()
 def evaluate(model, data, s, cfg, device, dtype, rank, world):
     """Validation loss over eval_batches fixed batches, overall and per domain: nats per token ("loss") and
@@ -352,7 +320,7 @@ def train(s, cfg, stages, world, resume=None):
     with runs.Run(s.out_dir, s.device, world, new=resume is None or resume[2], keep_latest=s.keep_latest) as run:
         device, rank = run.device, run.rank
         dtype = autocast_dtype(s, device)
-        train_data, val_data = open_data(s, cfg, rank, world)
+        train_data, val_data = open_for_training(s, cfg, rank, world)
         repeats = epochs_warning(s, train_data)
         if repeats:
             run.log(f"warning: {repeats}")
@@ -500,25 +468,6 @@ def sample(raw, enc, n_tokens, device, dtype):
 # ---------------------------------------------------------------------------------------------
 
 
-def resumed_settings(state, s, model, given):
-    """The checkpoint's settings and model; flags may change only RESUMABLE settings, else one clear line."""
-    try:
-        old = Settings(**state["settings"])
-    except TypeError:
-        raise SettingError("--resume: the checkpoint's settings are not this train.py's (made by another "
-                           "version?)") from None
-    changed = [k for k in given if k in Settings.__dataclass_fields__ and k not in RESUMABLE
-               and getattr(s, k) != getattr(old, k)]
-    changed += [k for k in given if k in emo.Config.__dataclass_fields__ and model[k] != state["config"].get(k)]
-    if changed:
-        raise SettingError("--resume: these settings differ from the checkpoint's and cannot change mid-run: "
-                           + ", ".join(f"{k} (checkpoint {state['config'].get(k, getattr(old, k, None))!r})"
-                                       for k in changed))
-    for k in (given & RESUMABLE) | PER_INVOCATION:
-        setattr(old, k, getattr(s, k))
-    return old, dict(state["config"])
-
-
 def size_for_corpus(model_settings, data):
     """The model's vocabulary and end-of-text id default to the corpus's (from its meta.json), so nothing has
     to be kept in sync by hand; the vocabulary is padded to a multiple of 64 (faster matmuls)."""
@@ -535,7 +484,7 @@ def setup(argv):
     resume = None
     if s.resume:
         state, path = runs.load_checkpoint(s.resume, settings_type=Settings)
-        s, model_settings = resumed_settings(state, s, model_settings, given)
+        s, model_settings = runs.resumed_settings(state, s, model_settings, given, RESUMABLE, PER_INVOCATION)
         out_dir, branching = runs.check_resume(state, path, s.data, "out_dir" in given and s.out_dir, world)
         s.out_dir = str(out_dir)
         resume = (state, path, branching)

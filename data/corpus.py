@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from emo import require
+from emo import SettingError, require
 
 GPT2_VOCAB = 50257  # GPT-2's 256 bytes, 50,000 merges and <|endoftext|>
 DEFAULT_VOCAB = 8192  # the compact default: GPT-2's first 8,191 ranks + <|endoftext|> (README: why)
@@ -595,3 +596,41 @@ class Corpus:
 def _epoch_order(seed, epoch, n):
     """The seeded random order in which epoch `epoch` visits the n windows."""
     return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+# ---------------------------------------------------------------------------------------------
+# The corpus meets the model (train.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def open_for_training(s, cfg, rank, world):
+    """train.py's train and val splits of --data, checked against the model (vocabulary, end-of-text id, window
+    length); the default corpus is prepared if missing (by rank 0, the others wait)."""
+    folder = Path(s.data)
+    if not (folder / "meta.json").exists() and folder.resolve() == DEFAULT_FOLDER.resolve():
+        if rank == 0:
+            print("preparing the default corpus (python data/prepare.py) ...")
+            prepare()
+        if dist.is_initialized():
+            dist.barrier()
+    train_data, val_data = Corpus(folder, "train"), Corpus(folder, "val")
+    if train_data.vocab_size > cfg.vocab_size:
+        raise SettingError(f"--vocab_size={cfg.vocab_size} is smaller than the corpus vocabulary "
+                           f"({train_data.vocab_size}, {folder}/meta.json)")
+    if cfg.eot_id != train_data.eot_id:
+        raise SettingError(f"--eot_id={cfg.eot_id} is not the corpus's end-of-text id {train_data.eot_id} "
+                           f"({folder}/meta.json): documents would be split in the wrong places")
+    for name, split in (("train", train_data), ("val", val_data)):
+        if split.n_windows(cfg.seq_len) < 1:
+            raise SettingError(f"--seq_len={cfg.seq_len} is longer than the {name} split of {folder} "
+                               f"({len(split.tokens)} tokens)")
+    return train_data, val_data
+
+
+def epochs_warning(s, train_data):
+    """A run that reads more tokens than the train split holds repeats it: said before training, not found later."""
+    epochs = s.total_tokens / len(train_data.tokens)
+    if epochs > 1:
+        return (f"--total_tokens={s.total_tokens:,} is {epochs:.1f} epochs of {s.data}'s train split "
+                f"({len(train_data.tokens):,} tokens): the data repeats")
+    return None
