@@ -453,7 +453,7 @@ def repro_summary(rows):
 
 
 def print_repro(result, args):
-    on_gpu = torch.cuda.is_available() and "--device=cpu" not in args.train_args  # where train.py's "auto" ran
+    on_gpu = runs.resolve_device(train.parse(shlex.split(args.train_args))[0].device).startswith("cuda")
     print(f"repro: {args.total_tokens:,.0f} tokens per run, stages up to E={args.experts.split(',')[-1]}, "
           f"train.py flags: {args.train_args or '(defaults)'}; {machine(torch.device('cuda' if on_gpu else 'cpu'))}, "
           f"torch {torch.__version__}")

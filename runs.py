@@ -180,15 +180,10 @@ def claim_folder(out_dir, resuming):
         raise SettingError(f"--out_dir={out_dir}: cannot create it ({err.strerror})") from None
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise SettingError(f"--out_dir={out_dir} is not writable")
-    lock = open(out_dir / ".lock", "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        owner = lock.read().strip() or "?"
-        lock.close()
+    lock, owner = take_lock(out_dir / ".lock")
+    if lock is None:
         raise SettingError(f"--out_dir={out_dir}: another training process (pid {owner}) is running there; wait "
-                           f"for it or give another --out_dir") from None
+                           f"for it or give another --out_dir")
     try:  # unbuffered, so that closing the file later never has a write left to fail
         os.ftruncate(lock.fileno(), 0)
         os.write(lock.fileno(), str(os.getpid()).encode())
@@ -216,19 +211,28 @@ def never_checkpointed(out_dir, files):
     return "config.json" in left and left <= {"config.json", "metrics.jsonl"} and run_id(out_dir) is not None
 
 
+def take_lock(path):
+    """(the open lock file, None) if this process now holds path's lock, else (None, the holder's pid)."""
+    lock = open(path, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return lock, None
+    except BlockingIOError:
+        lock.seek(0)
+        owner = lock.read().strip() or "?"
+        lock.close()
+        return None, owner
+
+
 def folder_owner(out_dir):
     """The pid of the training process that holds out_dir's lock (claim_folder), or None if none does."""
     path = Path(out_dir) / ".lock"
     if not path.exists():
         return None
-    with open(path, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            return lock.read().strip() or "?"
-        fcntl.flock(lock, fcntl.LOCK_UN)
-    return None
+    lock, owner = take_lock(path)
+    if lock:
+        lock.close()  # closing releases it
+    return owner
 
 
 def run_id(folder):

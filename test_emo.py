@@ -340,10 +340,15 @@ def test_chunked_cross_entropy_equals_the_plain_one_in_loss_and_both_gradients(m
 
 
 def test_the_chunked_loss_computes_no_gradient_in_evaluation(monkeypatch):
-    calls = []
-    monkeypatch.setattr(torch.Tensor, "scatter_add_", lambda *a: calls.append(a))  # only the gradient uses it
+    calls, scatter_add_ = [], torch.Tensor.scatter_add_  # only the gradient uses it
+    monkeypatch.setattr(torch.Tensor, "scatter_add_", lambda t, *a: calls.append(1) or scatter_add_(t, *a))
+    h, weight = torch.randn(4, 8, requires_grad=True), torch.randn(10, 8, requires_grad=True)
+    targets = torch.zeros(4, dtype=torch.long)
+    emo.linear_cross_entropy(h, weight, targets)  # training: the gradient is computed in the forward
+    assert calls
+    calls.clear()
     with torch.no_grad():
-        total, _ = emo.linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long))
+        total, _ = emo.linear_cross_entropy(h, weight, targets)
     assert not calls and not total.requires_grad
 
 
@@ -1816,12 +1821,6 @@ def test_a_genuine_bug_keeps_its_traceback(corpus, tmp_path, monkeypatch):
         train.main(tiny_run(corpus, tmp_path))
 
 
-def test_the_suite_tries_every_bad_input_table():
-    """RESULTS.md quotes this count: every row of these tables must give one line naming the setting."""
-    tables = (TRAIN_BAD, CORPUS_BAD, CHECKPOINT_BAD, PLAN_BAD, BENCH_BAD, EVAL_BAD, PREPARE_BAD)
-    assert sum(map(len, tables)) >= 110
-
-
 # Measuring: peak memory, plots, bench.py step, repro and gpu -------------------------------------------------
 
 
@@ -1878,8 +1877,8 @@ def test_bench_step_times_each_e_and_counts_exactly_the_memory_growth_adds():
     assert small["cast_seconds"] is None  # fp32: nothing is cast
     bf16 = bench.bench_step(step_args(train_args=step_args().train_args + " --dtype=bf16"))["rows"][0]
     assert 0 < bf16["cast_seconds"] and 0 < bf16["cast_share"] < 1
-    assert result["step_time_exponent"] == pytest.approx(
-        plan.step_time_exponent([2, 4], [small["step_seconds"], big["step_seconds"]]))
+    # two points: step time ~ E^rho gives rho = log(t4 / t2) / log(4 / 2)
+    assert result["step_time_exponent"] == pytest.approx(math.log(big["step_seconds"] / small["step_seconds"]) / math.log(2))
 
 
 def test_plan_py_fits_the_step_time_exponent_to_bench_step_output(tmp_path, capsys):
