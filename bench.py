@@ -45,7 +45,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import emo
 import eval as evaluate
@@ -649,26 +648,15 @@ def bench_gpu(args):
     return report
 
 
-def per_token_reference(moe, x, seg):
-    """The MoE layer in fp32, one token and one expert at a time: no sorting, no grouped matmul."""
-    idx, gates, _, aux = moe.route(x, seg)
-    rows = []
-    for t in range(len(x)):
-        y = 0
-        for gate, e in zip(gates[t], idx[t]):
-            g, u = (x[t] @ moe.w_in[e]).chunk(2)
-            y = y + gate * ((F.silu(g) * u) @ moe.w_out[e])
-        rows.append(y)
-    return torch.stack(rows) + (moe.shared(x) if moe.shared is not None else 0), aux
-
-
 def output_and_gradients(moe, x, seg, weights, path):
     """The layer's output [N, d] and the gradients of a fixed projection of it (plus the auxiliary losses)
     with respect to x and every parameter, along one path: reference (fp32), grouped or loop (bf16)."""
     x = x.detach().clone().requires_grad_()
     moe.zero_grad(set_to_none=True)
-    if path == "reference":
-        y, aux = per_token_reference(moe, x, seg)
+    if path == "reference":  # in fp32, each token routed alone within the experts its pool allows
+        allowed = moe.allowed_experts(moe.router.logits(x), seg)
+        y, aux = emo.reference_moe(moe, x, None if allowed is None else [set(row.nonzero().flatten().tolist())
+                                                                        for row in allowed])
     else:
         moe.use_grouped_mm = path == "grouped"
         with torch.autocast(x.device.type, dtype=torch.bfloat16):

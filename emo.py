@@ -345,6 +345,41 @@ class MoE(nn.Module):
         return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
 
 
+def reference_moe(moe, x, allowed=None):
+    """The MoE layer written the slow way, the spec its grouped dispatch is checked against (test_emo.py,
+    bench.py gpu): each token of x [N, d] routed alone, its k experts run one by one. allowed: per token,
+    the set of experts it may use (default: all). Returns the output [N, d] and the losses (lb, z)."""
+    cfg, E, k = moe.cfg, moe.n_experts, moe.cfg.top_k
+    outputs, probs, chosen_all, lse = [], [], [], []
+    for t in range(x.shape[0]):
+        logits = moe.router.weight @ x[t]
+        outside = torch.tensor([allowed is not None and e not in allowed[t] for e in range(E)], device=x.device)
+        if cfg.router == "sigmoid":
+            scores = logits.sigmoid()
+            chosen = (scores + moe.router.bias + moe.router.ramp).masked_fill(outside, float("-inf")).topk(k).indices
+            gates = scores[chosen] / scores[chosen].sum()
+        else:
+            logits = logits.masked_fill(outside, float("-inf"))
+            p = logits.softmax(-1)
+            gates, chosen = p.topk(k)
+            probs.append(p)
+            lse.append(torch.logsumexp(logits, -1))
+        y = torch.zeros_like(x[t])
+        for gate, e in zip(gates, chosen):
+            g, u = (x[t] @ moe.w_in[e]).chunk(2)
+            y = y + gate * ((F.silu(g) * u) @ moe.w_out[e])
+        if moe.shared is not None:
+            y = y + moe.shared(x[t])
+        outputs.append(y)
+        chosen_all.extend(chosen.tolist())
+    if cfg.router == "sigmoid":
+        return torch.stack(outputs), (0.0, 0.0)
+    f = torch.tensor([chosen_all.count(e) for e in range(E)], dtype=torch.float32, device=x.device) / len(chosen_all)
+    lb = E * sum(f[e] * torch.stack(probs)[:, e].mean() for e in range(E))
+    z = torch.stack(lse).square().mean()
+    return torch.stack(outputs), (lb, z)
+
+
 # 5. Document pools (EMO-modular) ----------------------------------------------------------------------------
 
 

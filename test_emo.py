@@ -111,41 +111,6 @@ def test_every_token_gets_exactly_top_k_distinct_experts():
 # 4. The MoE layer against a per-token reference --------------------------------------------------------------
 
 
-def reference_moe(moe, x, allowed=None):
-    """The MoE layer written the slow way: each token routed alone, its k experts run one by one.
-    allowed: per token, the set of experts it may use (default: all).
-    Returns the output [N, d] and the auxiliary losses (lb, z), built from dense per-token loops."""
-    cfg, E, k = moe.cfg, moe.n_experts, moe.cfg.top_k
-    outputs, probs, chosen_all, lse = [], [], [], []
-    for t in range(x.shape[0]):
-        logits = moe.router.weight @ x[t]
-        outside = torch.tensor([allowed is not None and e not in allowed[t] for e in range(E)])
-        if cfg.router == "sigmoid":
-            scores = logits.sigmoid()
-            chosen = (scores + moe.router.bias + moe.router.ramp).masked_fill(outside, float("-inf")).topk(k).indices
-            gates = scores[chosen] / scores[chosen].sum()
-        else:
-            logits = logits.masked_fill(outside, float("-inf"))
-            p = logits.softmax(-1)
-            gates, chosen = p.topk(k)
-            probs.append(p)
-            lse.append(torch.logsumexp(logits, -1))
-        y = torch.zeros_like(x[t])
-        for gate, e in zip(gates, chosen):
-            g, u = (x[t] @ moe.w_in[e]).chunk(2)
-            y = y + gate * ((F.silu(g) * u) @ moe.w_out[e])
-        if moe.shared is not None:
-            y = y + moe.shared(x[t])
-        outputs.append(y)
-        chosen_all.extend(chosen.tolist())
-    if cfg.router == "sigmoid":
-        return torch.stack(outputs), (0.0, 0.0)
-    f = torch.tensor([chosen_all.count(e) for e in range(E)], dtype=torch.float32) / len(chosen_all)
-    lb = E * sum(f[e] * torch.stack(probs)[:, e].mean() for e in range(E))
-    z = torch.stack(lse).square().mean()
-    return torch.stack(outputs), (lb, z)
-
-
 def moe_loss(y, aux, weights):
     return (y * weights).sum() + aux[0] + aux[1]
 
@@ -158,7 +123,7 @@ def assert_moe_matches_reference(moe, x, seg=None, allowed=None):
     moe_loss(y.view(N, d), aux, weights).backward()
     fast = {n: p.grad.clone() for n, p in moe.named_parameters()}
     moe.zero_grad()
-    y_ref, aux_ref = reference_moe(moe, x.view(N, d), allowed)
+    y_ref, aux_ref = emo.reference_moe(moe, x.view(N, d), allowed)
     moe_loss(y_ref, aux_ref, weights).backward()
     torch.testing.assert_close(y.view(N, d), y_ref)
     for name, p in moe.named_parameters():
@@ -1950,6 +1915,18 @@ def test_bench_frontier_prunes_each_arm_and_compares_it_with_models_trained_at_t
     assert arms[("modular", 0.5)]["diff"] == pytest.approx(arms[("modular", 0.5)]["bpb"] - arms[("standard", 0.5)]["bpb"])
     config = json.loads((tmp_path / "modular-seed0" / "config.json").read_text())
     assert config["model"]["pool_size_range"] == [0.0625, 1.0] and config["model"]["router"] == "softmax"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("check", [bench.dispatch_numerics, bench.empty_experts, bench.compiled_run],
+                         ids=lambda f: f.__name__)
+def test_the_cuda_paths_match_the_reference_and_resume(check, corpus, tmp_path):
+    """bench.py gpu's checks as tests, on the GPU: bf16 grouped dispatch against emo.reference_moe in output
+    and every gradient, idle experts, rows past the last offset, a compiled progressive run and its resume."""
+    args = argparse.Namespace(out_dir=str(tmp_path), train_args=f"--data={corpus}")
+    report = {"checks": []}
+    check(args, torch.device("cuda"), report)
+    assert report["checks"] and all(c["ok"] for c in report["checks"]), report["checks"]
 
 
 def test_bench_gpu_runs_its_cpu_part_and_names_what_it_skipped(corpus, tmp_path, capsys):
