@@ -151,6 +151,13 @@ class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, **kwargs):
         super().__init__(allow_abbrev=False, **kwargs)  # --nam is not --name: a flag means what it says
 
+    def parse_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else args
+        empty = next((arg for arg in args if arg.startswith("--") and arg.endswith("=")), None)
+        if empty:  # an unset shell variable, say: never silently the default
+            self.error(f"{empty} is empty: give a value, or leave the flag out for its default")
+        return super().parse_args(args, namespace)
+
     def error(self, message):
         close = re.search(r"unrecognized arguments: --([\w-]+)", message)
         known = [a.lstrip("-") for action in self._actions for a in action.option_strings]

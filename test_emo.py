@@ -1676,6 +1676,7 @@ BENCH_BAD = [
                                     "strictly increasing"),
     (["repro", "--train_args=--top_k=4"], "the progressive-gaussian arm: --top_k=4 is not allowed"),
     (["growth", "--train_args=--router=softmax"], "the silent growth run: --growth_init='silent' is not allowed"),
+    (["repro", "--seeds="], "--seeds= is empty: give a value, or leave the flag out"),
     (["repro", "--train_args=--out_dir=mine"], "--train_args='--out_dir=mine' is not allowed: must be train.py flags "
                                                "other than --out_dir"),
 ]
@@ -1694,7 +1695,7 @@ EVAL_BAD = [(["--keep=0"], "--keep='0' is not allowed: must be comma-separated s
             (["--checkpoint={tmp}/none.pt"], "--checkpoint=.*none.pt: no such checkpoint"),
             (["--finetune_steps=-1"], "--finetune_steps=-1 is not allowed"),
             (["--finetune_lr=nan"], "--finetune_lr=nan is not allowed"),
-            (["--finetune_batch=0"], "--finetune_batch=0 is not allowed")]
+            (["--finetune_batch=0"], "--finetune_batch=0 is not allowed"), (["--keep="], "--keep= is empty")]
 
 
 @pytest.mark.parametrize("flags,match", EVAL_BAD)
