@@ -50,8 +50,8 @@ def parse_args(argv):
     p.add_argument("--seq_len", type=int, default=1024, help="tokens per window")
     p.add_argument("--vocab_size", type=int, default=50304, help="padded vocabulary")
     p.add_argument("--fit", metavar="JSONL", help="refit the law from train.py's stage records first")
-    p.add_argument("--fit_params", default=",".join(emo.LAW_COEFFICIENTS),
-                   help="coefficients to refit (few runs: fit a few, e.g. a,b,c)")
+    p.add_argument("--fit_params", help="with --fit: the coefficients to refit (default all; few runs: fit a few, "
+                   "e.g. a,b,c)")
     p.add_argument("--step_time_exponent", type=float, default=STEP_TIME_EXPONENT,
                    help="rho in step time ~ E^rho (default: the paper's 1.08x from E=8 to 128)")
     p.add_argument("--step_times", metavar="JSON|E:SECONDS,...",
@@ -94,6 +94,11 @@ def stage_costs(stage, n_active, top_k, expert_params, last_experts, rho):
 def check_args(args):
     """plan.py's own flags, before any planning: one line naming the flag."""
     finite = math.isfinite
+    require(args.fit or args.fit_params is None, "--fit_params", args.fit_params, "given with --fit (it names what "
+            "--fit refits)")
+    free = (args.fit_params or ",".join(emo.LAW_COEFFICIENTS)).split(",")
+    require(set(free) <= set(emo.LAW_COEFFICIENTS) and len(set(free)) == len(free), "--fit_params", args.fit_params,
+            f"names of coefficients, each once: {', '.join(emo.LAW_COEFFICIENTS)}")
     require(finite(args.total_tokens) and args.total_tokens >= 1 and args.total_tokens == int(args.total_tokens),
             "--total_tokens", args.total_tokens, "a whole number of tokens >= 1")
     require(args.n_active is None or (finite(args.n_active) and args.n_active > 0), "--n_active", args.n_active,
@@ -124,7 +129,7 @@ def build_plan(args):
         args.step_time_exponent = step_time_exponent(*read_step_times(args.step_times))
     law = emo.ScalingLaw()
     if args.fit:
-        law = fit_law(law, read_stage_records(args.fit), free=args.fit_params.split(","))
+        law = fit_law(law, read_stage_records(args.fit), free=(args.fit_params or ",".join(emo.LAW_COEFFICIENTS)).split(","))
     try:
         stages = emo.plan_stages(n_law, int(args.total_tokens), experts, args.top_k, law=law,
                                  batch_tokens=args.batch_tokens or None)

@@ -1642,6 +1642,7 @@ PLAN_BAD = [
     (["--fit={tmp}/binary.jsonl"], "--fit=.*cannot read JSONL records"), (["--step_times=8:1.0"], "--step_times=8:1.0: needs positive step times at two or more"),
     (["--step_times=x"], "--step_times=x: expected bench.py step's --json output"), (["--step_times=8:1,16:nan"], "needs positive step times"),
     (["--total_tokens=1000"], "a whole number of batches of batch_tokens=524288 \\(e.g. 524288\\)"),
+    (["--fit_params=a,b"], "--fit_params='a,b' is not allowed: must be given with --fit"),
     (["--fit={tmp}/twostage.jsonl", "--fit_params=a,a"], "--fit_params='a,a' is not allowed: must be names of coefficients, each once"),
 ]
 
