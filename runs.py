@@ -479,6 +479,44 @@ def check_resume(state, path, data, out_dir, world):
     return resume_destination(path, state, out_dir)
 
 
+def resume_from(resume, raw, optimizer, run):
+    """Weights, optimizer moments, this rank's random state and the retention list from a checkpoint; returns
+    its step. The loaded weights are dropped once copied (a copy kept for the run would double host memory)."""
+    state, path, branching = resume
+    load_weights(raw, state["model"], path)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise SettingError(f"--resume={path}: its optimizer state does not fit the model ({err}): corrupt") from None
+    restore_rng(state["rng"], run.rank, run.device)
+    run.retained = [] if branching else list(state["retained"])
+    del state["model"], state["optimizer"]
+    run.log(f"resumed from {path} at step {state['step']} (E={raw.config.n_experts})"
+            + (f"; writing to {run.out_dir}" if branching else ""))
+    return state["step"]
+
+
+def non_finite_advice(err, s, step, stage):
+    """A non-finite step as one line: where it happened, and a command the program accepts."""
+    last = Path(s.out_dir) / "latest.pt"
+    where = f"resume it with a lower learning rate: python train.py --resume={s.out_dir} --lr={s.lr / 4:g}" \
+        if last.exists() else "start again with a lower --lr"
+    return TrainingError(f"non-finite loss or gradient at step {step + 1} (stage {stage.index}, E={stage.experts}; "
+                         f"{err}); the step was not taken. Last checkpoint: {last if last.exists() else 'none yet'}; "
+                         f"{where}")
+
+
+def check_resume_step(step, path, n_experts, stages, stop_at):
+    """The checkpoint's step against the schedule it is resumed into: within the run, at the E the schedule
+    gives there, and before any --stop_at."""
+    require(step <= stages[-1].end, f"--resume={path}: its step", step,
+            f"at most the run's last step {stages[-1].end} (corrupt or edited)")
+    require(n_experts == next((st.experts for st in stages if st.start <= step < st.end), stages[-1].experts)
+            or any(st.start == step for st in stages), f"--resume={path}: its E", n_experts,
+            f"the E its schedule gives at step {step} (corrupt or edited)")
+    require(not stop_at or stop_at > step, "--stop_at", stop_at, f"after the checkpoint's step {step} (or 0: no stop)")
+
+
 def resume_destination(checkpoint, state, out_dir):
     """Where a resumed run writes: the folder it was resumed from, continued in place, which needs that
     folder's newest checkpoint (an older one would overwrite later progress) written by that folder's run;
@@ -906,6 +944,15 @@ class Meter:
                     f"{loss:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | mfu {'-' if util is None else f'{util:.1%}'} | "
                     f"eta {eta / 60:.1f} min")
             clock["last"], clock["tokens"] = time.time(), 0
+
+    def log_eval(self, val, stage, step):
+        """An evaluation's line and record; returns val."""
+        self.run.log(f"step {step}: val loss {val['loss']:.4f}, {val['bpb']:.4f} bits per byte | "
+                     + " ".join(f"{d} {v:.3f}" for d, v in val["bpb_per_domain"].items()))
+        self.run.record("eval", step=step, stage=stage.index, experts=stage.experts, val_loss=val["loss"],
+                        val_bpb=val["bpb"], val_loss_per_domain=val["loss_per_domain"],
+                        val_bpb_per_domain=val["bpb_per_domain"])
+        return val
 
     def end_stage(self, stage, step, val, raw, optimizer, device):
         """The stage's summary record: what plan.py --fit reads, and what the stage cost."""

@@ -1048,7 +1048,7 @@ def test_a_resumed_run_keeps_no_copy_of_the_checkpoint(corpus, tmp_path):
     weight = weakref.ref(resume[0]["model"]["blocks.0.moe.w_in"])
     raw = emo.Transformer(cfg)
     run = argparse.Namespace(rank=0, device=torch.device("cpu"), out_dir=tmp_path, log=print, retained=None)
-    step = train.resume_from(resume, raw, train.make_optimizer(raw, s, run.device), run)
+    step = runs.resume_from(resume, raw, train.make_optimizer(raw, s, run.device), run)
     assert weight() is None and step == 2  # the weights were copied into the model, then let go
 
 
@@ -1716,8 +1716,8 @@ PREPARE_BAD = [(["--max_tokens=nan"], "--max_tokens=nan is not allowed"), (["--m
                (["--name={tmp}/mywork"], "--name='/.*mywork' is not allowed: must be a name"),
                (["--name=../mywork"], "--name='../mywork' is not allowed"), (["--name=."], "--name='.' is not allowed"),
                (["--name=.."], "--name='..' is not allowed"), (["--name=__init__.py"], "holds no corpus \\(no meta.json\\)"),
-               (["--source=.."], "--source=.. gives no usable corpus name"), (["--source="], "--source='' is not allowed"),
-               (["--name="], "--name='' is not allowed")]
+               (["--source=.."], "--source=.. gives no usable corpus name"), (["--source="], "--source= is empty: give a value"),
+               (["--name="], "--name= is empty: give a value")]
 
 
 @pytest.mark.parametrize("flags,match", PREPARE_BAD)

@@ -331,7 +331,7 @@ def train(s, cfg, stages, world, resume=None):
         step, data = 0, fingerprint(s.data)  # what the run trains on, kept in every checkpoint
         run_id = resume[0]["run"] if resume and not resume[2] else uuid.uuid4().hex  # a branch is a run of its own
         if resume:
-            step = resume_from(resume, raw, optimizer, run)
+            step = runs.resume_from(resume, raw, optimizer, run)
         model = wrap(raw, s, device)
         run.log(json.dumps({"settings": asdict(s), "model": asdict(cfg)}))
         run.log("stages: " + ", ".join(f"E={st.experts} steps {st.start}-{st.end}" for st in stages)
@@ -359,7 +359,7 @@ def train(s, cfg, stages, world, resume=None):
                     loss, ce, grad_norm, loads = meter.timed(
                         lambda: train_step(model, optimizer, micro_batches, lr, s.grad_clip, dtype))
                 except NonFiniteLoss as err:
-                    raise non_finite_advice(err, s, step, stage) from None
+                    raise runs.non_finite_advice(err, s, step, stage) from None
                 except Exception as err:
                     if not run.preemption.requested:
                         raise
@@ -373,7 +373,7 @@ def train(s, cfg, stages, world, resume=None):
                 meter.log_step(stage, step, loss, ce, lr, grad_norm, loads, raw.config, device)
                 stage_end = step == stage.end
                 if step % s.eval_interval == 0 or stage_end:
-                    val = log_eval(run, evaluate_now(model), stage, step)
+                    val = meter.log_eval(evaluate_now(model), stage, step)
                     if stage_end:
                         meter.end_stage(stage, step, val, raw, optimizer, device)
                 stop = bool(s.stop_at and step >= s.stop_at)
@@ -414,41 +414,6 @@ def grow(raw, optimizer, stage, s, device, run, step, evaluate_now, x):
                seconds=seconds, val_loss=val["loss"], val_bpb=val["bpb"], weights_per_rank=runs.per_rank(weights),
                tokens_per_rank=runs.per_rank(int(x.sum())))
     return model
-
-
-def resume_from(resume, raw, optimizer, run):
-    """Weights, optimizer moments, this rank's random state and the retention list from a checkpoint; returns
-    its step. The loaded weights are dropped once copied (a copy kept for the run would double host memory)."""
-    state, path, branching = resume
-    runs.load_weights(raw, state["model"], path)
-    try:
-        optimizer.load_state_dict(state["optimizer"])
-    except (ValueError, KeyError, RuntimeError) as err:
-        raise SettingError(f"--resume={path}: its optimizer state does not fit the model ({err}): corrupt") from None
-    runs.restore_rng(state["rng"], run.rank, run.device)
-    run.retained = [] if branching else list(state["retained"])
-    del state["model"], state["optimizer"]
-    run.log(f"resumed from {path} at step {state['step']} (E={raw.config.n_experts})"
-            + (f"; writing to {run.out_dir}" if branching else ""))
-    return state["step"]
-
-
-def log_eval(run, val, stage, step):
-    run.log(f"step {step}: val loss {val['loss']:.4f}, {val['bpb']:.4f} bits per byte | "
-            + " ".join(f"{d} {v:.3f}" for d, v in val["bpb_per_domain"].items()))
-    run.record("eval", step=step, stage=stage.index, experts=stage.experts, val_loss=val["loss"], val_bpb=val["bpb"],
-               val_loss_per_domain=val["loss_per_domain"], val_bpb_per_domain=val["bpb_per_domain"])
-    return val
-
-
-def non_finite_advice(err, s, step, stage):
-    """A non-finite step as one line: where it happened, and a command the program accepts."""
-    last = Path(s.out_dir) / "latest.pt"
-    where = f"resume it with a lower learning rate: python train.py --resume={s.out_dir} --lr={s.lr / 4:g}" \
-        if last.exists() else "start again with a lower --lr"
-    return TrainingError(f"non-finite loss or gradient at step {step + 1} (stage {stage.index}, E={stage.experts}; "
-                         f"{err}); the step was not taken. Last checkpoint: {last if last.exists() else 'none yet'}; "
-                         f"{where}")
 
 
 def sample(raw, enc, n_tokens, device, dtype):
@@ -507,14 +472,7 @@ def setup(argv):
     micro_tokens = s.batch_size * cfg.seq_len * world
     stages = plan_schedule(s, cfg, s.batch_tokens or micro_tokens, experts, fractions)
     if resume:
-        step = resume[0]["step"]
-        require(step <= stages[-1].end, f"--resume={resume[1]}: its step", step,
-                f"at most the run's last step {stages[-1].end} (corrupt or edited)")
-        require(cfg.n_experts == next((st.experts for st in stages if st.start <= step < st.end), stages[-1].experts)
-                or any(st.start == step for st in stages), f"--resume={resume[1]}: its E", cfg.n_experts,
-                f"the E its schedule gives at step {step} (corrupt or edited)")
-        require(not s.stop_at or s.stop_at > step, "--stop_at", s.stop_at,
-                f"after the checkpoint's step {step} (or 0: no stop)")
+        runs.check_resume_step(resume[0]["step"], resume[1], cfg.n_experts, stages, s.stop_at)
     return s, cfg, stages, world, resume
 
 
