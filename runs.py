@@ -35,10 +35,6 @@ class TrainingError(RuntimeError):
     """The run cannot go on (a non-finite loss, a full disk): printed as one line naming what to do."""
 
 
-class StoppedMidStep(Exception):
-    """A signal arrived while a step was being computed (torch.compile building, say) and broke it."""
-
-
 # ---------------------------------------------------------------------------------------------
 # Flags: --key=value, config files, --help from the settings' own comments
 # ---------------------------------------------------------------------------------------------
