@@ -96,7 +96,8 @@ def check_args(args):
     finite = math.isfinite
     require(args.fit or args.fit_params is None, "--fit_params", args.fit_params, "given with --fit (it names what "
             "--fit refits)")
-    free = (args.fit_params or ",".join(emo.LAW_COEFFICIENTS)).split(",")
+    args.fit_params = args.fit_params or ",".join(emo.LAW_COEFFICIENTS)  # default: refit every coefficient
+    free = args.fit_params.split(",")
     require(set(free) <= set(emo.LAW_COEFFICIENTS) and len(set(free)) == len(free), "--fit_params", args.fit_params,
             f"names of coefficients, each once: {', '.join(emo.LAW_COEFFICIENTS)}")
     require(finite(args.total_tokens) and args.total_tokens >= 1 and args.total_tokens == int(args.total_tokens),
@@ -129,7 +130,7 @@ def build_plan(args):
         args.step_time_exponent = step_time_exponent(*read_step_times(args.step_times))
     law = emo.ScalingLaw()
     if args.fit:
-        law = fit_law(law, read_stage_records(args.fit), free=(args.fit_params or ",".join(emo.LAW_COEFFICIENTS)).split(","))
+        law = fit_law(law, read_stage_records(args.fit), free=args.fit_params.split(","))
     try:
         stages = emo.plan_stages(n_law, int(args.total_tokens), experts, args.top_k, law=law,
                                  batch_tokens=args.batch_tokens or None)
