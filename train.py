@@ -328,7 +328,8 @@ def train(s, cfg, stages, world, resume=None):
         runs.keep_freed_memory()
         raw = emo.Transformer(cfg).to(device)
         optimizer = make_optimizer(raw, s, device)
-        step, data = 0, fingerprint(s.data)  # what the run trains on, kept in every checkpoint
+        # what the run trains on, kept in every checkpoint (a resume checked its own against the corpus)
+        step, data = 0, resume[0]["data"] if resume else fingerprint(s.data)
         run_id = resume[0]["run"] if resume and not resume[2] else uuid.uuid4().hex  # a branch is a run of its own
         if resume:
             step = runs.resume_from(resume, raw, optimizer, run)
