@@ -51,7 +51,7 @@ import eval as evaluate
 import plan
 import runs
 import train
-from data.corpus import Corpus, DataError
+from data.corpus import Corpus, DataError, size_for_corpus
 from emo import SettingError, require
 
 HERE = Path(__file__).resolve().parent
@@ -257,7 +257,7 @@ def timed_step(argv, n_experts):
     compile) and step of a run with these flags, on random tokens (timing needs tokens, not text).
     Returns (raw model, optimizer, device, step) where step(i) takes one optimizer step on batch i."""
     s, model_settings, _ = train.parse(argv)
-    train.size_for_corpus(model_settings, s.data)
+    size_for_corpus(model_settings, s.data)
     cfg = emo.Config(**{**model_settings, "n_experts": n_experts})
     train.validate(s, cfg, 1, 1)
     device = torch.device(runs.resolve_device(s.device))

@@ -242,6 +242,27 @@ def read_step_times(value):
     return [E for E, _ in pairs], [sec for _, sec in pairs]
 
 
+def parse_stages(s):
+    """train.py's --stages (E:fraction,...) or --experts (E,...) -> (the E of each stage, fractions or None).
+    s: anything with train.py's stages, experts and schedule settings."""
+    key, text = ("stages", s.stages) if s.stages else ("experts", s.experts)
+    try:
+        parts = [part.split(":") for part in text.split(",")]
+        experts = [int(part[0]) for part in parts]
+        fractions = [float(part[1]) if len(part) == 2 else math.nan for part in parts] if s.stages else None
+    except ValueError:
+        raise SettingError(f"--{key}={text}: expected comma-separated {'E:fraction' if s.stages else 'integers'}") from None
+    if s.stages and s.schedule == "fixed":
+        raise SettingError("--stages gives a progressive schedule: --schedule=fixed takes --experts=E instead")
+    if any(E < 1 for E in experts) or any(b <= a for a, b in zip(experts, experts[1:])):
+        raise SettingError(f"--{key}={text}: expert counts must be positive and strictly increasing")
+    if s.schedule == "fixed":
+        experts = experts[-1:]
+    if fractions and (any(not f > 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6):
+        raise SettingError(f"--stages={s.stages}: each stage needs E:fraction, fractions > 0 summing to 1")
+    return experts, fractions
+
+
 def human(x):
     """1.23B-style counts."""
     for factor, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):

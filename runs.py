@@ -844,6 +844,12 @@ class Run:
                 path = self.out_dir / "metrics.jsonl"
                 raise TrainingError(f"cannot write {path}: {why_not_written(err, path)}") from None
 
+    def log_broken_step(self, step, err):
+        """A signal to the process group killed torch.compile's workers mid-step: a stop, not a crash."""
+        self.log(f"stopped by a signal during step {step + 1} ({type(err).__name__} in the step it broke); "
+                 + (f"resume with: python train.py --resume={self.out_dir}" if (self.out_dir / "latest.pt").exists()
+                    else "no checkpoint yet: run the same command again to start over"))
+
     def stop_requested(self):
         """A signal reached any rank: all ranks stop at the same step."""
         return self.preemption.agreed(self.device)

@@ -1031,7 +1031,7 @@ def test_every_rank_resumes_its_own_random_state():
 def test_flags_override_a_config_files_stage_list_whichever_form_each_gives(tmp_path):
     (tmp_path / "c.json").write_text('{"experts": "2,4,8"}')
     s, _, _ = train.parse([f"--config={tmp_path / 'c.json'}", "--stages=4:0.5,8:0.5"])
-    assert train.parse_stages(s) == ([4, 8], [0.5, 0.5])
+    assert plan.parse_stages(s) == ([4, 8], [0.5, 0.5])
 
 
 def test_a_checkpoint_with_non_finite_weights_is_refused_without_lr_advice(corpus, tmp_path):
@@ -1055,7 +1055,7 @@ def test_a_resumed_run_keeps_no_copy_of_the_checkpoint(corpus, tmp_path):
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.glob("configs/*.json")), ids=lambda p: p.name)
 def test_shipped_configs_parse_and_validate(path):
     settings, model, _ = train.parse([f"--config={path}"])
-    experts, _ = train.parse_stages(settings)
+    experts, _ = plan.parse_stages(settings)
     model["n_experts"] = experts[0]
     train.validate(settings, emo.Config(**model), world=8, n_stages=len(experts))
 
@@ -1084,7 +1084,7 @@ def grouped_mm_shapes_ok(cfg, experts):
                          ids=lambda p: "defaults" if p is None else p.name)
 def test_every_shipped_config_fits_the_grouped_matmul(path):
     settings, model, _ = train.parse([f"--config={path}"] if path else [])
-    experts, _ = train.parse_stages(settings)
+    experts, _ = plan.parse_stages(settings)
     assert grouped_mm_shapes_ok(emo.Config(**{**model, "n_experts": experts[0]}), experts)
 
 

@@ -28,8 +28,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import emo
+import plan
 import runs
-from data.corpus import DataError, epochs_warning, fingerprint, open_for_training, vocabulary
+from data.corpus import DataError, epochs_warning, fingerprint, open_for_training, size_for_corpus
 from emo import SettingError, require
 from runs import EXIT_STOPPED, TrainingError
 
@@ -85,9 +86,7 @@ RESUMABLE = {"resume", "config", "device", "dtype", "compile", "eval_interval", 
 PER_INVOCATION = {"resume", "config", "stop_at"}  # orders for this command only, never inherited on resume
 
 
-# ---------------------------------------------------------------------------------------------
-# Settings: flags and config files -> validated Settings + emo.Config
-# ---------------------------------------------------------------------------------------------
+# --- Settings: flags and config files -> validated Settings + emo.Config ------------------------------------
 
 
 def parse(argv):
@@ -102,29 +101,21 @@ def parse(argv):
 
 def validate(s, cfg, world, n_stages):
     """Everything that can be checked before touching data or a device: one line naming the setting."""
-    def choice(key, allowed):
+    for key, allowed in (("schedule", SCHEDULES), ("lr_schedule", LR_SCHEDULES), ("growth_init", emo.GROWTH_INITS),
+                         ("growth_optimizer", emo.OPTIMIZER_MODES), ("dtype", DTYPES)):
         require(getattr(s, key) in allowed, f"--{key}", getattr(s, key), f"one of {', '.join(allowed)}")
-
-    choice("schedule", SCHEDULES)
-    choice("lr_schedule", LR_SCHEDULES)
-    choice("growth_init", emo.GROWTH_INITS)
-    choice("growth_optimizer", emo.OPTIMIZER_MODES)
-    choice("dtype", DTYPES)
-    for key in ("total_tokens", "batch_size", "eval_interval", "eval_batches", "log_interval", "collapse_steps",
-                "keep_latest"):
-        require(getattr(s, key) >= 1, f"--{key}", getattr(s, key), "a positive integer")
-    for key in ("batch_tokens", "warmup_steps", "rewarm_steps", "sample_tokens", "stop_at", "checkpoint_interval"):
-        require(getattr(s, key) >= 0, f"--{key}", getattr(s, key), "an integer >= 0")
-    require(0 <= s.seed < 2**32, "--seed", s.seed, "an integer in [0, 2**32)")
-    for key in ("lr", "max_load_cv"):
-        require(math.isfinite(getattr(s, key)) and getattr(s, key) > 0, f"--{key}", getattr(s, key), "a finite number > 0")
-    for key in ("weight_decay", "grad_clip"):
-        require(math.isfinite(getattr(s, key)) and getattr(s, key) >= 0, f"--{key}", getattr(s, key),
-                "a finite number >= 0")
-    for key in ("min_lr_frac", "decay_frac"):  # NaN fails every comparison
-        require(0 <= getattr(s, key) <= 1, f"--{key}", getattr(s, key), "in [0, 1]")
-    for key in ("beta1", "beta2"):
-        require(0 <= getattr(s, key) < 1, f"--{key}", getattr(s, key), "in [0, 1)")
+    for keys, ok, allowed in (  # NaN fails every comparison, so each range check refuses it
+            (("total_tokens", "batch_size", "eval_interval", "eval_batches", "log_interval", "collapse_steps",
+              "keep_latest"), lambda v: v >= 1, "a positive integer"),
+            (("batch_tokens", "warmup_steps", "rewarm_steps", "sample_tokens", "stop_at", "checkpoint_interval"),
+             lambda v: v >= 0, "an integer >= 0"),
+            (("seed",), lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
+            (("lr", "max_load_cv"), lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+            (("weight_decay", "grad_clip"), lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+            (("min_lr_frac", "decay_frac"), lambda v: 0 <= v <= 1, "in [0, 1]"),
+            (("beta1", "beta2"), lambda v: 0 <= v < 1, "in [0, 1)")):
+        for key in keys:
+            require(ok(getattr(s, key)), f"--{key}", getattr(s, key), allowed)
     require(s.out_dir != "", "--out_dir", s.out_dir, "a folder path (it is empty)")
     micro_tokens = s.batch_size * cfg.seq_len * world
     require(s.batch_tokens % micro_tokens == 0, "--batch_tokens", s.batch_tokens,
@@ -138,26 +129,6 @@ def validate(s, cfg, world, n_stages):
             s.growth_init, "gaussian or copy with --router=softmax (softmax gates are normalised over all experts, "
             "so no growth can leave the output unchanged)")
     runs.resolve_device(s.device)
-
-
-def parse_stages(s):
-    """--stages (E:fraction,...) or --experts (E,...) -> (the E of each stage, fractions or None)."""
-    key, text = ("stages", s.stages) if s.stages else ("experts", s.experts)
-    try:
-        parts = [part.split(":") for part in text.split(",")]
-        experts = [int(part[0]) for part in parts]
-        fractions = [float(part[1]) if len(part) == 2 else math.nan for part in parts] if s.stages else None
-    except ValueError:
-        raise SettingError(f"--{key}={text}: expected comma-separated {'E:fraction' if s.stages else 'integers'}") from None
-    if s.stages and s.schedule == "fixed":
-        raise SettingError("--stages gives a progressive schedule: --schedule=fixed takes --experts=E instead")
-    if any(E < 1 for E in experts) or any(b <= a for a, b in zip(experts, experts[1:])):
-        raise SettingError(f"--{key}={text}: expert counts must be positive and strictly increasing")
-    if s.schedule == "fixed":
-        experts = experts[-1:]
-    if fractions and (any(not f > 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6):
-        raise SettingError(f"--stages={s.stages}: each stage needs E:fraction, fractions > 0 summing to 1")
-    return experts, fractions
 
 
 @dataclass(frozen=True)
@@ -184,9 +155,7 @@ def plan_schedule(s, cfg, batch_tokens, experts, fractions):
     return [Stage(i + 1, E, b, e) for i, (E, b, e) in enumerate(zip(experts, starts, ends))]
 
 
-# ---------------------------------------------------------------------------------------------
-# Learning rate: warmup-stable-decay (or cosine), re-warmed after each growth
-# ---------------------------------------------------------------------------------------------
+# --- Learning rate: warmup-stable-decay (or cosine), re-warmed after each growth ----------------------------
 
 
 def lr_at(step, s, total_steps, stage):
@@ -202,9 +171,7 @@ def lr_at(step, s, total_steps, stage):
     return warm * (low + 0.5 * (s.lr - low) * (1 + math.cos(math.pi * progress)))
 
 
-# ---------------------------------------------------------------------------------------------
-# The model on its device, its optimizer, the data and evaluation
-# ---------------------------------------------------------------------------------------------
+# --- The model on its device, its optimizer, the data and evaluation ----------------------------------------
 
 
 def autocast_dtype(s, device):
@@ -265,9 +232,7 @@ def evaluate(model, data, s, cfg, device, dtype, rank, world):
                 bpb_per_domain={data.domains[i]: bpb(text_loss[i], n_bytes[i]) for i in seen})
 
 
-# ---------------------------------------------------------------------------------------------
-# The training step
-# ---------------------------------------------------------------------------------------------
+# --- The training step --------------------------------------------------------------------------------------
 
 
 class NonFiniteLoss(TrainingError):
@@ -304,9 +269,7 @@ def train_step(model, optimizer, micro_batches, lr, grad_clip, dtype):
     return loss_value, ce_value, grad_norm, loads
 
 
-# ---------------------------------------------------------------------------------------------
-# The run: stage by stage, step by step
-# ---------------------------------------------------------------------------------------------
+# --- The run: stage by stage, step by step ------------------------------------------------------------------
 
 
 def train(s, cfg, stages, world, resume=None):
@@ -364,11 +327,7 @@ def train(s, cfg, stages, world, resume=None):
                 except Exception as err:
                     if not run.preemption.requested:
                         raise
-                    # a signal to the process group killed torch.compile's workers mid-step: a stop, not a crash
-                    last = Path(s.out_dir) / "latest.pt"
-                    run.log(f"stopped by a signal during step {step + 1} ({type(err).__name__} in the step it broke); "
-                            + (f"resume with: python train.py --resume={s.out_dir}" if last.exists() else
-                               "no checkpoint yet: run the same command again to start over"))
+                    run.log_broken_step(step, err)  # a signal killed compile's workers mid-step: a stop
                     return raw, False
                 step += 1
                 meter.log_step(stage, step, loss, ce, lr, grad_norm, loads, raw.config, device)
@@ -429,17 +388,7 @@ def sample(raw, enc, n_tokens, device, dtype):
     return enc.decode([t for t in out[0].tolist() if t < enc.n_vocab])
 
 
-# ---------------------------------------------------------------------------------------------
-# From flags to a run
-# ---------------------------------------------------------------------------------------------
-
-
-def size_for_corpus(model_settings, data):
-    """The model's vocabulary and end-of-text id default to the corpus's (from its meta.json), so nothing has
-    to be kept in sync by hand; the vocabulary is padded to a multiple of 64 (faster matmuls)."""
-    vocab, eot = vocabulary(data)
-    model_settings.setdefault("vocab_size", -(-vocab // 64) * 64)
-    model_settings.setdefault("eot_id", eot)
+# --- From flags to a run ------------------------------------------------------------------------------------
 
 
 def setup(argv):
@@ -454,7 +403,7 @@ def setup(argv):
         out_dir, branching = runs.check_resume(state, path, s.data, "out_dir" in given and s.out_dir, world)
         s.out_dir = str(out_dir)
         resume = (state, path, branching)
-    experts, fractions = parse_stages(s)
+    experts, fractions = plan.parse_stages(s)
     if not resume:  # a new run starts at the first stage's E, sized for its corpus's tokenizer
         size_for_corpus(model_settings, s.data)
         first = experts[0]

@@ -477,6 +477,13 @@ def vocabulary(folder):
     return corpus.vocab_size, corpus.eot_id
 
 
+def size_for_corpus(model_settings, folder):
+    """The model's vocabulary and end-of-text id default to the corpus's (from its meta.json), so nothing has
+    to be kept in sync by hand; the vocabulary is padded to a multiple of 64 (faster matmuls)."""
+    vocab, eot = vocabulary(folder)
+    model_settings.setdefault("vocab_size", -(-vocab // 64) * 64)
+    model_settings.setdefault("eot_id", eot)
+
 
 class Corpus:
     """One split of a prepared corpus: a uint16 token memmap plus each document's start offset and domain.
