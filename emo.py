@@ -640,8 +640,10 @@ def update_router_bias(model):
 
 # 8. Expert growth (EMO-progressive): E -> n_experts in every MoE layer, top_k fixed -------------------------
 
-GROWTH_INITS = ("gaussian", "copy", "silent")
+GROWTH_INITS = ("gaussian", "copy", "silent", "upcycle")
 COPY_NOISE = 0.1  # "copy" init: noise std relative to the init std, so copies do not stay twins
+PHASED_INITS = ("silent", "upcycle")  # inits that leave the output unchanged: sigmoid router only
+UPCYCLE_DROP = 0.5  # "upcycle" init: share of a copy's hidden units drawn afresh (Drop-Upcycling's r = 0.5)
 
 
 @torch.no_grad()
@@ -653,6 +655,9 @@ def grow_experts(model, n_experts, init="gaussian"):
     silent:   function-preserving (ours). New experts get a selection offset below every old expert's, so no
               token picks them and the output is unchanged; the offset climbs to 0 over ~phase_in_steps
               optimizer steps and the bias balancing phases them in.
+    upcycle:  silent's phase-in, but new expert j starts as trained expert j mod E with a random half of its
+              hidden units drawn afresh (Drop-Upcycling, Nakamura et al., ICLR 2025), so it arrives with
+              learned features yet does not stay its source's twin; its router row is fresh.
     Parameters stay the same objects (their .data grows), so an optimizer keeps pointing at them; call
     grow_optimizer next, and re-wrap DDP / re-compile once. Returns the unwrapped model.
     """
@@ -661,7 +666,7 @@ def grow_experts(model, n_experts, init="gaussian"):
     require(_is_int(n_experts) and n_experts > cfg.n_experts, "grow_experts: n_experts", n_experts,
             f"an integer > the current {cfg.n_experts}")
     require(init in GROWTH_INITS, "grow_experts: init", init, f"one of {', '.join(GROWTH_INITS)}")
-    require(init != "silent" or cfg.router == "sigmoid", "grow_experts: init", init, "gaussian or copy with "
+    require(init not in PHASED_INITS or cfg.router == "sigmoid", "grow_experts: init", init, "gaussian or copy with "
             "router='softmax': its gates are normalised over all experts, so any new expert changes every output")
     model.config = replace(cfg, n_experts=n_experts)  # validated before any weight changes
     for moe in model.moe_layers():
@@ -674,12 +679,14 @@ def grow_layer(moe, n_new, init):
     old, router = moe.n_experts, moe.router
     fresh = moe.fresh_experts(n_new)
     params = (moe.w_in, moe.w_out, router.weight)
+    src = torch.arange(n_new) % old  # copy and upcycle: new expert j starts from old expert j mod E
     if init == "copy":
-        src = torch.arange(n_new) % old
         fresh = tuple(p.data[src].cpu() + COPY_NOISE * f for p, f in zip(params, fresh))
+    if init == "upcycle":
+        fresh = (*upcycled(moe, src, *fresh[:2]), fresh[2])
     for p, f in zip(params, fresh):
         set_param_data(p, torch.cat([p.data, f.to(p.device, p.dtype)]))
-    if init == "silent":
+    if init in PHASED_INITS:
         # new experts start at the mean bias; their offset puts s + b + ramp below every old expert's
         # s + b whatever the scores (sigmoid scores lie in (0, 1)), so no token picks them yet
         new_bias = router.bias.mean()
@@ -692,6 +699,17 @@ def grow_layer(moe, n_new, init):
     router.expert_counts = torch.cat([router.expert_counts, router.expert_counts.new_zeros(n_new)])
     if moe.expert_mask is not None:  # a restriction covers the old experts only; new ones are allowed
         moe.expert_mask = torch.cat([moe.expert_mask, moe.expert_mask.new_ones(n_new)])
+
+
+def upcycled(moe, src, fresh_in, fresh_out):
+    """Drop-Upcycling: copies of experts src [n] whose hidden units in a random UPCYCLE_DROP share (the same
+    units in the gate, up and down projections) take fresh weights. Returns (w_in [n, d, 2h], w_out [n, h, d])."""
+    w_in, w_out = moe.w_in.data[src].cpu(), moe.w_out.data[src].cpu()
+    hidden = w_out.shape[1]
+    drop = torch.rand(len(src), hidden).argsort(dim=1) < round(UPCYCLE_DROP * hidden)  # [n, h], exactly r*h each
+    w_in = torch.where(drop.repeat(1, 2)[:, None, :], fresh_in, w_in)  # gate and up halves drop the same units
+    w_out = torch.where(drop[:, :, None], fresh_out, w_out)
+    return w_in, w_out
 
 
 def set_param_data(p, data):

@@ -395,7 +395,7 @@ def expert_params(model):
     return {n for n, _ in model.named_parameters() if n.endswith(("moe.w_in", "moe.w_out", "moe.router.weight"))}
 
 
-@pytest.mark.parametrize("init", ["gaussian", "copy", "silent"])
+@pytest.mark.parametrize("init", emo.GROWTH_INITS)
 def test_growth_keeps_every_old_weight_and_adds_exactly_the_new_experts(init):
     model = seeded_model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -444,6 +444,24 @@ def test_silent_growth_leaves_the_logits_unchanged_and_phases_new_experts_in():
     loads = [step() for _ in range(30)]
     assert (loads[0][:, 8:] == 0).all()  # nobody picks them at first
     assert (loads[-1][:, 8:].sum(dim=1) > 0).all()  # later every layer uses the new experts
+
+
+def test_upcycled_experts_copy_their_source_but_half_of_its_hidden_units_and_change_no_output():
+    model = seeded_model()
+    x = torch.randint(0, 128, (4, 32))
+    moe = model.blocks[0].moe
+    w_in, w_out = moe.w_in.detach().clone(), moe.w_out.detach().clone()
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+        emo.grow_experts(model, 12, init="upcycle")
+        torch.testing.assert_close(model(x), before, rtol=0, atol=1e-5)  # silent's phase-in: no token picks them
+    gate_up = (moe.w_in[8:] == w_in[:4]).all(dim=1)  # [4, 2h]: hidden units (columns) kept from the source
+    down = (moe.w_out[8:] == w_out[:4]).all(dim=2)  # [4, h]
+    h = down.shape[1]
+    assert torch.equal(gate_up[:, :h], down) and torch.equal(gate_up[:, h:], down)  # the same units in all three
+    assert (down.sum(dim=1) == h // 2).all()  # exactly half kept, half drawn afresh
+    assert (moe.router.ramp[8:] < -1).all() and (moe.router.ramp[:8] == 0).all()
 
 
 def test_silent_growth_is_refused_for_the_softmax_router():

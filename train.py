@@ -46,7 +46,7 @@ class Settings:
     schedule: str = "progressive"  # "progressive" (stage budgets from the scaling law) or "fixed"
     experts: str = "2,4,8,16,32"  # E per stage; the fixed schedule uses the last
     stages: str = ""  # explicit stages "E:fraction,...", e.g. "8:0.235,16:0.095,...": overrides the solver
-    growth_init: str = "gaussian"  # gaussian (the paper), copy, silent (function-preserving)
+    growth_init: str = "gaussian"  # gaussian (the paper), copy, silent, upcycle (emo.grow_experts says how)
     growth_optimizer: str = "reset"  # reset (the paper) or keep the old experts' Adam moments
     # optimisation
     batch_size: int = 16  # sequences per micro-batch per process
@@ -125,7 +125,7 @@ def validate(s, cfg, world, n_stages):
             f"at least one optimizer step per stage: {n_stages} x {step_tokens} tokens (" +
             ("--batch_tokens" if s.batch_tokens else f"--batch_size * --seq_len * processes = {s.batch_size} * "
              f"{cfg.seq_len} * {world}") + "); or make the batch smaller")
-    require(not (s.growth_init == "silent" and cfg.router == "softmax" and n_stages > 1), "--growth_init",
+    require(not (s.growth_init in emo.PHASED_INITS and cfg.router == "softmax" and n_stages > 1), "--growth_init",
             s.growth_init, "gaussian or copy with --router=softmax (softmax gates are normalised over all experts, "
             "so no growth can leave the output unchanged)")
     runs.resolve_device(s.device)
