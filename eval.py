@@ -7,6 +7,7 @@ prune-then-finetune). Then report how specialised each layer's routing is (emo.s
 python eval.py --checkpoint=runs/modular/latest.pt
 python eval.py --checkpoint=runs/modular --keep=1,0.5,0.25,0.125 --calib_rows=8 --eval_rows=64 --json
 python eval.py --checkpoint=runs/modular --finetune_steps=50 --finetune_lr=3e-4 --finetune_batch=16
+python eval.py --checkpoint=runs/modular --keep=0.25 --export=hf/modular   # Hugging Face folders (export.py)
 """
 
 import argparse
@@ -18,6 +19,7 @@ import sys
 import torch
 
 import emo
+import export
 import runs
 import train
 from data.corpus import Corpus, DataError, fingerprint, fingerprint_change
@@ -44,10 +46,11 @@ def finetune(model, x, y, steps, batch, lr, settings):
     return model.eval()
 
 
-def evaluate_subsets(model, train_data, val_data, keep_shares, calib_rows, eval_rows, tuning=None):
+def evaluate_subsets(model, train_data, val_data, keep_shares, calib_rows, eval_rows, tuning=None, keep_model=None):
     """Per domain and share of experts kept: {"loss", "bpb"} of the model pruned for that domain (and with
     tuning = dict(steps, batch, lr, settings): "finetuned_loss", "finetuned_bpb" after finetune); and
-    {share: total parameters}."""
+    {share: total parameters}. keep_model(domain, share, model, chosen): called with each pruned (and
+    finetuned) model and the expert ids each layer kept, e.g. to export it."""
     E, T = model.config.n_experts, model.config.seq_len
     results, sizes = {}, {}
     for d, name in enumerate(val_data.domains):
@@ -56,15 +59,18 @@ def evaluate_subsets(model, train_data, val_data, keep_shares, calib_rows, eval_
         results[name] = {}
         for share in keep_shares:
             n = max(1, round(share * E))
-            pruned = emo.prune_experts(copy.deepcopy(model), emo.select_experts(model, calibration, n))
+            chosen = emo.select_experts(model, calibration, n)
+            pruned = emo.prune_experts(copy.deepcopy(model), chosen)
             loss, bpb = domain_loss(pruned.eval(), x, y, val_data.token_bytes())
             results[name][share] = dict(loss=loss, bpb=bpb)
             if tuning:
                 tx, ty = train_data.domain_batch(d, tuning["steps"] * tuning["batch"], T)
-                tuned = finetune(pruned, tx, ty, **tuning)
-                loss, bpb = domain_loss(tuned, x, y, val_data.token_bytes())
+                pruned = finetune(pruned, tx, ty, **tuning)
+                loss, bpb = domain_loss(pruned, x, y, val_data.token_bytes())
                 results[name][share].update(finetuned_loss=loss, finetuned_bpb=bpb)
             sizes[share] = pruned.num_params()
+            if keep_model and share < 1:
+                keep_model(name, share, pruned, chosen)
     return results, sizes
 
 
@@ -129,6 +135,8 @@ def main(argv=None):
     p.add_argument("--finetune_steps", type=int, default=0, help="finetune each pruned copy on its domain (0: no)")
     p.add_argument("--finetune_lr", type=float, default=3e-4, help="finetuning's constant learning rate")
     p.add_argument("--finetune_batch", type=int, default=16, help="training windows per finetuning step")
+    p.add_argument("--export", metavar="DIR", help="also write Hugging Face folders (export.py): DIR/full, and "
+                   "DIR/<domain>-keep<share> for each share below 1 (pruned, and finetuned with --finetune_steps)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args(argv)
     try:
@@ -147,12 +155,22 @@ def main(argv=None):
         keep = kept_counts(keep, cfg.n_experts, strict=args.keep is not None)
         tuning = args.finetune_steps and dict(steps=args.finetune_steps, batch=args.finetune_batch,
                                               lr=args.finetune_lr, settings=state["settings"])
-        results, sizes = evaluate_subsets(model, train_data, val_data, keep, args.calib_rows, args.eval_rows, tuning)
+        exported = []
+
+        def keep_model(domain, share, pruned, chosen):
+            folder = f"{args.export}/{domain}-keep{share:g}"
+            exported.append(export.export(pruned, folder, train_data.vocab_size, kept=chosen))
+
+        if args.export:
+            exported.append(export.export(model, f"{args.export}/full", train_data.vocab_size))
+        results, sizes = evaluate_subsets(model, train_data, val_data, keep, args.calib_rows, args.eval_rows, tuning,
+                                          keep_model if args.export else None)
         report = specialization(model, val_data, args.eval_rows)
     except (SettingError, DataError, train.TrainingError) as err:
         sys.exit(f"eval.py: {err}")
     if args.json:
-        print(json.dumps({"domains": results, "params": sizes, "specialization": report}, indent=1))
+        print(json.dumps({"domains": results, "params": sizes, "specialization": report,
+                          "exported": [str(folder) for folder in exported]}, indent=1))
         return
     print(f"{args.checkpoint}: E={cfg.n_experts}, top_k={cfg.top_k}; experts chosen per domain from "
           f"{args.calib_rows} training windows, loss on {args.eval_rows} validation windows (routing without pools);"
@@ -168,6 +186,8 @@ def main(argv=None):
                                              for s, r in row.items()))
     print(f"{'params':>10} " + " ".join(f"{sizes[s] / 1e6:>14.2f} M" for s in keep))
     print(f"{'bf16 size':>10} " + " ".join(f"{2 * sizes[s] / 1e6:>13.1f} MB" for s in keep))
+    if exported:
+        print(f"Hugging Face folders (AutoModelForCausalLM.from_pretrained): {', '.join(map(str, exported))}")
     print("routing specialization per layer (nmi: I(domain; expert) / H(domain); entropy: usage / log E):")
     for layer, r in enumerate(report):
         print(f"  layer {layer}: nmi {r['nmi']:.3f} | " + " | ".join(

