@@ -631,8 +631,11 @@ def update_router_bias(model):
     loads = all_reduce_sum(torch.stack([r.expert_counts for r in routers])).float()
     for router, load in zip(routers, loads):
         if router.cfg.router == "sigmoid":
-            router.bias += router.cfg.bias_rate * torch.sign(load.mean() - load)
-            router.bias -= router.bias.mean()  # re-centre: only differences between experts matter
+            # experts still held out by silent growth's ramp are not balanced yet: their bias would climb
+            # every step they get nothing, and they would enter above every old expert and take all tokens
+            on = router.ramp >= 0
+            router.bias[on] += router.cfg.bias_rate * torch.sign(load[on].mean() - load[on])
+            router.bias[on] -= router.bias[on].mean()  # re-centre: only differences between experts matter
             router.ramp.add_(1.0 / router.cfg.phase_in_steps).clamp_(max=0.0)
         router.expert_counts.zero_()
     return loads

@@ -467,6 +467,24 @@ def test_upcycled_experts_copy_their_source_but_half_of_its_hidden_units_and_cha
     assert (moe.router.ramp[8:] < -1).all() and (moe.router.ramp[:8] == 0).all()
 
 
+def test_experts_held_out_by_the_phase_in_keep_their_bias_and_enter_at_the_old_experts_mean():
+    """Balancing skips experts that silent growth still holds out: counting their zero loads, it raised
+    their bias every step, and they entered above every old expert and took nearly all tokens at once."""
+    model = seeded_model(phase_in_steps=5, bias_rate=0.01)
+    x = torch.randint(0, 128, (8, 32))
+    with torch.no_grad():
+        emo.grow_experts(model, 16, init="silent")
+    start = [moe.router.bias[8:].clone() for moe in model.moe_layers()]
+    for _ in range(6):  # the offset starts just over one unit down: 5 steps of 1/5, and one more
+        with torch.no_grad():
+            model(x[:, :-1], x[:, 1:])
+        emo.update_router_bias(model)
+    for moe, bias in zip(model.moe_layers(), start):
+        assert (moe.router.ramp == 0).all()  # the phase-in is over only now
+        assert torch.equal(moe.router.bias[8:], bias)  # held out: never balanced
+        torch.testing.assert_close(bias, moe.router.bias[:8].mean().expand(8), rtol=0, atol=1e-6)
+
+
 def test_silent_growth_is_refused_for_the_softmax_router():
     with pytest.raises(ValueError, match="init='silent' is not allowed: must be gaussian or copy with router='softmax'"):
         emo.grow_experts(seeded_model(router="softmax"), 16, init="silent")
