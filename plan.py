@@ -4,7 +4,7 @@ beside a fixed-E baseline. The rule and the law live in emo.py (plan_stages, Sca
 python plan.py                                  # configs/gpu-8x.json's run (8 GPUs, 20B tokens)
 python plan.py --preset=paper                   # the paper's main run: ~1.1B active, 1.92T tokens, 8..128
 python plan.py --n_active=3e8 --total_tokens=2e10 --experts=8,16,32,64 --top_k=8 --batch_tokens=524288
-python plan.py --fit=runs/x/metrics.jsonl       # refit the law from train.py's stage records first
+python plan.py --fit=runs/repro/fixed-2-seed0,runs/repro/fixed-32-seed0 --fit_params=b,omega,c --save_law=law.json
 python plan.py --step_times=step.json           # step time ~ E^rho measured: bench.py step --json > step.json
 python plan.py --json                           # the same as JSON
 """
@@ -14,6 +14,7 @@ import json
 import math
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -49,9 +50,13 @@ def parse_args(argv):
     p.add_argument("--n_shared", type=int, default=1, help="always-on shared experts")
     p.add_argument("--seq_len", type=int, default=1024, help="tokens per window")
     p.add_argument("--vocab_size", type=int, default=50304, help="padded vocabulary")
-    p.add_argument("--fit", metavar="JSONL", help="refit the law from train.py's stage records first")
+    p.add_argument("--law", metavar="JSON", help="plan with these coefficients (a --save_law file) instead of "
+                   "Table 3's")
+    p.add_argument("--fit", metavar="RUN,...", help="refit the law first to train.py runs (folders or their "
+                   "metrics.jsonl): stage ends, and the whole curve of one-stage (fixed-E) runs")
     p.add_argument("--fit_params", help="with --fit: the coefficients to refit (default all; few runs: fit a few, "
                    "e.g. a,b,c)")
+    p.add_argument("--save_law", metavar="JSON", help="write the law planned with (refit or not) for train.py --law")
     p.add_argument("--step_time_exponent", type=float, default=STEP_TIME_EXPONENT,
                    help="rho in step time ~ E^rho (default: the paper's 1.08x from E=8 to 128)")
     p.add_argument("--step_times", metavar="JSON|E:SECONDS,...",
@@ -128,9 +133,13 @@ def build_plan(args):
     n_active = emo.count_params(cfg)[1]
     if args.step_times:
         args.step_time_exponent = step_time_exponent(*read_step_times(args.step_times))
-    law = emo.ScalingLaw()
+    base = read_law(args.law) if args.law else emo.ScalingLaw()
+    law, before = base, None
     if args.fit:
-        law = fit_law(law, read_stage_records(args.fit), free=args.fit_params.split(","))
+        records = [r for path in args.fit.split(",") for r in read_fit_records(path)]
+        law = fit_law(base, records, free=args.fit_params.split(","))
+        before = emo.plan_stages(n_law, int(args.total_tokens), experts, args.top_k, law=base,
+                                 batch_tokens=args.batch_tokens or None)
     try:
         stages = emo.plan_stages(n_law, int(args.total_tokens), experts, args.top_k, law=law,
                                  batch_tokens=args.batch_tokens or None)
@@ -140,6 +149,9 @@ def build_plan(args):
         raise SettingError(f"--fit={args.fit}: the law refit from these runs ({law_text(law)}) gives no usable "
                            f"stages ({err}); fit it to runs that span more tokens and E, or free fewer "
                            f"coefficients (--fit_params)") from None
+    if args.save_law:
+        runs.atomic_write(Path(args.save_law), lambda f: f.write(json.dumps(
+            {k: getattr(law, k) for k in emo.LAW_COEFFICIENTS}, indent=1).encode()))
     # GPU-hours: the fixed-E run at the assumed MFU; earlier stages are faster by the step-time model
     hours_fixed = emo.flops_per_token(cfg) * args.total_tokens / (args.peak_flops * args.mfu) / 3600
     expert_params = args.n_layer * 3 * args.d_model * args.d_expert  # one routed expert in every layer
@@ -152,6 +164,8 @@ def build_plan(args):
                  loss=law.loss(n_law, args.total_tokens, last["e"]))
     hours = sum(s["gpu_hours"] for s in stages)
     return dict(n_law=n_law, n_active=n_active, law={k: getattr(law, k) for k in emo.LAW_COEFFICIENTS}, stages=stages,
+                base_law={k: getattr(base, k) for k in emo.LAW_COEFFICIENTS} if before else None,
+                base_split=[s["fraction"] for s in before] if before else None,
                 fixed=fixed, gpu_hours=hours, gpu_hours_saving=1 - hours / hours_fixed,
                 early_memory_saving=1 - sum(s["memory_bytes"] * s["fraction"] for s in stages) / fixed["memory_bytes"])
 
@@ -207,22 +221,46 @@ def fit_law(law, records, free=emo.LAW_COEFFICIENTS, huber_delta=1e-2, inits=6, 
     return replace(fitted, **{k: float(getattr(fitted, k)) for k in free})
 
 
-def read_stage_records(path):
-    """train.py's per-stage summary records (kind == "stage") from a metrics JSONL file, each with positive
-    finite numbers for what the fit reads."""
+def read_fit_records(path):
+    """What a train.py run measured for the law, from its metrics.jsonl (or its run folder): each stage's end
+    (kind "stage") and, for a run of one stage (a fixed-E pilot), also every validation eval made at the peak
+    learning rate, so that its curve and not one point is fitted. Evals during warmup, re-warm or the final
+    decay are left out: WSD's decay drops the loss by an amount that depends on the schedule, not on E or D.
+    Each record has law_n_active, tokens, experts, top_k and val_loss, positive and finite."""
+    path = Path(path)
+    path = path / "metrics.jsonl" if path.is_dir() else path
     try:
         with open(path) as f:
             records = [json.loads(line) for line in f if line.strip()]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise SettingError(f"--fit={path}: cannot read JSONL records ({type(err).__name__})") from None
-    stages = [r for r in records if isinstance(r, dict) and r.get("kind") == "stage"]
+    records = [r for r in records if isinstance(r, dict)]
+    stages = [r for r in records if r.get("kind") == "stage"]
     if not stages:
         raise SettingError(f"--fit={path}: no stage records (lines with \"kind\": \"stage\") in the file")
     for n, r in enumerate(stages, 1):
         bad = [k for k in FIT_KEYS if not (isinstance(r.get(k), (int, float)) and math.isfinite(r[k]) and r[k] > 0)]
         if bad:
             raise SettingError(f"--fit={path}: stage record {n} needs positive numbers for {', '.join(bad)}")
-    return stages
+    if len(stages) > 1:
+        return stages
+    lr = {r.get("step"): r.get("lr") for r in records if r.get("kind") == "step"}
+    peak, stage = max(lr.values(), default=0), stages[0]
+    evals = [dict(stage, kind="eval", step=r["step"], tokens=r["step"] * stage["tokens"] // stage["step"],
+                  val_loss=r["val_loss"])
+             for r in records if r.get("kind") == "eval" and r["step"] < stage["step"]
+             and (lr.get(r["step"]) or 0) >= 0.999 * peak]
+    return evals + stages
+
+
+def read_law(path):
+    """A ScalingLaw from a JSON file of its coefficients (plan.py --save_law writes one)."""
+    try:
+        values = json.loads(Path(path).read_text())
+        return replace(emo.ScalingLaw(), **{k: float(values[k]) for k in emo.LAW_COEFFICIENTS})
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SettingError(f"--law={path}: expected a JSON object with the coefficients "
+                           f"{', '.join(emo.LAW_COEFFICIENTS)} ({type(err).__name__}: {err})") from None
 
 
 def read_step_times(value):
@@ -291,6 +329,13 @@ def print_plan(plan, args):
           f"loss {stages[-1]['loss'] - fixed['loss']:+.4f}")
     print(f"memory: fp32 weights + grads + Adam (16 B/param), activations excluded; step time ~ "
           f"E^{args.step_time_exponent:.4f}{' (fitted to --step_times)' if args.step_times else ''}; GPU-hours at {args.mfu:.0%} MFU of {args.peak_flops:.3g} FLOP/s")
+    if plan["base_law"]:
+        names = emo.LAW_COEFFICIENTS
+        print(f"{'law':>9} " + " ".join(f"{k:>8}" for k in names))
+        for label, law in ((args.law or "Table 3", plan["base_law"]), ("refit", plan["law"])):
+            print(f"{label[-9:]:>9} " + " ".join(f"{law[k]:>8.4g}" for k in names))
+        for label, split in ((args.law or "Table 3", plan["base_split"]), ("refit", [s["fraction"] for s in stages])):
+            print(f"split, {label}: " + "  ".join(f"E={s['experts']}: {100 * f:.1f}%" for s, f in zip(stages, split)))
     if [s["experts"] for s in stages] == list(PAPER_SPLIT):
         print("split, this plan: " + "  ".join(f"E={s['experts']}: {100 * s['fraction']:.1f}%" for s in stages))
         print("split, the paper: " + "  ".join(f"E={E}: {p}%" for E, p in PAPER_SPLIT.items()))

@@ -703,6 +703,51 @@ def test_plan_py_refits_the_law_from_train_py_stage_records(tmp_path, capsys):
     assert (law["a"], law["b"], law["c"]) == pytest.approx((30.0, 40.0, 1.8), rel=1e-3)
 
 
+def write_fixed_run(folder, law, N, experts, steps, tokens_per_step=1000, eval_every=10, decay_from=None):
+    """metrics.jsonl of a one-stage run whose evals follow `law`, with WSD's decay from step decay_from."""
+    folder.mkdir(parents=True)
+    lines = [{"kind": "step", "step": t, "lr": 1e-3 if decay_from is None or t < decay_from else 5e-4}
+             for t in range(1, steps + 1)]
+    lines += [{"kind": "eval", "step": t, "experts": experts,
+               "val_loss": law.loss(N, t * tokens_per_step, experts / 2)} for t in range(eval_every, steps + 1, eval_every)]
+    lines.append({"kind": "stage", "step": steps, "law_n_active": N, "tokens": steps * tokens_per_step,
+                  "experts": experts, "top_k": 2, "val_loss": lines[-1]["val_loss"] - 0.1})  # after the decay
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return folder
+
+
+def test_a_fixed_runs_whole_stable_curve_is_fitted_and_the_decay_is_left_out(tmp_path):
+    law = emo.ScalingLaw(b=20.0, omega=0.2)
+    folder = write_fixed_run(tmp_path / "run", law, 1e6, 8, 100, decay_from=90)
+    records = plan.read_fit_records(folder)
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["tokens"] for r in evals] == [t * 1000 for t in range(10, 90, 10)]  # steps 10..80: peak lr
+    assert all(r["law_n_active"] == 1e6 and r["top_k"] == 2 for r in evals)
+    assert records[-1]["kind"] == "stage"
+
+
+def test_plan_py_measures_the_law_from_fixed_e_pilots_prints_both_splits_and_saves_it(tmp_path, capsys):
+    true = emo.ScalingLaw(delta=-0.5)  # here a larger pool is worth more than Table 3 says: grow sooner
+    pilots = [write_fixed_run(tmp_path / f"fixed-{E}", true, 1e6, E, 200) for E in (2, 32)]
+    args = [f"--fit={pilots[0]},{pilots[1]}", "--fit_params=delta", "--experts=2,4,8,16,32", "--top_k=2",
+            "--n_active=1e6", "--total_tokens=2e6", "--batch_tokens=1000"]
+    plan.main(args + [f"--save_law={tmp_path / 'law.json'}"])
+    out = capsys.readouterr().out
+    assert "split, Table 3: E=2:" in out and "split, refit: E=2:" in out
+    saved = json.loads((tmp_path / "law.json").read_text())
+    assert saved["delta"] == pytest.approx(-0.5, rel=1e-2)  # the decayed end pulls a little
+    table3 = emo.plan_stages(1e6, 2_000_000, [2, 4, 8, 16, 32], 2, batch_tokens=1000)
+    refit = emo.plan_stages(1e6, 2_000_000, [2, 4, 8, 16, 32], 2, law=plan.read_law(tmp_path / "law.json"),
+                            batch_tokens=1000)
+    assert refit[-1]["start"] < table3[-1]["start"]  # the measured law grows to E_max sooner
+    s, model, _ = train.parse([f"--law={tmp_path / 'law.json'}", "--total_tokens=2000000"])
+    n_law = emo.law_active_params(emo.Config(**model, n_experts=32))
+    expected = emo.plan_stages(n_law, 2_000_000, [2, 4, 8, 16, 32], 2, law=plan.read_law(tmp_path / "law.json"),
+                               batch_tokens=1000)
+    stages = train.plan_schedule(s, emo.Config(**model, n_experts=2), 1000, [2, 4, 8, 16, 32], None)
+    assert [st.end for st in stages] == [p["end"] // 1000 for p in expected]  # train.py plans with the saved law
+
+
 # 10. Expert subsets: selection, pruning, specialization (and eval.py) ----------------------------------------
 
 

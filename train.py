@@ -46,6 +46,7 @@ class Settings:
     schedule: str = "progressive"  # "progressive" (stage budgets from the scaling law) or "fixed"
     experts: str = "2,4,8,16,32"  # E per stage; the fixed schedule uses the last
     stages: str = ""  # explicit stages "E:fraction,...", e.g. "8:0.235,16:0.095,...": overrides the solver
+    law: str = ""  # the solver's scaling law: a JSON file of coefficients (plan.py --save_law); empty: Table 3's
     growth_init: str = "gaussian"  # gaussian (the paper), copy, silent, upcycle (emo.grow_experts says how)
     growth_optimizer: str = "reset"  # reset (the paper) or keep the old experts' Adam moments
     # optimisation
@@ -147,8 +148,10 @@ def plan_schedule(s, cfg, batch_tokens, experts, fractions):
         ends = [round(total_steps * sum(fractions[:i + 1])) for i in range(len(fractions))]
     else:
         n_active = emo.law_active_params(emo.Config(**{**asdict(cfg), "n_experts": experts[-1]}))
-        plan = emo.plan_stages(n_active, total_steps * batch_tokens, experts, cfg.top_k, batch_tokens=batch_tokens)
-        ends = [p["end"] // batch_tokens for p in plan]
+        law = plan.read_law(s.law) if s.law else None
+        planned = emo.plan_stages(n_active, total_steps * batch_tokens, experts, cfg.top_k, law=law,
+                                  batch_tokens=batch_tokens)
+        ends = [p["end"] // batch_tokens for p in planned]
     starts = [0] + ends[:-1]
     if any(e <= b for b, e in zip(starts, ends)):
         raise SettingError(f"the schedule gives a stage no steps (ends at steps {ends}); give more --total_tokens")
