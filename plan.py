@@ -263,6 +263,42 @@ def read_law(path):
                            f"{', '.join(emo.LAW_COEFFICIENTS)} ({type(err).__name__}: {err})") from None
 
 
+def replan(experts, ends, done, records, law, free, n_law, top_k):
+    """The closed loop: at the end of stage `done` (1-based), refit the coefficients named in `free` to the run's
+    evals so far (records as read_fit_records gives them), re-solve the whole run's stage budgets with that law
+    (emo.plan_stages) and move the ends of the stages still to come; ends already reached stay, and every stage
+    to come keeps at least one step. experts, ends: the run's stages (E, last step + 1 of each).
+    Returns (new ends, the refit law, None), or (ends unchanged, law, why not) when the data cannot say."""
+    if len({r["experts"] for r in records}) < 2:
+        return ends, law, "the evals so far span one E: nothing yet measures what a larger pool is worth"
+    if len(records) <= len(free):
+        return ends, law, f"{len(records)} evals, not more than the {len(free)} coefficients to refit"
+    refit = fit_law(law, records, free=free)
+    optimal = [refit.optimal_tokens(n_law, E / top_k) for E in experts]
+    shares = [d / optimal[-1] for d in optimal]  # plan_stages' rule: stage s ends at D*(e_s) / D*(e_last)
+    if not all(math.isfinite(x) and 0 < x <= 1 for x in shares):
+        return ends, law, f"the refit law ({law_text(refit)}) gives no split: shares {[f'{x:.3g}' for x in shares]}"
+    new = ends[:done]
+    for i in range(done, len(experts) - 1):  # keep room for one step in each later stage
+        new.append(min(max(round(ends[-1] * shares[i]), new[-1] + 1), ends[-1] - (len(experts) - 1 - i)))
+    return new + ends[-1:], refit, None
+
+
+def replan_run(metrics, s, stages, done, cfg, batch_tokens):
+    """train.py --replan at the end of stage `done`: replan on the run's validation evals so far (metrics: its
+    metrics.jsonl records), each at the tokens seen when it was made, starting from --law (or Table 3) and
+    refitting --replan_params. Returns (the new stage ends, the "replan" record for metrics.jsonl)."""
+    n_law = emo.law_active_params(replace(cfg, n_experts=stages[-1].experts))
+    evals = [dict(law_n_active=n_law, tokens=r["step"] * batch_tokens, experts=r["experts"], top_k=cfg.top_k,
+                  val_loss=r["val_loss"]) for r in metrics if r.get("kind") == "eval"]
+    law = read_law(s.law) if s.law else emo.ScalingLaw()
+    before = [st.end for st in stages]
+    ends, refit, why = replan([st.experts for st in stages], before, done, evals, law, s.replan_params.split(","),
+                              n_law, cfg.top_k)
+    return ends, dict(stage=done, evals=len(evals), ends_before=before, ends=ends, unchanged_because=why,
+                      law={k: finite_or_null(getattr(refit, k)) for k in emo.LAW_COEFFICIENTS})
+
+
 def read_step_times(value):
     """([E, ...], [seconds, ...]) from bench.py step's JSON file or an inline E:seconds list."""
     try:

@@ -606,6 +606,15 @@ def mean_over_ranks(t):
     return t
 
 
+def from_rank0(value):
+    """value as rank 0 has it, on every rank: a decision one process makes for all."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def per_rank(value):
     """A Python number from every rank, in rank order (one item when not distributed): for what ranks must
     share (the weights) or must not (their batches)."""

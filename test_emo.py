@@ -1044,6 +1044,44 @@ def test_the_law_counts_a_tied_embedding_twice_and_the_solver_uses_that(corpus, 
     assert [st.end for st in stages] == [p["end"] // 2048 for p in expected]
 
 
+@pytest.mark.parametrize("delta,later", [(-0.6, False), (-0.1, True)])
+def test_a_replan_moves_the_next_boundary_the_way_the_measured_curves_point(delta, later):
+    """Evals measured in the first two stages of a run planned with Table 3 say a larger pool is worth more
+    (delta -0.6) or less (-0.1) than Table 3's -0.2285: the third stage then ends sooner, or later."""
+    N, experts, base = 1e6, [2, 4, 8, 16], emo.ScalingLaw()
+    ends = [p["end"] for p in emo.plan_stages(N, 100_000, experts, 2)]
+    true = dataclasses.replace(base, delta=delta)
+    records = [dict(law_n_active=N, tokens=t, experts=E, top_k=2, val_loss=true.loss(N, t, E / 2))
+               for E, start, end in ((2, 0, ends[0]), (4, ends[0], ends[1])) for t in range(start + 500, end + 1, 500)]
+    new, refit, why = plan.replan(experts, ends, 2, records, base, ["delta"], N, 2)
+    assert why is None and refit.delta == pytest.approx(delta, rel=1e-3)
+    assert new[:2] == ends[:2] and new[3] == ends[3]  # what was run stays; the run's length too
+    assert (new[2] > ends[2]) if later else (new[2] < ends[2])
+    planned = emo.plan_stages(N, 100_000, experts, 2, law=true)
+    assert new[2] == planned[2]["end"]  # where the true law would have put it
+    one_pool = [r for r in records if r["experts"] == 2]
+    assert plan.replan(experts, ends, 1, one_pool, base, ["delta"], N, 2)[0] == ends  # one E measures no delta
+
+
+def test_a_replanned_run_records_each_replan_and_resumes_on_its_new_schedule(corpus, tmp_path):
+    flags = ["--experts=2,4,8,16", "--total_tokens=16384", "--eval_interval=4", "--replan"]
+
+    def tiny_run(corpus, out, *extra):  # the tiny run, its stages from the law instead of --stages
+        return [f for f in globals()["tiny_run"](corpus, out, *extra) if not f.startswith("--stages=")]
+
+    train.main(tiny_run(corpus, tmp_path / "a", *flags))
+    replans = records(tmp_path / "a", "replan")
+    assert [r["stage"] for r in replans] == [1, 2, 3] and replans[0]["ends"] == replans[0]["ends_before"]
+    moved = [r for r in replans if r["ends"] != r["ends_before"]]
+    assert moved, replans  # at this scale the run's own curve moves a boundary
+    stop = moved[0]["step"] + 2
+    stopped(tiny_run(corpus, tmp_path / "b", *flags, f"--stop_at={stop}"))
+    train.main([f"--resume={tmp_path / 'b'}"])
+    a, b = records(tmp_path / "a", "step"), records(tmp_path / "b", "step")
+    assert [(r["experts"], r["loss"]) for r in a] == [(r["experts"], r["loss"]) for r in b]
+    assert records(tmp_path / "b", "replan") == replans
+
+
 @pytest.mark.parametrize("stop_at", [7, 12])  # mid-stage, and right at the stage boundary
 def test_a_resumed_run_continues_exactly(corpus, tmp_path, stop_at):
     train.main(tiny_run(corpus, tmp_path / "a"))

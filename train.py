@@ -47,6 +47,8 @@ class Settings:
     experts: str = "2,4,8,16,32"  # E per stage; the fixed schedule uses the last
     stages: str = ""  # explicit stages "E:fraction,...", e.g. "8:0.235,16:0.095,...": overrides the solver
     law: str = ""  # the solver's scaling law: a JSON file of coefficients (plan.py --save_law); empty: Table 3's
+    replan: bool = False  # closed loop: at each stage end, refit the law to this run's evals and move later ends
+    replan_params: str = "delta"  # what each re-plan refits (plan.py --fit_params); delta: what a larger pool is worth
     growth_init: str = "gaussian"  # gaussian (the paper), copy, silent, upcycle (emo.grow_experts says how)
     growth_optimizer: str = "reset"  # reset (the paper) or keep the old experts' Adam moments
     # optimisation
@@ -126,6 +128,7 @@ def validate(s, cfg, world, n_stages):
             f"at least one optimizer step per stage: {n_stages} x {step_tokens} tokens (" +
             ("--batch_tokens" if s.batch_tokens else f"--batch_size * --seq_len * processes = {s.batch_size} * "
              f"{cfg.seq_len} * {world}") + "); or make the batch smaller")
+    require(not s.replan or s.schedule == "progressive", "--replan", s.replan, "False with --schedule=fixed")
     require(not (s.growth_init in emo.PHASED_INITS and cfg.router == "softmax" and n_stages > 1), "--growth_init",
             s.growth_init, "gaussian or copy with --router=softmax (softmax gates are normalised over all experts, "
             "so no growth can leave the output unchanged)")
@@ -339,6 +342,8 @@ def train(s, cfg, stages, world, resume=None):
                     val = meter.log_eval(evaluate_now(model), stage, step)
                     if stage_end:
                         meter.end_stage(stage, step, val, raw, optimizer, device)
+                        if s.replan and stage.index < len(stages):
+                            stages[stage.index:] = replan(s, stages, stage.index, run, raw.config, batch_tokens)
                 stop = bool(s.stop_at and step >= s.stop_at)
                 preempted = run.stop_requested()
                 periodic = s.checkpoint_interval and step % s.checkpoint_interval == 0
@@ -377,6 +382,20 @@ def grow(raw, optimizer, stage, s, device, run, step, evaluate_now, x):
                seconds=seconds, val_loss=val["loss"], val_bpb=val["bpb"], weights_per_rank=runs.per_rank(weights),
                tokens_per_rank=runs.per_rank(int(x.sum())))
     return model
+
+
+def replan(s, stages, done, run, cfg, batch_tokens):
+    """--replan, at the end of stage `done`: the law refit to this run's evals so far moves the later stage
+    ends (plan.replan_run, on rank 0 for all). The new plan becomes --stages, so that every checkpoint carries
+    it and a resume continues it. Returns the stages still to come."""
+    found = plan.replan_run(runs.read_metrics(s.out_dir), s, stages, done, cfg, batch_tokens) if run.master else None
+    ends, record = runs.from_rank0(found)
+    run.record("replan", step=stages[done - 1].end, **record)
+    run.log(f"re-planned at the end of stage {done}: stage ends {record['ends_before']} -> {ends}"
+            + (f" (unchanged: {record['unchanged_because']})" if record["unchanged_because"] else ""))
+    starts = [0] + ends[:-1]
+    s.stages = ",".join(f"{st.experts}:{(e - b) / ends[-1]!r}" for st, b, e in zip(stages, starts, ends))
+    return [Stage(st.index, st.experts, b, e) for st, b, e in zip(stages, starts, ends)][done:]
 
 
 def sample(raw, enc, n_tokens, device, dtype):
