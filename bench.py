@@ -261,7 +261,7 @@ def timed_step(argv, n_experts):
     cfg = emo.Config(**{**model_settings, "n_experts": n_experts})
     train.validate(s, cfg, 1, 1)
     device = torch.device(runs.resolve_device(s.device))
-    dtype = train.autocast_dtype(s, device)
+    dtype = runs.autocast_dtype(s.dtype, device)
     torch.manual_seed(0)
     raw = emo.Transformer(cfg).to(device)
     optimizer = train.make_optimizer(raw, s, device)
@@ -290,7 +290,7 @@ def step_row(argv, n_experts, repeats):
         p.grad = torch.zeros_like(p)
     optimizer_seconds = statistics.median(timed(optimizer.step, device) for _ in range(repeats))
     optimizer.zero_grad(set_to_none=True)
-    dtype = train.autocast_dtype(train.parse(argv)[0], device)
+    dtype = runs.autocast_dtype(train.parse(argv)[0].dtype, device)
     cast = statistics.median(expert_cast_seconds(raw, dtype, device) for _ in range(repeats)) if dtype else None
     state = runs.state_memory(raw, optimizer)
     growth = timed(lambda: (emo.grow_experts(raw, 2 * n_experts, init="gaussian"),

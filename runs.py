@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -604,6 +605,16 @@ def mean_over_ranks(t):
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t
+
+
+def autocast_dtype(dtype, device):
+    """--dtype as an autocast dtype: bf16 on CUDA by default; bf16 on a CPU emulates the GPU path's numerics."""
+    bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
+    return torch.bfloat16 if bf16 else None
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def from_rank0(value):

@@ -180,16 +180,6 @@ def lr_at(step, s, total_steps, stage):
 # --- The model on its device, its optimizer, the data and evaluation ----------------------------------------
 
 
-def autocast_dtype(s, device):
-    """bf16 autocast on CUDA by default; --dtype=bf16 on a CPU emulates the GPU path's numerics."""
-    bf16 = s.dtype == "bf16" or (s.dtype == "auto" and device.type == "cuda")
-    return torch.bfloat16 if bf16 else None
-
-
-def autocast(device, dtype):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
 def make_optimizer(raw, s, device):
     """AdamW; matrices decay, norms and other vectors do not."""
     params = [p for p in raw.parameters() if p.requires_grad]
@@ -221,7 +211,7 @@ def evaluate(model, data, s, cfg, device, dtype, rank, world):
     domain_of, bytes_of = torch.from_numpy(data.doc_domain), data.token_bytes()
     for i in range(s.eval_batches):
         x, y, doc = data.batch(i, s.batch_size, cfg.seq_len, seed=0, rank=rank, world_size=world, with_docs=True)
-        with autocast(device, dtype):
+        with runs.autocast(device, dtype):
             loss = model(x.to(device), y.to(device), reduction="none")["ce"].flatten().double()
         n_bytes = bytes_of[y.flatten()].to(device).double()
         domain = domain_of[doc.flatten()].to(device)
@@ -257,7 +247,7 @@ def train_step(model, optimizer, micro_batches, lr, grad_clip, dtype):
     loss_sum = ce_sum = 0.0
     for i, (x, y) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        with (model.no_sync() if isinstance(model, DDP) and not last else nullcontext()), autocast(x.device, dtype):
+        with (model.no_sync() if isinstance(model, DDP) and not last else nullcontext()), runs.autocast(x.device, dtype):
             losses = model(x, y)
         (losses["loss"] / len(micro_batches)).backward()
         loss_sum += losses["loss"].detach()
@@ -288,7 +278,7 @@ def train(s, cfg, stages, world, resume=None):
     accum, total_steps = batch_tokens // micro_tokens, stages[-1].end
     with runs.Run(s.out_dir, s.device, world, new=resume is None or resume[2], keep_latest=s.keep_latest) as run:
         device, rank = run.device, run.rank
-        dtype = autocast_dtype(s, device)
+        dtype = runs.autocast_dtype(s.dtype, device)
         train_data, val_data = open_for_training(s, cfg, rank, world)
         repeats = epochs_warning(s, train_data)
         if repeats:
@@ -364,11 +354,9 @@ def train(s, cfg, stages, world, resume=None):
 
 
 def grow(raw, optimizer, stage, s, device, run, step, evaluate_now, x):
-    """A stage's first step: grow every layer's experts (emo.grow_experts), fit the optimizer to them, and
-    re-wrap (compile and DDP see new shapes); then record the validation loss right after (the spike growth
-    itself causes) and what data parallelism rests on, seen where it can break: every rank drew the same new
-    experts (its weights' sum) and reads its own share of the data (x, its first micro-batch). Returns the
-    re-wrapped model."""
+    """A stage's first step: grow every layer's experts (emo.grow_experts), fit the optimizer to them, re-wrap
+    (compile and DDP see new shapes). Records the val loss right after, and per rank the weights' sum (all drew
+    the same new experts) and its first micro-batch's sum x (each reads its own data). Returns the model."""
     t0, old = time.time(), raw.config.n_experts
     emo.grow_experts(raw, stage.experts, init=s.growth_init)
     emo.grow_optimizer(optimizer, s.growth_optimizer)
@@ -385,14 +373,12 @@ def grow(raw, optimizer, stage, s, device, run, step, evaluate_now, x):
 
 
 def replan(s, stages, done, run, cfg, batch_tokens):
-    """--replan, at the end of stage `done`: the law refit to this run's evals so far moves the later stage
-    ends (plan.replan_run, on rank 0 for all). The new plan becomes --stages, so that every checkpoint carries
-    it and a resume continues it. Returns the stages still to come."""
+    """--replan, at the end of stage `done`: the law refit to this run's evals so far moves the later stage ends
+    (plan.replan_run, on rank 0 for all). The new plan becomes --stages: checkpoints carry it, resumes continue it."""
     found = plan.replan_run(runs.read_metrics(s.out_dir), s, stages, done, cfg, batch_tokens) if run.master else None
     ends, record = runs.from_rank0(found)
     run.record("replan", step=stages[done - 1].end, **record)
-    run.log(f"re-planned at the end of stage {done}: stage ends {record['ends_before']} -> {ends}"
-            + (f" (unchanged: {record['unchanged_because']})" if record["unchanged_because"] else ""))
+    run.log(f"re-planned at the end of stage {done}: ends {record['ends_before']} -> {ends} {record['unchanged_because'] or ''}")
     starts = [0] + ends[:-1]
     s.stages = ",".join(f"{st.experts}:{(e - b) / ends[-1]!r}" for st, b, e in zip(stages, starts, ends))
     return [Stage(st.index, st.experts, b, e) for st, b, e in zip(stages, starts, ends)][done:]
@@ -404,7 +390,7 @@ def sample(raw, enc, n_tokens, device, dtype):
     training text and a prompt ending in one draws more spaces."""
     prompt = torch.tensor([enc.encode_ordinary("    def")], device=device)
     raw.eval()
-    with autocast(device, dtype):
+    with runs.autocast(device, dtype):
         out = raw.generate(prompt, n_tokens, temperature=0.8, top_k=50)
     raw.train()
     return enc.decode([t for t in out[0].tolist() if t < enc.n_vocab])
