@@ -339,15 +339,21 @@ def print_step(result, args):
           "cast: the expert weights' cast to bf16 and its gradient's back, paid once per micro-batch")
 
 
+# EMO-progressive's own recipe at each growth, as train.py flags: fresh Gaussian experts and router rows, the
+# balancing bias and the optimizer state reset, the learning rate re-warmed; stage budgets from Table 3's law
+PAPER_RECIPE = ("--growth_init=gaussian", "--growth_optimizer=reset", "--rewarm_steps=20", "--replan=false")
+
+
 def repro_arms(args):
     """{name: train.py flags}: fixed E_max, fixed E_max/2, the dense-equivalent fixed E = top_k (every routed
-    expert active: the same compute per token, no spare capacity), then progressive growth once per init."""
+    expert active: the same compute per token, no spare capacity), progressive growth as train.py does it by
+    default, and progressive growth with the paper's recipe."""
     experts = [int(E) for E in args.experts.split(",")]
     top_k = model_setting(args, "top_k")
     arms = {f"fixed-{E}": ["--schedule=fixed", f"--experts={E}"]
             for E in dict.fromkeys((experts[-1], experts[-1] // 2, top_k))}
-    for init in args.inits.split(","):
-        arms[f"progressive-{init}"] = ["--schedule=progressive", f"--experts={args.experts}", f"--growth_init={init}"]
+    arms["progressive"] = ["--schedule=progressive", f"--experts={args.experts}"]
+    arms["progressive-paper"] = ["--schedule=progressive", f"--experts={args.experts}", *PAPER_RECIPE]
     return arms
 
 
@@ -906,7 +912,7 @@ def main(argv=None):
                         "(default runs/bench, runs/repro, runs/frontier)")
     parser.add_argument("--experts", default=None, help="moe, step: E to time (default 8,32,128; 8,16,32,64,128); "
                         "repro, frontier: E per stage of the progressive runs (default 2,4,8,16,32)")
-    parser.add_argument("--inits", default="gaussian,copy,silent", help="growth, repro: growth inits to run")
+    parser.add_argument("--inits", default="gaussian,copy,silent,upcycle", help="growth: growth inits to run")
     parser.add_argument("--train_args", default="", help="step, growth, repro, frontier: train.py flags (model, batch, device, "
                         "compile), e.g. a --config")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")

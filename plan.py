@@ -299,6 +299,12 @@ def replan_run(metrics, s, stages, done, cfg, batch_tokens):
                       law={k: finite_or_null(getattr(refit, k)) for k in emo.LAW_COEFFICIENTS})
 
 
+def replanned_ends(metrics, step):
+    """The stage ends of the last re-plan a run made by `step` (its "replan" records), or None."""
+    found = [r["ends"] for r in metrics if r.get("kind") == "replan" and r["step"] <= step]
+    return found[-1] if found else None
+
+
 def read_step_times(value):
     """([E, ...], [seconds, ...]) from bench.py step's JSON file or an inline E:seconds list."""
     try:

@@ -1797,7 +1797,7 @@ BENCH_BAD = [
     # every arm is checked before the first one trains
     (["frontier", "--experts=4,2"], "the modular-progressive arm: --experts=4,2: expert counts must be positive and "
                                     "strictly increasing"),
-    (["repro", "--train_args=--top_k=4"], "the progressive-gaussian arm: --top_k=4 is not allowed"),
+    (["repro", "--train_args=--top_k=4"], "the progressive arm: --top_k=4 is not allowed"),
     (["growth", "--train_args=--router=softmax"], "the silent growth run: --growth_init='silent' is not allowed"),
     (["repro", "--seeds="], "--seeds= is empty: give a value, or leave the flag out"),
     (["repro", "--train_args=--out_dir=mine"], "--train_args='--out_dir=mine' is not allowed: must be train.py flags "
@@ -2005,8 +2005,10 @@ def test_bench_repro_runs_every_arm_once_and_reuses_finished_runs(corpus, tmp_pa
                                                                         if a.split("=")[0] not in
                                                                         ("--out_dir", "--total_tokens", "--stages")))
     first = bench.bench_repro(args)
-    assert [r["arm"] for r in first["runs"]] == ["fixed-4", "fixed-2", "progressive-gaussian"]
+    assert [r["arm"] for r in first["runs"]] == ["fixed-4", "fixed-2", "progressive", "progressive-paper"]
     assert [st["experts"] for st in first["runs"][2]["stages"]] == [2, 4]
+    paper = json.loads((tmp_path / "progressive-paper-seed0" / "config.json").read_text())["settings"]
+    assert (paper["growth_init"], paper["growth_optimizer"], paper["replan"]) == ("gaussian", "reset", False)
     assert "running" in capsys.readouterr().err
     assert bench.bench_repro(args)["runs"] == first["runs"] and "running" not in capsys.readouterr().err
 

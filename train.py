@@ -47,10 +47,11 @@ class Settings:
     experts: str = "2,4,8,16,32"  # E per stage; the fixed schedule uses the last
     stages: str = ""  # explicit stages "E:fraction,...", e.g. "8:0.235,16:0.095,...": overrides the solver
     law: str = ""  # the solver's scaling law: a JSON file of coefficients (plan.py --save_law); empty: Table 3's
-    replan: bool = False  # closed loop: at each stage end, refit the law to this run's evals and move later ends
+    replan: bool = True  # closed loop: at each stage end refit the law to this run's evals, move the later ends
+    # (a schedule the law planned only: an explicit --stages split is kept as given)
     replan_params: str = "delta"  # what each re-plan refits (plan.py --fit_params); delta: what a larger pool is worth
-    growth_init: str = "gaussian"  # gaussian (the paper), copy, silent, upcycle (emo.grow_experts says how)
-    growth_optimizer: str = "reset"  # reset (the paper) or keep the old experts' Adam moments
+    growth_init: str = "silent"  # silent (function-preserving), gaussian (the paper), copy, upcycle: emo.grow_experts
+    growth_optimizer: str = "keep"  # keep the old experts' Adam moments, or reset them all (the paper)
     # optimisation
     batch_size: int = 16  # sequences per micro-batch per process
     batch_tokens: int = 0  # tokens per optimizer step over all processes (0: one micro-batch per process)
@@ -58,7 +59,7 @@ class Settings:
     min_lr_frac: float = 0.0  # the LR decays to lr * min_lr_frac
     lr_schedule: str = "wsd"  # warmup-stable-decay (the paper) or cosine
     warmup_steps: int = 20  # linear warmup at the start of the run
-    rewarm_steps: int = 20  # LR re-warm after each growth (the paper: 500 of ~240K steps)
+    rewarm_steps: int = 0  # LR re-warm after each growth (the paper: 500 of ~240K steps; silent growth needs none)
     decay_frac: float = 0.1  # wsd: linear decay over the last 10% of steps (the paper)
     weight_decay: float = 0.1  # AdamW, on matrices only
     beta1: float = 0.9  # AdamW's first-moment decay
@@ -128,7 +129,6 @@ def validate(s, cfg, world, n_stages):
             f"at least one optimizer step per stage: {n_stages} x {step_tokens} tokens (" +
             ("--batch_tokens" if s.batch_tokens else f"--batch_size * --seq_len * processes = {s.batch_size} * "
              f"{cfg.seq_len} * {world}") + "); or make the batch smaller")
-    require(not s.replan or s.schedule == "progressive", "--replan", s.replan, "False with --schedule=fixed")
     require(not (s.growth_init in emo.PHASED_INITS and cfg.router == "softmax" and n_stages > 1), "--growth_init",
             s.growth_init, "gaussian or copy with --router=softmax (softmax gates are normalised over all experts, "
             "so no growth can leave the output unchanged)")
@@ -247,7 +247,8 @@ def train_step(model, optimizer, micro_batches, lr, grad_clip, dtype):
     loss_sum = ce_sum = 0.0
     for i, (x, y) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        with (model.no_sync() if isinstance(model, DDP) and not last else nullcontext()), runs.autocast(x.device, dtype):
+        sync = model.no_sync() if isinstance(model, DDP) and not last else nullcontext()
+        with sync, runs.autocast(x.device, dtype):
             losses = model(x, y)
         (losses["loss"] / len(micro_batches)).backward()
         loss_sum += losses["loss"].detach()
@@ -332,7 +333,7 @@ def train(s, cfg, stages, world, resume=None):
                     val = meter.log_eval(evaluate_now(model), stage, step)
                     if stage_end:
                         meter.end_stage(stage, step, val, raw, optimizer, device)
-                        if s.replan and stage.index < len(stages):
+                        if s.replan and not s.stages and stage.index < len(stages):
                             stages[stage.index:] = replan(s, stages, stage.index, run, raw.config, batch_tokens)
                 stop = bool(s.stop_at and step >= s.stop_at)
                 preempted = run.stop_requested()
@@ -374,14 +375,17 @@ def grow(raw, optimizer, stage, s, device, run, step, evaluate_now, x):
 
 def replan(s, stages, done, run, cfg, batch_tokens):
     """--replan, at the end of stage `done`: the law refit to this run's evals so far moves the later stage ends
-    (plan.replan_run, on rank 0 for all). The new plan becomes --stages: checkpoints carry it, resumes continue it."""
+    (plan.replan_run, on rank 0 for all), recorded in metrics.jsonl, whence a resume takes them back."""
     found = plan.replan_run(runs.read_metrics(s.out_dir), s, stages, done, cfg, batch_tokens) if run.master else None
     ends, record = runs.from_rank0(found)
     run.record("replan", step=stages[done - 1].end, **record)
-    run.log(f"re-planned at the end of stage {done}: ends {record['ends_before']} -> {ends} {record['unchanged_because'] or ''}")
-    starts = [0] + ends[:-1]
-    s.stages = ",".join(f"{st.experts}:{(e - b) / ends[-1]!r}" for st, b, e in zip(stages, starts, ends))
-    return [Stage(st.index, st.experts, b, e) for st, b, e in zip(stages, starts, ends)][done:]
+    why = record["unchanged_because"]
+    run.log(f"re-planned at the end of stage {done}: ends {record['ends_before']} -> {ends} {why or ''}")
+    return at_ends(stages, ends)[done:]
+
+
+def at_ends(stages, ends):
+    return [Stage(st.index, st.experts, b, e) for st, b, e in zip(stages, [0] + ends[:-1], ends)]
 
 
 def sample(raw, enc, n_tokens, device, dtype):
@@ -430,6 +434,9 @@ def setup(argv):
     micro_tokens = s.batch_size * cfg.seq_len * world
     stages = plan_schedule(s, cfg, s.batch_tokens or micro_tokens, experts, fractions)
     if resume:
+        if s.replan and not s.stages:  # the stage ends the run moved to before its checkpoint
+            stages = at_ends(stages, plan.replanned_ends(runs.read_metrics(resume[1].parent), resume[0]["step"]) or
+                             [st.end for st in stages])
         runs.check_resume_step(resume[0]["step"], resume[1], cfg.n_experts, stages, s.stop_at)
     return s, cfg, stages, world, resume
 
