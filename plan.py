@@ -146,9 +146,12 @@ def build_plan(args):
     except SettingError as err:
         if not args.fit:
             raise
+        optimal = [law.optimal_tokens(n_law, E / args.top_k) for E in experts]
+        ends = ", ".join(f"E={E} to {d / optimal[-1]:.2%}" for E, d in zip(experts, optimal))
         raise SettingError(f"--fit={args.fit}: the law refit from these runs ({law_text(law)}) gives no usable "
-                           f"stages ({err}); fit it to runs that span more tokens and E, or free fewer "
-                           f"coefficients (--fit_params)") from None
+                           f"stages ({err}); its stage ends as shares of the run: {ends}. A share near 0% says "
+                           f"a larger pool pays at once at this scale; otherwise fit runs that span more tokens "
+                           f"and E, or free fewer coefficients (--fit_params)") from None
     if args.save_law:
         runs.atomic_write(Path(args.save_law), lambda f: f.write(json.dumps(
             {k: getattr(law, k) for k in emo.LAW_COEFFICIENTS}, indent=1).encode()))
