@@ -1096,13 +1096,16 @@ def test_a_resumed_run_continues_exactly(corpus, tmp_path, stop_at):
 
 
 def test_torchrun_with_two_cpu_processes_matches_one_process(corpus, tmp_path):
-    train.main(tiny_run(corpus, tmp_path / "one", "--total_tokens=3072", "--stages=2:0.5,4:0.5"))
+    """Also through the closed loop: rank 0 re-plans at each stage end and every rank follows its plan."""
+    law_planned = [f for f in tiny_run(corpus, "x", "--total_tokens=3072") if not f.startswith(("--stages", "--out"))]
+    train.main([*law_planned, "--experts=2,4,8", f"--out_dir={tmp_path / 'one'}"])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           *tiny_run(corpus, tmp_path / "two", "--total_tokens=3072", "--batch_size=4", "--batch_tokens=256")]
+           *law_planned, "--experts=2,4,8", "--batch_size=4", "--batch_tokens=256", f"--out_dir={tmp_path / 'two'}"]
     done = subprocess.run(cmd, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     one, two = records(tmp_path / "one", "step"), records(tmp_path / "two", "step")
-    assert len(one) == len(two) == 12
+    assert len(one) == len(two) == 12 and [r["experts"] for r in one] == [r["experts"] for r in two]
+    assert len(records(tmp_path / "two", "replan")) == 2
     for a, b in zip(one, two):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
         assert a["load_cv"] == pytest.approx(b["load_cv"], abs=1e-6)  # balancing saw the global counts
