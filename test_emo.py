@@ -1466,6 +1466,8 @@ TRAIN_BAD = [
     (["--batch_tokens=100"], "multiple of batch_size"), (["--seq_len=8192", "--batch_size=1", "--total_tokens=16384"], "longer than the train split"),
     (["--d_model=66"], "Config.d_model=66"), (["--stages=2:0.5,4:0.4"], "summing to 1"),
     (["--vocab_size=1000"], "smaller than the corpus vocabulary"), (["--experts=2,4", "--stages=2:0.5,4:0.5"], "not both"),
+    (["--replan_params=delta,kappa"], "--replan_params='delta,kappa' is not allowed: must be names of the law's"),
+    (["--law={tmp}/missing.json"], "--law=.*missing.json: expected a JSON object with the coefficients"),
     (["--device=tpu"], "--device='tpu' is not allowed: must be auto, cpu, cuda or cuda:N"),
     (["--device=cuda:7"], "--device='cuda:7' is not allowed"),
     (["--beta1=1"], "--beta1=1.0 is not allowed: must be in \\[0, 1\\)"), (["--beta2=-0.1"], "--beta2=-0.1 is not allowed"),
@@ -1769,6 +1771,8 @@ PLAN_BAD = [
     (["--total_tokens=1000"], "a whole number of batches of batch_tokens=524288 \\(e.g. 524288\\)"),
     (["--fit_params=a,b"], "--fit_params='a,b' is not allowed: must be given with --fit"),
     (["--fit={tmp}/twostage.jsonl", "--fit_params=a,a"], "--fit_params='a,a' is not allowed: must be names of coefficients, each once"),
+    (["--fit={tmp}/twostage.jsonl,{tmp}/missing.jsonl"], "--fit=.*missing.jsonl: cannot read JSONL records"),
+    (["--law={tmp}/binary.jsonl"], "--law=.*binary.jsonl: expected a JSON object with the coefficients"),
 ]
 
 

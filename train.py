@@ -121,6 +121,10 @@ def validate(s, cfg, world, n_stages):
         for key in keys:
             require(ok(getattr(s, key)), f"--{key}", getattr(s, key), allowed)
     require(s.out_dir != "", "--out_dir", s.out_dir, "a folder path (it is empty)")
+    require(set(s.replan_params.split(",")) <= set(emo.LAW_COEFFICIENTS), "--replan_params", s.replan_params,
+            f"names of the law's coefficients: {', '.join(emo.LAW_COEFFICIENTS)}")
+    if s.law:
+        plan.read_law(s.law)  # a bad file is refused now, also where --stages leaves the law unused
     micro_tokens = s.batch_size * cfg.seq_len * world
     require(s.batch_tokens % micro_tokens == 0, "--batch_tokens", s.batch_tokens,
             f"a multiple of batch_size * seq_len * processes = {s.batch_size}*{cfg.seq_len}*{world} = {micro_tokens}")
