@@ -159,10 +159,14 @@ def plan_schedule(s, cfg, batch_tokens, experts, fractions):
         planned = emo.plan_stages(n_active, total_steps * batch_tokens, experts, cfg.top_k, law=law,
                                   batch_tokens=batch_tokens)
         ends = [p["end"] // batch_tokens for p in planned]
-    starts = [0] + ends[:-1]
-    if any(e <= b for b, e in zip(starts, ends)):
+    if any(e <= b for b, e in zip([0] + ends[:-1], ends)):
         raise SettingError(f"the schedule gives a stage no steps (ends at steps {ends}); give more --total_tokens")
-    return [Stage(i + 1, E, b, e) for i, (E, b, e) in enumerate(zip(experts, starts, ends))]
+    return stages_at(experts, ends)
+
+
+def stages_at(experts, ends):
+    """The stages of these E, ending at these steps: each starts where the one before ended."""
+    return [Stage(i + 1, E, b, e) for i, (E, b, e) in enumerate(zip(experts, [0] + ends[:-1], ends))]
 
 
 # --- Learning rate: warmup-stable-decay (or cosine), re-warmed after each growth ----------------------------
@@ -385,11 +389,7 @@ def replan(s, stages, done, run, cfg, batch_tokens):
     run.record("replan", step=stages[done - 1].end, **record)
     why = record["unchanged_because"]
     run.log(f"re-planned at the end of stage {done}: ends {record['ends_before']} -> {ends} {why or ''}")
-    return at_ends(stages, ends)[done:]
-
-
-def at_ends(stages, ends):
-    return [Stage(st.index, st.experts, b, e) for st, b, e in zip(stages, [0] + ends[:-1], ends)]
+    return stages_at([st.experts for st in stages], ends)[done:]
 
 
 def sample(raw, enc, n_tokens, device, dtype):
@@ -439,8 +439,8 @@ def setup(argv):
     stages = plan_schedule(s, cfg, s.batch_tokens or micro_tokens, experts, fractions)
     if resume:
         if s.replan and not s.stages:  # the stage ends the run moved to before its checkpoint
-            stages = at_ends(stages, plan.replanned_ends(runs.read_metrics(resume[1].parent), resume[0]["step"]) or
-                             [st.end for st in stages])
+            ends = plan.replanned_ends(runs.read_metrics(resume[1].parent), resume[0]["step"])
+            stages = stages_at(experts, ends or [st.end for st in stages])
         runs.check_resume_step(resume[0]["step"], resume[1], cfg.n_experts, stages, s.stop_at)
     return s, cfg, stages, world, resume
 
