@@ -4,7 +4,7 @@ beside a fixed-E baseline. The rule and the law live in emo.py (plan_stages, Sca
 python plan.py                                  # configs/gpu-8x.json's run (8 GPUs, 20B tokens)
 python plan.py --preset=paper                   # the paper's main run: ~1.1B active, 1.92T tokens, 8..128
 python plan.py --n_active=3e8 --total_tokens=2e10 --experts=8,16,32,64 --top_k=8 --batch_tokens=524288
-python plan.py --fit=runs/repro/fixed-2-seed0,runs/repro/fixed-32-seed0 --fit_params=b,omega,c --save_law=law.json
+python plan.py --fit=runs/repro/fixed-2-seed0,runs/repro/fixed-32-seed0 --fit_params=delta --save_law=law.json
 python plan.py --step_times=step.json           # step time ~ E^rho measured: bench.py step --json > step.json
 python plan.py --json                           # the same as JSON
 """
@@ -269,7 +269,7 @@ def read_law(path):
 def replan(experts, ends, done, records, law, free, n_law, top_k):
     """The closed loop: at the end of stage `done` (1-based), refit the coefficients named in `free` to the run's
     evals so far (records as read_fit_records gives them), re-solve the whole run's stage budgets with that law
-    (emo.plan_stages) and move the ends of the stages still to come; ends already reached stay, and every stage
+    (plan_stages' rule) and move the ends of the stages still to come; ends already reached stay, and every stage
     to come keeps at least one step. experts, ends: the run's stages (E, last step + 1 of each).
     Returns (new ends, the refit law, None), or (ends unchanged, law, why not) when the data cannot say."""
     if len({r["experts"] for r in records}) < 2:
