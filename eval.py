@@ -157,12 +157,15 @@ def main(argv=None):
                                               lr=args.finetune_lr, settings=state["settings"])
         exported = []
 
-        def keep_model(domain, share, pruned, chosen):
-            folder = f"{args.export}/{domain}-keep{share:g}"
-            exported.append(export.export(pruned, folder, train_data.vocab_size, kept=chosen))
+        def keep_model(domain, share, pruned, chosen):  # each export checked on its domain's windows
+            folder = export.export(pruned, f"{args.export}/{domain}-keep{share:g}", train_data.vocab_size, chosen)
+            x = val_data.domain_batch(val_data.domains.index(domain), args.eval_rows, cfg.seq_len)[0]
+            exported.append((folder, export.logits_difference(pruned, folder, x)))
 
         if args.export:
-            exported.append(export.export(model, f"{args.export}/full", train_data.vocab_size))
+            folder = export.export(model, f"{args.export}/full", train_data.vocab_size)
+            x = val_data.batch(0, 16, cfg.seq_len, seed=0)[0]  # the first validation batch, as train.py's evals
+            exported.append((folder, export.logits_difference(model, folder, x)))
         results, sizes = evaluate_subsets(model, train_data, val_data, keep, args.calib_rows, args.eval_rows, tuning,
                                           keep_model if args.export else None)
         report = specialization(model, val_data, args.eval_rows)
@@ -170,7 +173,7 @@ def main(argv=None):
         sys.exit(f"eval.py: {err}")
     if args.json:
         print(json.dumps({"domains": results, "params": sizes, "specialization": report,
-                          "exported": [str(folder) for folder in exported]}, indent=1))
+                          "exported": {str(folder): diff for folder, diff in exported}}, indent=1))
         return
     print(f"{args.checkpoint}: E={cfg.n_experts}, top_k={cfg.top_k}; experts chosen per domain from "
           f"{args.calib_rows} training windows, loss on {args.eval_rows} validation windows (routing without pools);"
@@ -186,8 +189,8 @@ def main(argv=None):
                                              for s, r in row.items()))
     print(f"{'params':>10} " + " ".join(f"{sizes[s] / 1e6:>14.2f} M" for s in keep))
     print(f"{'bf16 size':>10} " + " ".join(f"{2 * sizes[s] / 1e6:>13.1f} MB" for s in keep))
-    if exported:
-        print(f"Hugging Face folders (AutoModelForCausalLM.from_pretrained): {', '.join(map(str, exported))}")
+    for folder, diff in exported:
+        print(f"Hugging Face folder {folder}: max |logits - emo's| {diff:.1e} on its validation windows (fp32)")
     print("routing specialization per layer (nmi: I(domain; expert) / H(domain); entropy: usage / log E):")
     for layer, r in enumerate(report):
         print(f"  layer {layer}: nmi {r['nmi']:.3f} | " + " | ".join(

@@ -24,7 +24,9 @@ python eval.py --checkpoint=runs/default --export=hf/default             # the w
 python eval.py --checkpoint=runs/modular --keep=0.25 --export=hf/modular  # and each domain's quarter
 """
 
+import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -151,3 +153,15 @@ def export(model, out_dir, n_vocab, kept=None):
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "partial_rotary_factor": 1.0}, indent=2))
     write_tokenizer(out_dir, n_vocab)
     return out_dir
+
+
+@torch.no_grad()
+def logits_difference(model, folder, x):
+    """Load the folder with transformers and run it and model on token windows x [B, T]: the largest |logits
+    difference|. Attention inside documents is not exported, so model runs without it here."""
+    from transformers import AutoModelForCausalLM
+
+    plain = copy.deepcopy(emo.unwrap(model)).eval()
+    plain.config = replace(plain.config, doc_attention=False)
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    return (hf(x).logits - plain(x)).abs().max().item()
