@@ -835,7 +835,8 @@ class Run:
             self.metrics.close()
         if self.lock:
             self.lock.close()
-            if self.created and set(os.listdir(self.out_dir)) <= {".lock"}:  # refused before it held anything
+            # refused before it held anything (a folder someone deleted meanwhile has nothing left to remove)
+            if self.created and self.out_dir.is_dir() and set(os.listdir(self.out_dir)) <= {".lock"}:
                 shutil.rmtree(self.out_dir)
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1066,16 +1066,16 @@ def test_a_replan_moves_the_next_boundary_the_way_the_measured_curves_point(delt
 def test_a_replanned_run_records_each_replan_and_resumes_on_its_new_schedule(corpus, tmp_path):
     flags = ["--experts=2,4,8,16", "--total_tokens=16384", "--eval_interval=4", "--replan"]
 
-    def tiny_run(corpus, out, *extra):  # the tiny run, its stages from the law instead of --stages
-        return [f for f in globals()["tiny_run"](corpus, out, *extra) if not f.startswith("--stages=")]
+    def law_planned(out, *extra):  # the tiny run, its stages from the law instead of --stages
+        return [f for f in tiny_run(corpus, out, *extra) if not f.startswith("--stages=")]
 
-    train.main(tiny_run(corpus, tmp_path / "a", *flags))
+    train.main(law_planned(tmp_path / "a", *flags))
     replans = records(tmp_path / "a", "replan")
     assert [r["stage"] for r in replans] == [1, 2, 3] and replans[0]["ends"] == replans[0]["ends_before"]
     moved = [r for r in replans if r["ends"] != r["ends_before"]]
     assert moved, replans  # at this scale the run's own curve moves a boundary
     stop = moved[0]["step"] + 2
-    stopped(tiny_run(corpus, tmp_path / "b", *flags, f"--stop_at={stop}"))
+    stopped(law_planned(tmp_path / "b", *flags, f"--stop_at={stop}"))
     train.main([f"--resume={tmp_path / 'b'}"])
     a, b = records(tmp_path / "a", "step"), records(tmp_path / "b", "step")
     assert [(r["experts"], r["loss"]) for r in a] == [(r["experts"], r["loss"]) for r in b]
@@ -1165,6 +1165,13 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_without_lr_advice(corpu
     with pytest.raises(SystemExit) as err:
         train.main([f"--resume={broken}", f"--out_dir={tmp_path / 'branch'}"])
     assert_one_line(err, "its weight norm.weight holds NaN or inf .* go on from an earlier checkpoint")
+
+
+def test_a_run_folder_deleted_under_a_running_process_is_not_a_second_error(tmp_path):
+    with pytest.raises(RuntimeError, match="the run's own error"):
+        with runs.Run(tmp_path / "run", "cpu", 1, new=True, keep_latest=1):
+            shutil.rmtree(tmp_path / "run")
+            raise RuntimeError("the run's own error")  # reported as is, not as FileNotFoundError from cleanup
 
 
 def test_a_resumed_run_keeps_no_copy_of_the_checkpoint(corpus, tmp_path):
