@@ -183,8 +183,10 @@ def model_setting(args, key):
 
 
 def growth_flags(init, seed, out, args):
-    return [f"--out_dir={out}", f"--growth_init={init}", f"--total_tokens={args.total_tokens}", f"--seed={seed}",
-            f"--phase_in_steps={args.phase_in_steps}", "--eval_interval=5", "--eval_batches=4",
+    """train.py flags of one growth run. The closed loop is off (Table 3's split), so each growth has steps of
+    its own to show its spike and adoption; with it on, E = 8, 16, 32 would come at three consecutive steps."""
+    return [f"--out_dir={out}", f"--growth_init={init}", "--replan=false", f"--total_tokens={args.total_tokens}",
+            f"--seed={seed}", f"--phase_in_steps={args.phase_in_steps}", "--eval_interval=5", "--eval_batches=4",
             "--log_interval=1000000", "--sample_tokens=0", *shlex.split(args.train_args)]
 
 

@@ -2027,6 +2027,21 @@ def test_bench_repro_runs_every_arm_once_and_reuses_finished_runs(corpus, tmp_pa
     assert bench.bench_repro(args)["runs"] == first["runs"] and "running" not in capsys.readouterr().err
 
 
+def test_bench_growth_keeps_table_3s_split_so_that_each_growth_has_steps_of_its_own(corpus, tmp_path):
+    """The closed loop would move E = 8 and 16 to the steps right after E = 4 (at this scale the run's curve
+    moves them: the re-plan test above); bench.py growth turns it off to see each growth apart."""
+    tiny_flags = [a for a in tiny_run(corpus, "x") if a.split("=")[0] not in ("--out_dir", "--total_tokens", "--stages")]
+    args = argparse.Namespace(seeds="0", inits="silent", total_tokens=16384, phase_in_steps=2, out_dir=str(tmp_path),
+                              train_args=" ".join([*tiny_flags, "--experts=2,4,8,16"]))
+    row, = bench.bench_growth(args)
+    out = tmp_path / "growth-silent-seed0"
+    saved = json.loads((out / "config.json").read_text())
+    s, cfg = train.Settings(**saved["settings"]), emo.Config(**saved["model"])
+    planned = train.plan_schedule(s, cfg, 8 * 32, [2, 4, 8, 16], None)
+    assert [e["step"] for e in row["events"]] == [st.end for st in planned[:-1]]
+    assert records(out, "replan") == [] and len({e["step"] for e in row["events"]}) == 3
+
+
 def test_bench_never_deletes_a_run_another_process_is_training(corpus, tmp_path):
     """Two bench.py processes on one out_dir: the second must not delete the first's unfinished run."""
     args = argparse.Namespace(seeds="0", experts="2,4", inits="gaussian", total_tokens=4096, phase_in_steps=20,
