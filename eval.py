@@ -190,7 +190,8 @@ def main(argv=None):
     print(f"{'params':>10} " + " ".join(f"{sizes[s] / 1e6:>14.2f} M" for s in keep))
     print(f"{'bf16 size':>10} " + " ".join(f"{2 * sizes[s] / 1e6:>13.1f} MB" for s in keep))
     for folder, diff in exported:
-        print(f"Hugging Face folder {folder}: max |logits - emo's| {diff:.1e} on its validation windows (fp32)")
+        print(f"Hugging Face folder {folder}: max |logits - emo's| {diff['fp32']:.1e} in fp32 (emo's own fp32 "
+              f"rounding: {diff['emo_fp32_rounding']:.1e}), {diff['float64']:.1e} in float64, on its validation windows")
     print("routing specialization per layer (nmi: I(domain; expert) / H(domain); entropy: usage / log E):")
     for layer, r in enumerate(report):
         print(f"  layer {layer}: nmi {r['nmi']:.3f} | " + " | ".join(

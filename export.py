@@ -157,11 +157,20 @@ def export(model, out_dir, n_vocab, kept=None):
 
 @torch.no_grad()
 def logits_difference(model, folder, x):
-    """Load the folder with transformers and run it and model on token windows x [B, T]: the largest |logits
-    difference|. Attention inside documents is not exported, so model runs without it here."""
+    """Load the folder with transformers and run it and model on token windows x [B, T]. Returns the largest
+    |logits difference| in fp32 ("fp32"); emo's own fp32 rounding error there, its fp32 logits against its
+    float64 ones ("emo_fp32_rounding"), the scale any fp32 comparison is bounded by; and the difference with
+    both models in float64 ("float64"), where rounding no longer hides a wrong mapping. Attention inside
+    documents is not exported, so model runs without it here."""
     from transformers import AutoModelForCausalLM
 
     plain = copy.deepcopy(emo.unwrap(model)).eval()
     plain.config = replace(plain.config, doc_attention=False)
+    ours = plain(x)
+    ours64 = plain.double()(x)  # the same model, converted in place
     hf = AutoModelForCausalLM.from_pretrained(folder).eval()
-    return (hf(x).logits - plain(x)).abs().max().item()
+    # transformers' grouped experts kernel takes no float64: its plain per-expert loop does
+    hf64 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64, experts_implementation="eager").eval()
+    return {"fp32": (hf(x).logits - ours).abs().max().item(),
+            "emo_fp32_rounding": (ours.double() - ours64).abs().max().item(),
+            "float64": (hf64(x).logits - ours64).abs().max().item()}
