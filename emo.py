@@ -272,8 +272,8 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         w_in, w_out, router = self.fresh_experts(cfg.n_experts, torch.Generator().manual_seed(seed))
-        # stored [E, d_in, d_out] so tokens multiply them as x @ w[e]: on CPU this layout runs the grouped
-        # backward 2x faster at E=128 than nn.Linear's [d_out, d_in] transposed (bench.py moe)
+        # stored [E, d_in, d_out] so tokens multiply them as x @ w[e], with no transpose in the hot path
+        # (transformers stores [E, d_out, d_in]; export.py transposes)
         self.w_in = nn.Parameter(w_in)  # [E, d_model, 2*d_expert]: gate and up projections, fused
         self.w_out = nn.Parameter(w_out)  # [E, d_expert, d_model]
         self.router = Router(cfg, router)
