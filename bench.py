@@ -35,9 +35,9 @@ python bench.py frontier [--seeds=0,1] [--experts=2,4,8,16,32] [--total_tokens=2
 import argparse
 import json
 import math
+import os
 import platform
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -48,6 +48,7 @@ import torch
 
 import emo
 import eval as evaluate
+import folders
 import plan
 import runs
 import train
@@ -167,14 +168,25 @@ def print_moe(rows, args):
           "(6 x top_k experts + router per token) over the GPU's dense bf16 peak")
 
 
-def clear_run_folder(out):
-    """Delete a bench run folder before running it again, unless a training process still owns it (a second
-    bench.py on the same out_dir): a live run is never deleted."""
+def run_folder_problem(out):
+    """Why bench.py may not (re)make the run folder out, or None: it may where out is missing, empty, or a folder
+    bench.py made (its bench_arm.json) holding nothing but what bench.py and train.py write, with no training
+    process in it. A user's own run, or their notes beside bench's files, are never deleted (folders.py)."""
     owner = runs.folder_owner(out)
-    if owner is not None:
-        raise SettingError(f"{out}: a training process (pid {owner}) is running there; wait for it to "
-                           f"finish, or give another --out_dir")
-    shutil.rmtree(out, ignore_errors=True)
+    if owner:
+        return f"is where a training process (pid {owner}) is running; wait for it to finish"
+    return folders.replace_problem(out, "arm")
+
+
+def clear_run_folder(out):
+    """Make out anew for a bench run: what bench.py made there before is deleted (run_folder_problem refuses
+    anything else, in one line), then the empty folder gets bench.py's proof of ownership, bench_arm.json."""
+    why = run_folder_problem(out)
+    if why:
+        raise SettingError(f"{out} {why}: give another --out_dir")
+    folders.clear(out)
+    out.mkdir(parents=True)
+    (out / folders.MARKERS["arm"]).write_text(json.dumps({"made_by": "bench.py", "pid": os.getpid()}))
 
 
 def model_setting(args, key):
@@ -192,11 +204,15 @@ def growth_flags(init, seed, out, args):
 
 def bench_growth(args):
     rows = []
-    for init in args.inits.split(","):  # every init's settings checked before the first run trains
+    for init in args.inits.split(","):  # every init's settings and folders checked before the first run trains
         try:
             train.setup(growth_flags(init, 0, Path(args.out_dir) / "unused", args))
         except SettingError as err:
             raise SettingError(f"the {init} growth run: {err}") from None
+        for seed in [int(x) for x in args.seeds.split(",")]:
+            out = Path(args.out_dir) / f"growth-{init}-seed{seed}"
+            why = run_folder_problem(out)
+            require(not why, "--out_dir", args.out_dir, f"a folder whose run folders bench.py may make: {out} {why}")
     for seed in [int(x) for x in args.seeds.split(",")]:
         for init in args.inits.split(","):
             out = Path(args.out_dir) / f"growth-{init}-seed{seed}"
@@ -375,6 +391,10 @@ def check_arms(arms, args):
             train.setup(arm_command(name, flags, 0, args)[1][2:])
         except SettingError as err:
             raise SettingError(f"the {name} arm: {err}") from None
+        for seed in [int(x) for x in args.seeds.split(",")]:
+            out, command = arm_command(name, flags, seed, args)
+            why = None if finished(out, command) else run_folder_problem(out)
+            require(not why, "--out_dir", args.out_dir, f"a folder whose run folders bench.py may make: {out} {why}")
 
 
 def run_arm(name, flags, seed, args):
@@ -383,7 +403,6 @@ def run_arm(name, flags, seed, args):
     out, command = arm_command(name, flags, seed, args)
     if not finished(out, command):
         clear_run_folder(out)
-        out.mkdir(parents=True)
         print(f"running {name} seed {seed}: {shlex.join(command[1:])}", file=sys.stderr)
         with open(out / "train.log", "w") as log:
             if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode:
@@ -407,8 +426,11 @@ def bench_repro(args):
 
 def finished(out, command):
     """Does `out` hold a finished run with exactly these train.py flags? (command.json is written last)"""
-    done = out / "command.json"
-    return done.exists() and json.loads(done.read_text())[2:] == command[2:]
+    try:
+        done = json.loads((out / "command.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(done, list) and done[2:] == command[2:]
 
 
 def repro_row(name, seed, out):
@@ -884,12 +906,16 @@ def check_args(args):
             values = [int(v) for v in getattr(args, flag).split(",")]
         except ValueError:
             values = []
-        require(values and min(values) >= lo, f"--{flag}", getattr(args, flag),
-                f"comma-separated integers >= {lo}")
+        require(values and min(values) >= lo and len(set(values)) == len(values), f"--{flag}", getattr(args, flag),
+                f"comma-separated integers >= {lo}, each once")
     inits = args.inits.split(",")
     require(all(i in emo.GROWTH_INITS for i in inits), "--inits", args.inits,
             f"a comma-separated subset of {','.join(emo.GROWTH_INITS)}")
-    given = {flag[2:].partition("=")[0] for flag in shlex.split(args.train_args) if flag.startswith("--")}
+    try:
+        train_args = shlex.split(args.train_args)
+    except ValueError as err:  # an unbalanced quote
+        raise SettingError(f"--train_args={args.train_args}: not a shell-quoted list of flags ({err})") from None
+    given = {flag[2:].partition("=")[0] for flag in train_args if flag.startswith("--")}
     owned = given & set(BENCH_OWNED)
     require(not owned, "--train_args", args.train_args, f"train.py flags other than --{', --'.join(BENCH_OWNED)}: "
             f"bench.py sets those for each run (it takes --out_dir, --seeds and --total_tokens itself)")

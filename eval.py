@@ -15,11 +15,13 @@ import copy
 import json
 import math
 import sys
+from pathlib import Path
 
 import torch
 
 import emo
 import export
+import plan
 import runs
 import train
 from data.corpus import Corpus, DataError, fingerprint, fingerprint_change
@@ -65,13 +67,43 @@ def evaluate_subsets(model, train_data, val_data, keep_shares, calib_rows, eval_
             results[name][share] = dict(loss=loss, bpb=bpb)
             if tuning:
                 tx, ty = train_data.domain_batch(d, tuning["steps"] * tuning["batch"], T)
-                pruned = finetune(pruned, tx, ty, **tuning)
+                try:
+                    pruned = finetune(pruned, tx, ty, **tuning)
+                except train.NonFiniteLoss as err:
+                    raise diverged(tuning, name, share, err) from None
                 loss, bpb = domain_loss(pruned, x, y, val_data.token_bytes())
+                if not (math.isfinite(loss) and all(p.isfinite().all() for p in pruned.parameters())):
+                    raise diverged(tuning, name, share, f"validation loss {loss}")
                 results[name][share].update(finetuned_loss=loss, finetuned_bpb=bpb)
             sizes[share] = pruned.num_params()
             if keep_model and share < 1:
                 keep_model(name, share, pruned, chosen)
     return results, sizes
+
+
+def diverged(tuning, domain, share, what):
+    """The one line for a finetune that diverged: the domain, the share kept, and the flag to lower."""
+    return SettingError(f"--finetune_lr={tuning['lr']:g}: finetuning domain {domain!r}'s {share:g} of the experts "
+                        f"diverged ({what}): give a lower --finetune_lr")
+
+
+def export_targets(export_dir, domains, keep):
+    """The folders --export writes: DIR/full, and DIR/<domain>-keep<share> for each share below 1."""
+    return [Path(export_dir) / "full"] + [Path(export_dir) / f"{d}-keep{s:g}" for d in domains for s in keep if s < 1]
+
+
+def check_export(args, model, domains, keep):
+    """Everything --export needs, before any work: transformers, a model and shares stock classes represent,
+    and target folders that lose nothing (export.export_problem)."""
+    export.transformers_or_refuse()
+    export.check_exportable(model)
+    n = min(round(s * model.config.n_experts) for s in keep)
+    require(model.config.router == "softmax" or n >= 2, "--keep", args.keep or DEFAULT_KEEP, f"shares that keep at "
+            f"least 2 of the E={model.config.n_experts} experts to export a sigmoid-router model (one keeps {n})")
+    for folder in export_targets(args.export, domains, keep):
+        why = export.export_problem(folder)
+        require(not why, "--export", args.export, f"a folder whose exports lose nothing: {folder} {why}; give "
+                "another --export")
 
 
 def specialization(model, val_data, rows):
@@ -157,13 +189,17 @@ def main(argv=None):
                                               lr=args.finetune_lr, settings=state["settings"])
         exported = []
 
+        source = {"checkpoint": str(path), "run": state["run"], "step": state["step"]}
+
         def keep_model(domain, share, pruned, chosen):  # each export checked on its domain's windows
-            folder = export.export(pruned, f"{args.export}/{domain}-keep{share:g}", train_data.vocab_size, chosen)
+            folder = export.export(pruned, f"{args.export}/{domain}-keep{share:g}", train_data.vocab_size, chosen,
+                                   source={**source, "domain": domain, "keep": share})
             x = val_data.domain_batch(val_data.domains.index(domain), args.eval_rows, cfg.seq_len)[0]
             exported.append((folder, export.logits_difference(pruned, folder, x)))
 
         if args.export:
-            folder = export.export(model, f"{args.export}/full", train_data.vocab_size)
+            check_export(args, model, val_data.domains, keep)
+            folder = export.export(model, f"{args.export}/full", train_data.vocab_size, source=source)
             x = val_data.batch(0, 16, cfg.seq_len, seed=0)[0]  # the first validation batch, as train.py's evals
             exported.append((folder, export.logits_difference(model, folder, x)))
         results, sizes = evaluate_subsets(model, train_data, val_data, keep, args.calib_rows, args.eval_rows, tuning,
@@ -172,8 +208,9 @@ def main(argv=None):
     except (SettingError, DataError, train.TrainingError) as err:
         sys.exit(f"eval.py: {err}")
     if args.json:
-        print(json.dumps({"domains": results, "params": sizes, "specialization": report,
-                          "exported": {str(folder): diff for folder, diff in exported}}, indent=1))
+        print(json.dumps(plan.finite_or_null({"domains": results, "params": sizes, "specialization": report,
+                                              "exported": {str(f): diff for f, diff in exported}}),
+                         indent=1, allow_nan=False))
         return
     print(f"{args.checkpoint}: E={cfg.n_experts}, top_k={cfg.top_k}; experts chosen per domain from "
           f"{args.calib_rows} training windows, loss on {args.eval_rows} validation windows (routing without pools);"

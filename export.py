@@ -26,12 +26,16 @@ python eval.py --checkpoint=runs/modular --keep=0.25 --export=hf/modular  # and 
 
 import copy
 import json
+import math
+import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 import emo
+import folders
 from data.corpus import gpt2_files
 from emo import SettingError, require
 
@@ -129,13 +133,36 @@ def write_tokenizer(out_dir, n_vocab):
         model_max_length=1_000_000), indent=1))
 
 
-def export(model, out_dir, n_vocab, kept=None):
-    """Write model (an emo Transformer, unwrapped) to out_dir as a Hugging Face folder; n_vocab: the size of
-    the corpus's tokenizer (the model's vocab_size may be padded past it). Returns out_dir."""
+def transformers_or_refuse():
     try:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        import transformers  # noqa: F401
     except ImportError:
         raise SettingError("--export needs the transformers package (pip install transformers)") from None
+
+
+def export_problem(out_dir):
+    """Why out_dir cannot take an export, or None: it may be missing, empty, or an export emo wrote (its
+    emo_export.json lists every file) holding nothing else; never a run or corpus folder, nor inside one."""
+    out_dir = Path(out_dir)
+    why = folders.replace_problem(out_dir, "export")
+    if why:
+        return why
+    parent = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
+    if not parent.is_dir():
+        return f"cannot be made: {parent} is a file"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be written: {parent} is not writable"
+    return None
+
+
+def export(model, out_dir, n_vocab, kept=None, source=None):
+    """Write model (an emo Transformer, unwrapped) to out_dir as a Hugging Face folder; n_vocab: the size of
+    the corpus's tokenizer (the model's vocab_size may be padded past it); source: what it came from, for
+    emo_export.json. The folder is written beside out_dir and swapped in whole, so a failed export leaves
+    the old one; an old one is replaced only where export_problem allows. Returns out_dir."""
+    transformers_or_refuse()
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     model = emo.unwrap(model)
     check_exportable(model)
     fields = hf_config(model.config, n_vocab - 1, kept)
@@ -146,12 +173,27 @@ def export(model, out_dir, n_vocab, kept=None):
     hf.load_state_dict(hf_state_dict(model), strict=True, assign=True)
     hf.generation_config.update(bos_token_id=n_vocab - 1, eos_token_id=n_vocab - 1, pad_token_id=n_vocab - 1)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(out_dir)
-    # transformers keeps partial_rotary_factor inside rope_parameters; llama.cpp's converter reads it at the top
-    config_file = out_dir / "config.json"
-    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "partial_rotary_factor": 1.0}, indent=2))
-    write_tokenizer(out_dir, n_vocab)
+    why = export_problem(out_dir)
+    require(not why, "--export", out_dir, f"a folder an export may be written to; it {why}")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    try:
+        hf.save_pretrained(tmp)
+        # transformers keeps partial_rotary_factor inside rope_parameters; llama.cpp's converter reads it at the top
+        config_file = tmp / "config.json"
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "partial_rotary_factor": 1.0},
+                                          indent=2))
+        write_tokenizer(tmp, n_vocab)
+        files = sorted(p.name for p in tmp.iterdir())
+        (tmp / folders.MARKERS["export"]).write_text(json.dumps({"made_by": "eval.py --export", "source": source,
+                                                                  "files": files}, indent=1))
+        aside = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-old"
+        if out_dir.exists():
+            os.replace(out_dir, aside)
+        os.replace(tmp, out_dir)
+        folders.clear(aside)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
@@ -171,6 +213,10 @@ def logits_difference(model, folder, x):
     hf = AutoModelForCausalLM.from_pretrained(folder).eval()
     # transformers' grouped experts kernel takes no float64: its plain per-expert loop does
     hf64 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64, experts_implementation="eager").eval()
-    return {"fp32": (hf(x).logits - ours).abs().max().item(),
+    diff = {"fp32": (hf(x).logits - ours).abs().max().item(),
             "emo_fp32_rounding": (ours.double() - ours64).abs().max().item(),
             "float64": (hf64(x).logits - ours64).abs().max().item()}
+    require(all(math.isfinite(v) for v in diff.values()) and ours.isfinite().all(), "exported model", folder,
+            f"finite logits to be checked (its logits differences: {diff}): the model's weights hold NaN or inf, or "
+            f"overflow")
+    return diff

@@ -12,6 +12,7 @@ python plan.py --json                           # the same as JSON
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -101,6 +102,9 @@ def check_args(args):
     finite = math.isfinite
     require(args.fit or args.fit_params is None, "--fit_params", args.fit_params, "given with --fit (it names what "
             "--fit refits)")
+    if args.save_law:
+        why = writable_file_problem(Path(args.save_law))
+        require(not why, "--save_law", args.save_law, f"a file plan.py can write ({why})")
     args.fit_params = args.fit_params or ",".join(emo.LAW_COEFFICIENTS)  # default: refit every coefficient
     free = args.fit_params.split(",")
     require(set(free) <= set(emo.LAW_COEFFICIENTS) and len(set(free)) == len(free), "--fit_params", args.fit_params,
@@ -119,6 +123,17 @@ def check_args(args):
         experts = None
     require(experts, "--experts", args.experts, "comma-separated integers, e.g. 8,16,32")
     return experts
+
+
+def writable_file_problem(path):
+    """Why a file cannot be written at path (a folder there, a missing or read-only folder), or None."""
+    if path.is_dir():
+        return "it is a folder"
+    if not path.parent.is_dir():
+        return f"no folder {path.parent}"
+    if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return "not writable"
+    return None
 
 
 def build_plan(args):
@@ -153,8 +168,10 @@ def build_plan(args):
                            f"a larger pool pays at once at this scale; otherwise fit runs that span more tokens "
                            f"and E, or free fewer coefficients (--fit_params)") from None
     if args.save_law:
-        runs.atomic_write(Path(args.save_law), lambda f: f.write(json.dumps(
-            {k: getattr(law, k) for k in emo.LAW_COEFFICIENTS}, indent=1).encode()))
+        values = {k: float(getattr(law, k)) for k in emo.LAW_COEFFICIENTS}
+        why = law_problem(values)
+        require(not why, "--save_law", args.save_law, f"given a usable law: the law planned with is not one ({why})")
+        runs.atomic_write(Path(args.save_law), lambda f: f.write(json.dumps(values, indent=1).encode()))
     # GPU-hours: the fixed-E run at the assumed MFU; earlier stages are faster by the step-time model
     hours_fixed = emo.flops_per_token(cfg) * args.total_tokens / (args.peak_flops * args.mfu) / 3600
     expert_params = args.n_layer * 3 * args.d_model * args.d_expert  # one routed expert in every layer
@@ -220,6 +237,9 @@ def fit_law(law, records, free=emo.LAW_COEFFICIENTS, huber_delta=1e-2, inits=6, 
         obj = objective(theta.detach()).item()
         if math.isfinite(obj) and obj < best_obj:
             best_theta, best_obj = theta.detach(), obj
+    if not math.isfinite(best_obj):
+        raise SettingError(f"--fit: the law gives no finite loss at these records from any start ({len(records)} "
+                           f"records, refitting {','.join(free)}): nothing to fit")
     fitted = law_from(best_theta)
     return replace(fitted, **{k: float(getattr(fitted, k)) for k in free})
 
@@ -242,28 +262,67 @@ def read_fit_records(path):
     if not stages:
         raise SettingError(f"--fit={path}: no stage records (lines with \"kind\": \"stage\") in the file")
     for n, r in enumerate(stages, 1):
-        bad = [k for k in FIT_KEYS if not (isinstance(r.get(k), (int, float)) and math.isfinite(r[k]) and r[k] > 0)]
+        bad = [k for k in FIT_KEYS if not (is_number(r.get(k)) and r[k] > 0)]
         if bad:
             raise SettingError(f"--fit={path}: stage record {n} needs positive numbers for {', '.join(bad)}")
     if len(stages) > 1:
         return stages
-    lr = {r.get("step"): r.get("lr") for r in records if r.get("kind") == "step"}
+    if type(stages[0].get("step")) is not int or stages[0]["step"] < 1:
+        raise SettingError(f"--fit={path}: its stage record needs a positive integer step")
+    lr = {r.get("step"): r.get("lr") for r in records if r.get("kind") == "step" and is_number(r.get("lr"))}
     peak, stage = max(lr.values(), default=0), stages[0]
-    evals = [dict(stage, kind="eval", step=r["step"], tokens=r["step"] * stage["tokens"] // stage["step"],
-                  val_loss=r["val_loss"])
-             for r in records if r.get("kind") == "eval" and r["step"] < stage["step"]
-             and (lr.get(r["step"]) or 0) >= 0.999 * peak]
-    return evals + stages
+    evals = [r for r in records if r.get("kind") == "eval"]
+    for r in evals:
+        if type(r.get("step")) is not int or not (is_number(r.get("val_loss")) and r["val_loss"] > 0):
+            raise SettingError(f"--fit={path}: eval record {r.get('step', '?')} needs an integer step and a positive "
+                               f"finite val_loss, not {str(r.get('val_loss'))[:20]}")
+    return [dict(stage, kind="eval", step=r["step"], tokens=r["step"] * stage["tokens"] // stage["step"],
+                 val_loss=r["val_loss"])
+            for r in evals if r["step"] < stage["step"] and lr.get(r["step"], 0) >= 0.999 * peak] + stages
 
 
-def read_law(path):
-    """A ScalingLaw from a JSON file of its coefficients (plan.py --save_law writes one)."""
+def is_number(v):
+    """A finite int or float that is not a bool (JSON's true is not 1.0)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# What makes a law a law: loss falls with parameters and tokens toward a floor c >= 0 (Table 3: a 35.9,
+# alpha -0.19, b 36.0, beta -0.18, c 1.36); the E-terms (delta, gamma, omega, zeta) may take either sign.
+LAW_RANGES = {"a": (lambda v: v > 0, "> 0"), "b": (lambda v: v > 0, "> 0"), "c": (lambda v: v >= 0, ">= 0"),
+              "alpha": (lambda v: v < 0, "< 0"), "beta": (lambda v: v < 0, "< 0")}
+
+
+def law_problem(values):
+    """Why a dict of coefficients is not a usable law (one clause), or None: exactly the law's coefficients,
+    each a finite number (not a bool or text) in its range."""
+    if not isinstance(values, dict):
+        return f"expected a JSON object of the coefficients {', '.join(emo.LAW_COEFFICIENTS)}"
+    unknown = sorted(set(values) - set(emo.LAW_COEFFICIENTS))
+    missing = [k for k in emo.LAW_COEFFICIENTS if k not in values]
+    if unknown or missing:
+        return (f"unknown key {unknown[0]!r}" if unknown else f"no {missing[0]!r}") + \
+            f": it holds exactly {', '.join(emo.LAW_COEFFICIENTS)}"
+    for k in emo.LAW_COEFFICIENTS:
+        v = values[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return f"{k} = {v!r}: expected a finite number"
+        ok, allowed = LAW_RANGES.get(k, (lambda v: True, ""))
+        if not ok(v):
+            return f"{k} = {v!r}: must be {allowed}"
+    return None
+
+
+def read_law(path, flag="--law"):
+    """A ScalingLaw from a JSON file of its coefficients (plan.py --save_law writes one), checked like a flag."""
     try:
         values = json.loads(Path(path).read_text())
-        return replace(emo.ScalingLaw(), **{k: float(values[k]) for k in emo.LAW_COEFFICIENTS})
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise SettingError(f"--law={path}: expected a JSON object with the coefficients "
-                           f"{', '.join(emo.LAW_COEFFICIENTS)} ({type(err).__name__}: {err})") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise SettingError(f"{flag}={path}: cannot read a JSON object of the law's coefficients "
+                           f"({type(err).__name__})") from None
+    why = law_problem(values)
+    if why:
+        raise SettingError(f"{flag}={path}: {why}")
+    return replace(emo.ScalingLaw(), **{k: float(values[k]) for k in emo.LAW_COEFFICIENTS})
 
 
 def replan(experts, ends, done, records, law, free, n_law, top_k):
@@ -276,7 +335,13 @@ def replan(experts, ends, done, records, law, free, n_law, top_k):
         return ends, law, "the evals so far span one E: nothing yet measures what a larger pool is worth"
     if len(records) <= len(free):
         return ends, law, f"{len(records)} evals, not more than the {len(free)} coefficients to refit"
-    refit = fit_law(law, records, free=free)
+    try:
+        refit = fit_law(law, records, free=free)
+    except SettingError as err:
+        return ends, law, str(err)
+    why = law_problem({k: getattr(refit, k) for k in emo.LAW_COEFFICIENTS})
+    if why:
+        return ends, law, f"the refit law is no law ({why})"
     optimal = [refit.optimal_tokens(n_law, E / top_k) for E in experts]
     shares = [d / optimal[-1] for d in optimal]  # plan_stages' rule: stage s ends at D*(e_s) / D*(e_last)
     if not all(math.isfinite(x) and 0 < x <= 1 for x in shares):
@@ -287,25 +352,19 @@ def replan(experts, ends, done, records, law, free, n_law, top_k):
     return new + ends[-1:], refit, None
 
 
-def replan_run(metrics, s, stages, done, cfg, batch_tokens):
-    """train.py --replan at the end of stage `done`: replan on the run's validation evals so far (metrics: its
-    metrics.jsonl records), each at the tokens seen when it was made, starting from --law (or Table 3) and
-    refitting --replan_params. Returns (the new stage ends, the "replan" record for metrics.jsonl)."""
+def replan_run(evals, law, replan_params, stages, done, cfg, batch_tokens):
+    """train.py --replan at the end of stage `done`: replan on the run's validation evals so far (evals: dicts
+    of step, experts and val_loss, as its checkpoints carry them), each at the tokens seen when it was made,
+    starting from law (the run's --law, or Table 3) and refitting replan_params. An eval whose loss is not a
+    finite positive number is left out. Returns (the new stage ends, the "replan" record for metrics.jsonl)."""
     n_law = emo.law_active_params(replace(cfg, n_experts=stages[-1].experts))
-    evals = [dict(law_n_active=n_law, tokens=r["step"] * batch_tokens, experts=r["experts"], top_k=cfg.top_k,
-                  val_loss=r["val_loss"]) for r in metrics if r.get("kind") == "eval"]
-    law = read_law(s.law) if s.law else emo.ScalingLaw()
+    records = [dict(law_n_active=n_law, tokens=r["step"] * batch_tokens, experts=r["experts"], top_k=cfg.top_k,
+                    val_loss=r["val_loss"]) for r in evals if math.isfinite(r["val_loss"]) and r["val_loss"] > 0]
     before = [st.end for st in stages]
-    ends, refit, why = replan([st.experts for st in stages], before, done, evals, law, s.replan_params.split(","),
+    ends, refit, why = replan([st.experts for st in stages], before, done, records, law, replan_params.split(","),
                               n_law, cfg.top_k)
-    return ends, dict(stage=done, evals=len(evals), ends_before=before, ends=ends, unchanged_because=why,
+    return ends, dict(stage=done, evals=len(records), ends_before=before, ends=ends, unchanged_because=why,
                       law={k: finite_or_null(getattr(refit, k)) for k in emo.LAW_COEFFICIENTS})
-
-
-def replanned_ends(metrics, step):
-    """The stage ends of the last re-plan a run made by `step` (its "replan" records), or None."""
-    found = [r["ends"] for r in metrics if r.get("kind") == "replan" and r["step"] <= step]
-    return found[-1] if found else None
 
 
 def read_step_times(value):
@@ -401,7 +460,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         plan = build_plan(args)
-    except SettingError as err:
+    except (SettingError, runs.TrainingError) as err:
         sys.exit(f"plan.py: {err}")
     if args.json:
         print(json.dumps(finite_or_null(plan), indent=1, allow_nan=False))

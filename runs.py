@@ -12,6 +12,7 @@ import errno
 import fcntl
 import inspect
 import json
+import math
 import os
 import re
 import shutil
@@ -26,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 import emo
+import folders
 from data.corpus import DataError, fingerprint, fingerprint_change
 from emo import SettingError, require
 
@@ -79,12 +81,25 @@ def read_config_file(path):
         raise SettingError(f"--config={path}: cannot read a JSON object ({type(err).__name__})") from None
     if not isinstance(data, dict):
         raise SettingError(f"--config={path}: must hold a JSON object of settings")
+    if {"run", "settings", "model"} <= set(data):
+        data = run_config_settings(data, path)
     for key, value in data.items():
         if key in ("config", "resume"):
             raise SettingError(f"--config={path}: {key!r} is not a setting a config file can give (a flag only)")
         if value == "" or value == []:
             raise SettingError(f"--config={path}: {key!r} is empty: give a value, or leave it out for its default")
     return data
+
+
+def run_config_settings(data, path):
+    """A run folder's own config.json given as --config: its settings and model, to start a new run like it.
+    What names that run's place or history (out_dir, resume, config) and what its schedule sets (n_experts)
+    are left out, and so are empty values (defaults)."""
+    if not (isinstance(data["settings"], dict) and isinstance(data["model"], dict)):
+        raise SettingError(f"--config={path}: a run's config.json whose settings or model is not an object (edited?)")
+    skip = {"out_dir", "resume", "config", "n_experts"}
+    return {k: "none" if v is None else v for k, v in {**data["settings"], **data["model"]}.items()
+            if k not in skip and v not in ("", [])}
 
 
 def convert(key, value, kind):
@@ -168,22 +183,22 @@ class ArgumentParser(argparse.ArgumentParser):
 # ---------------------------------------------------------------------------------------------
 
 
-RUN_FILE = re.compile(r"config\.json|metrics\.jsonl|loss\.png|(latest|stage\d+|step\d+)\.pt")  # what a run writes
-TEMP_NAME = re.compile(r"(latest|stage\d+|step\d+)\.pt\.tmp\.\d+|(config\.json|metrics\.jsonl)\.tmp\.\d+")
-
-
 def claim_folder(out_dir, resuming):
     """Make out_dir this run's own: create it, refuse a file or a read-only folder, refuse a new run into a
     folder that holds one, and lock it against a second process (the lock dies with the process, kill -9
     included). Returns the open lock file, to keep for the run's lifetime."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SettingError(f"--out_dir={out_dir} is a file: give a folder")
+    why = folders.nesting_problem(out_dir, {"run", "arm"})
+    if why:
+        raise SettingError(f"--out_dir={out_dir} {why}: give another --out_dir")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise SettingError(f"--out_dir={out_dir}: cannot create it ({err.strerror})") from None
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise SettingError(f"--out_dir={out_dir} is not writable")
+    if (out_dir / ".lock").is_dir():
+        raise SettingError(f"--out_dir={out_dir}: {out_dir / '.lock'} is a folder, where train.py keeps its lock "
+                           f"file: move it, or give another --out_dir")
     lock, owner = take_lock(out_dir / ".lock")
     if lock is None:
         raise SettingError(f"--out_dir={out_dir}: another training process (pid {owner}) is running there; wait "
@@ -194,7 +209,8 @@ def claim_folder(out_dir, resuming):
     except OSError as err:
         lock.close()
         raise SettingError(f"--out_dir={out_dir}: cannot write there: {why_not_written(err, out_dir / '.lock')}") from None
-    ours = sorted(p for p in out_dir.iterdir() if RUN_FILE.fullmatch(p.name) or TEMP_NAME.fullmatch(p.name))
+    ours = sorted(p for p in out_dir.iterdir()
+                  if folders.RUN_FILE.fullmatch(p.name) or folders.TEMP_NAME.fullmatch(p.name))
     if not resuming and ours and not never_checkpointed(out_dir, ours):
         lock.close()
         if (out_dir / "latest.pt").exists() or run_id(out_dir):
@@ -203,7 +219,7 @@ def claim_folder(out_dir, resuming):
         raise SettingError(f"--out_dir={out_dir} holds {ours[0].name}, which a run writes: give another --out_dir "
                            f"(or move your file)")
     for path in ours:  # a new run: what a run that never checkpointed left; a resume: stale temp files
-        if not resuming or TEMP_NAME.fullmatch(path.name):
+        if not resuming or folders.TEMP_NAME.fullmatch(path.name):
             path.unlink()
     return lock
 
@@ -211,7 +227,7 @@ def claim_folder(out_dir, resuming):
 def never_checkpointed(out_dir, files):
     """Did these files come from a train.py run that stopped before its first checkpoint (a non-finite loss,
     a kill while compiling)? Then there is nothing to resume, and a new run may start over in the folder."""
-    left = {p.name for p in files if not TEMP_NAME.fullmatch(p.name)}
+    left = {p.name for p in files if not folders.TEMP_NAME.fullmatch(p.name)}
     return "config.json" in left and left <= {"config.json", "metrics.jsonl"} and run_id(out_dir) is not None
 
 
@@ -231,7 +247,7 @@ def take_lock(path):
 def folder_owner(out_dir):
     """The pid of the training process that holds out_dir's lock (claim_folder), or None if none does."""
     path = Path(out_dir) / ".lock"
-    if not path.exists():
+    if not path.is_file():
         return None
     lock, owner = take_lock(path)
     if lock:
@@ -308,8 +324,9 @@ def link_atomically(src, dst):
 # ---------------------------------------------------------------------------------------------
 
 
-CHECKPOINT_FORMAT = "emo-checkpoint-3"
-CHECKPOINT_KEYS = ("model", "optimizer", "config", "settings", "step", "world_size", "retained", "rng", "run", "data")
+CHECKPOINT_FORMAT = "emo-checkpoint-4"
+CHECKPOINT_KEYS = ("model", "optimizer", "config", "settings", "step", "world_size", "retained", "rng", "run", "data",
+                   "ends", "law", "evals")
 
 
 def rng_states(device):
@@ -331,12 +348,16 @@ def restore_rng(rng, rank, device):
         torch.cuda.set_rng_state(rng[rank]["cuda"], device)
 
 
-def save_checkpoint(path, raw, optimizer, settings, step, world_size, retained, rng, run, data):
+def save_checkpoint(path, raw, optimizer, settings, step, world_size, retained, rng, run, data, ends, law, evals):
     """Everything a resume needs, as tensors, numbers, strings, lists and dicts (loadable with weights_only);
-    run: the run's id (config.json has it too), data: the corpus's fingerprint, both checked on resume."""
+    run: the run's id (config.json has it too), data: the corpus's fingerprint, both checked on resume. The
+    schedule travels as values: ends, each stage's end step as the closed loop last moved them; law, the
+    coefficients it plans with (a --law file edited later changes nothing); evals, the validation evals it
+    refits to. metrics.jsonl is only a log: a resume never reads its state back from it."""
     state = {"format": CHECKPOINT_FORMAT, "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
              "config": asdict(raw.config), "settings": asdict(settings), "step": step, "world_size": world_size,
-             "retained": list(retained), "rng": rng, "run": run, "data": data}
+             "retained": list(retained), "rng": rng, "run": run, "data": data, "ends": list(ends),
+             "law": {k: float(getattr(law, k)) for k in emo.LAW_COEFFICIENTS}, "evals": [dict(e) for e in evals]}
     atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -359,7 +380,9 @@ def load_checkpoint(path, flag="--resume", settings_type=None):
                            f"truncated, or not made by train.py") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise SettingError(f"{flag}={path}: not an {CHECKPOINT_FORMAT} checkpoint (found {found!r})")
+        older = isinstance(found, str) and found.startswith("emo-checkpoint-")
+        raise SettingError(f"{flag}={path}: not an {CHECKPOINT_FORMAT} checkpoint (found {found!r}" +
+                           ("; made by an older emo: use the version that wrote it)" if older else ")"))
     missing = [key for key in CHECKPOINT_KEYS if key not in state]
     if missing:
         raise SettingError(f"{flag}={path}: the checkpoint lacks {', '.join(missing)} (corrupt)")
@@ -400,6 +423,13 @@ def checkpoint_field_checks(state, settings_type):
                 isinstance(r, dict) and is_state(r.get("cpu")) and (r.get("cuda") is None or is_state(r["cuda"]))
                 for r in state["rng"])),
             ("run", lambda: isinstance(state["run"], str)),
+            ("ends", lambda: isinstance(state["ends"], list) and len(state["ends"]) >= 1
+                and all(is_int(v, 1) for v in state["ends"]) and state["ends"] == sorted(set(state["ends"]))),
+            ("law", lambda: isinstance(state["law"], dict) and set(state["law"]) == set(emo.LAW_COEFFICIENTS)
+                and all(type(v) is float and math.isfinite(v) for v in state["law"].values())),
+            ("evals", lambda: isinstance(state["evals"], list) and all(
+                isinstance(e, dict) and is_int(e.get("step"), 0) and is_int(e.get("experts"), 1)
+                and type(e.get("val_loss")) is float for e in state["evals"])),
             ("data", lambda: isinstance(state["data"], dict) and isinstance(state["data"].get("domains"), list)
                 and isinstance(state["data"].get("tokens"), dict) and isinstance(state["data"].get("sha256"), str))]
 
@@ -558,11 +588,37 @@ def logged_by(record, step):
     return record["step"] < step if record["kind"] == "growth" else record["step"] <= step
 
 
-def trim_metrics(source, dest, step):
+def log_records(path):
+    """(the records of a metrics.jsonl that are whole, the number of lines that are not): a torn, edited or
+    foreign line is left out and counted, never an error; a missing or unreadable file has no records."""
+    try:
+        lines = [line for line in Path(path).read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return [], 0
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("kind"), str) and type(record.get("step")) is int:
+            records.append(record)
+    return records, len(lines) - len(records)
+
+
+def trim_metrics(source, dest, step, run):
     """Write to dest the records of source logged up to the checkpoint at `step` (what comes after is about
-    to be redone; a growth at `step` itself happened after the checkpoint was written)."""
-    kept = [r for r in read_metrics(source.parent) if logged_by(r, step)] if source.exists() else []
+    to be redone; a growth at `step` itself happened after the checkpoint was written), when source is the
+    log of the checkpoint's own run (its folder's config.json names `run`). The log is only a log: a missing,
+    foreign or damaged one costs history, never the run. Returns a warning for what was left out, or None."""
+    if run_id(source.parent) != run or not source.exists():
+        kept, why = [], f"{source} is missing or not this run's log: the metrics start at step {step}"
+    else:
+        records, damaged = log_records(source)
+        kept = [r for r in records if logged_by(r, step)]
+        why = f"left out {damaged} damaged line(s) of {source}" if damaged else None
     atomic_write(dest, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
+    return why
 
 
 # ---------------------------------------------------------------------------------------------
@@ -845,14 +901,17 @@ class Run:
         if self.master:
             print(text)
 
-    def start(self, config, resumed_from=None, step=0):
+    def start(self, config, resumed_from=None, step=0, source_run=None):
         """Every check passed: only now does the folder hold a run. config.json is written; metrics.jsonl is
         continued (a resume in place drops what came after its checkpoint) or started (a branch starts
-        with its source's records up to the checkpoint)."""
+        with its source's records up to the checkpoint). source_run: the id of the run that wrote the
+        checkpoint resumed from."""
         if not self.master:
             return
         if resumed_from:
-            trim_metrics(resumed_from.parent / "metrics.jsonl", self.out_dir / "metrics.jsonl", step)
+            why = trim_metrics(resumed_from.parent / "metrics.jsonl", self.out_dir / "metrics.jsonl", step, source_run)
+            if why:
+                self.log(f"warning: {why}")
         atomic_write(self.out_dir / "config.json", lambda f: f.write(json.dumps(config, indent=1).encode()))
         self.metrics = open_for_append(self.out_dir / "metrics.jsonl")
 

@@ -744,7 +744,8 @@ def test_plan_py_measures_the_law_from_fixed_e_pilots_prints_both_splits_and_sav
     n_law = emo.law_active_params(emo.Config(**model, n_experts=32))
     expected = emo.plan_stages(n_law, 2_000_000, [2, 4, 8, 16, 32], 2, law=plan.read_law(tmp_path / "law.json"),
                                batch_tokens=1000)
-    stages = train.plan_schedule(s, emo.Config(**model, n_experts=2), 1000, [2, 4, 8, 16, 32], None)
+    stages = train.plan_schedule(s, emo.Config(**model, n_experts=2), 1000, [2, 4, 8, 16, 32], None,
+                                 plan.read_law(s.law))
     assert [st.end for st in stages] == [p["end"] // 1000 for p in expected]  # train.py plans with the saved law
 
 
@@ -1176,7 +1177,7 @@ def test_a_run_folder_deleted_under_a_running_process_is_not_a_second_error(tmp_
 
 def test_a_resumed_run_keeps_no_copy_of_the_checkpoint(corpus, tmp_path):
     stopped(tiny_run(corpus, tmp_path, "--stop_at=2"))
-    s, cfg, stages, world, resume = train.setup([f"--resume={tmp_path}"])
+    s, cfg, stages, world, resume, law = train.setup([f"--resume={tmp_path}"])
     weight = weakref.ref(resume[0]["model"]["blocks.0.moe.w_in"])
     raw = emo.Transformer(cfg)
     run = argparse.Namespace(rank=0, device=torch.device("cpu"), out_dir=tmp_path, log=print, retained=None)
@@ -1242,7 +1243,8 @@ def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
     lines = [{"kind": "step", "step": 11}, {"kind": "eval", "step": 12}, {"kind": "stage", "step": 12},
              {"kind": "growth", "step": 12}, {"kind": "step", "step": 13}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    runs.trim_metrics(tmp_path / "metrics.jsonl", tmp_path / "metrics.jsonl", 12)
+    (tmp_path / "config.json").write_text(json.dumps({"run": "r1"}))
+    runs.trim_metrics(tmp_path / "metrics.jsonl", tmp_path / "metrics.jsonl", 12, "r1")
     kept = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert kept == lines[:3]
 
@@ -1260,7 +1262,7 @@ def test_a_non_finite_loss_stops_before_the_step_with_advice_the_program_accepts
     with pytest.raises(SystemExit, match=r"non-finite loss or gradient at step \d+ .*the step was not taken") as err:
         train.main(args)
     advice = re.search(r"python train.py (--resume=\S+ --lr=\S+)", str(err.value)).group(1).split()
-    s, _, _, _, resume = train.setup(advice)  # resuming with a lower lr is allowed
+    s, _, _, _, resume, _ = train.setup(advice)  # resuming with a lower lr is allowed
     assert s.lr == 2.5e29 and resume[0]["step"] == len(records(tmp_path, "step"))
 
 
@@ -1474,7 +1476,7 @@ TRAIN_BAD = [
     (["--d_model=66"], "Config.d_model=66"), (["--stages=2:0.5,4:0.4"], "summing to 1"),
     (["--vocab_size=1000"], "smaller than the corpus vocabulary"), (["--experts=2,4", "--stages=2:0.5,4:0.5"], "not both"),
     (["--replan_params=delta,kappa"], "--replan_params='delta,kappa' is not allowed: must be names of the law's"),
-    (["--law={tmp}/missing.json"], "--law=.*missing.json: expected a JSON object with the coefficients"),
+    (["--law={tmp}/missing.json"], "--law=.*missing.json: cannot read a JSON object of the law's coefficients"),
     (["--device=tpu"], "--device='tpu' is not allowed: must be auto, cpu, cuda or cuda:N"),
     (["--device=cuda:7"], "--device='cuda:7' is not allowed"),
     (["--beta1=1"], "--beta1=1.0 is not allowed: must be in \\[0, 1\\)"), (["--beta2=-0.1"], "--beta2=-0.1 is not allowed"),
@@ -1579,8 +1581,8 @@ class Crafted:
 
 CHECKPOINT_BAD = [
     (lambda p, m: (p.write_bytes(b"not a checkpoint"), p)[1], "not a loadable emo checkpoint"),
-    (lambda p, m: torch.save({"format": "emo-checkpoint-3", "model": Crafted(m)}, p) or p, "not a loadable emo checkpoint"),
-    (lambda p, m: torch.save({"format": "emo-checkpoint-2", "step": 3}, p) or p, "not an emo-checkpoint-3 checkpoint \\(found 'emo-checkpoint-2'\\)"),
+    (lambda p, m: torch.save({"format": "emo-checkpoint-4", "model": Crafted(m)}, p) or p, "not a loadable emo checkpoint"),
+    (lambda p, m: torch.save({"format": "emo-checkpoint-2", "step": 3}, p) or p, "not an emo-checkpoint-4 checkpoint \\(found 'emo-checkpoint-2'; made by an older emo"),
     (lambda p, m: write_checkpoint(p, lambda s: s.update(step=-1)), "the checkpoint's 'step' is not what train.py writes"),
     (lambda p, m: write_checkpoint(p, lambda s: s.update(step="2")), "the checkpoint's 'step' is not what train.py writes"),
     (lambda p, m: write_checkpoint(p, lambda s: s.update(rng=[{"cpu": torch.zeros(3)}])), "the checkpoint's 'rng' is not"),
@@ -1600,7 +1602,7 @@ def test_a_bad_or_hostile_checkpoint_is_refused_in_one_line_and_runs_no_code(cor
     marker = tmp_path / "marker"
     path = make(tmp_path / "latest.pt", marker)
     with pytest.raises(SystemExit) as err:
-        train.main([f"--resume={path}", f"--out_dir={tmp_path / 'branch'}"])
+        train.main([f"--resume={path}", f"--out_dir={tmp_path}-branch"])
     assert_one_line(err, "train.py: .*" + match)
     if "config" not in match or "model config" in match:  # eval.py names its own flag
         with pytest.raises(SystemExit) as err:
@@ -1724,8 +1726,14 @@ def test_prepare_replaces_only_a_corpus_and_clears_what_a_killed_one_left(two_do
     again = prepare(str(src), "c", out_root=out, val_fraction=0.34)  # a corpus is replaced by a corpus
     assert again == first and sorted(p.name for p in out.iterdir()) == ["c"]
     (out / "mine").mkdir()
-    with pytest.raises(DataError, match="holds no corpus \\(no meta.json\\): it is never replaced"):
+    (out / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="mine holds notes.txt, which data/prepare.py did not write there: move it"):
         prepare(str(src), "mine", out_root=out, val_fraction=0.34)
+    (first / "notes.txt").write_text("mine")  # a note beside a corpus is never deleted with it
+    with pytest.raises(DataError, match="c holds notes.txt, which data/prepare.py did not write there"):
+        prepare(str(src), "c", out_root=out, val_fraction=0.34)
+    assert (first / "notes.txt").read_text() == "mine"
+    (first / "notes.txt").unlink()
     with open(out / ".c.lock", "a") as lock:  # as a second data/prepare.py of the same name holds it
         fcntl.flock(lock, fcntl.LOCK_EX)
         with pytest.raises(DataError, match="another data/prepare.py is writing .*c: wait for it"):
@@ -1779,7 +1787,7 @@ PLAN_BAD = [
     (["--fit_params=a,b"], "--fit_params='a,b' is not allowed: must be given with --fit"),
     (["--fit={tmp}/twostage.jsonl", "--fit_params=a,a"], "--fit_params='a,a' is not allowed: must be names of coefficients, each once"),
     (["--fit={tmp}/twostage.jsonl,{tmp}/missing.jsonl"], "--fit=.*missing.jsonl: cannot read JSONL records"),
-    (["--law={tmp}/binary.jsonl"], "--law=.*binary.jsonl: expected a JSON object with the coefficients"),
+    (["--law={tmp}/binary.jsonl"], "--law=.*binary.jsonl: cannot read a JSON object of the law's coefficients"),
 ]
 
 
@@ -1851,7 +1859,7 @@ PREPARE_BAD = [(["--max_tokens=nan"], "--max_tokens=nan is not allowed"), (["--m
                # a name, never a path: each of these once deleted a folder the command did not make
                (["--name={tmp}/mywork"], "--name='/.*mywork' is not allowed: must be a name"),
                (["--name=../mywork"], "--name='../mywork' is not allowed"), (["--name=."], "--name='.' is not allowed"),
-               (["--name=.."], "--name='..' is not allowed"), (["--name=__init__.py"], "holds no corpus \\(no meta.json\\)"),
+               (["--name=.."], "--name='..' is not allowed"), (["--name=__init__.py"], "__init__.py is a file, not a folder"),
                (["--source=.."], "--source=.. gives no usable corpus name"), (["--source="], "--source= is empty: give a value"),
                (["--name="], "--name= is empty: give a value")]
 
@@ -2049,7 +2057,7 @@ def test_bench_never_deletes_a_run_another_process_is_training(corpus, tmp_path)
     live = tmp_path / "fixed-4-seed0"
     lock = runs.claim_folder(live, resuming=False)  # as a running train.py holds it
     (live / "metrics.jsonl").write_text("{}\n")
-    with pytest.raises(emo.SettingError, match=f"pid {os.getpid()}.* is running there"):
+    with pytest.raises(emo.SettingError, match=f"pid {os.getpid()}\\) is running"):
         bench.bench_repro(args)
     assert (live / "metrics.jsonl").read_text() == "{}\n"
     lock.close()

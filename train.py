@@ -16,6 +16,7 @@ finished, 75 it stopped early and can be resumed (a signal or --stop_at), 1 an e
 import json
 import math
 import os
+import shlex
 import sys
 import time
 import uuid
@@ -121,10 +122,9 @@ def validate(s, cfg, world, n_stages):
         for key in keys:
             require(ok(getattr(s, key)), f"--{key}", getattr(s, key), allowed)
     require(s.out_dir != "", "--out_dir", s.out_dir, "a folder path (it is empty)")
-    require(set(s.replan_params.split(",")) <= set(emo.LAW_COEFFICIENTS), "--replan_params", s.replan_params,
-            f"names of the law's coefficients: {', '.join(emo.LAW_COEFFICIENTS)}")
-    if s.law:
-        plan.read_law(s.law)  # a bad file is refused now, also where --stages leaves the law unused
+    free = s.replan_params.split(",")
+    require(set(free) <= set(emo.LAW_COEFFICIENTS) and len(set(free)) == len(free), "--replan_params",
+            s.replan_params, f"names of the law's coefficients, each once: {', '.join(emo.LAW_COEFFICIENTS)}")
     micro_tokens = s.batch_size * cfg.seq_len * world
     require(s.batch_tokens % micro_tokens == 0, "--batch_tokens", s.batch_tokens,
             f"a multiple of batch_size * seq_len * processes = {s.batch_size}*{cfg.seq_len}*{world} = {micro_tokens}")
@@ -139,6 +139,20 @@ def validate(s, cfg, world, n_stages):
     runs.resolve_device(s.device)
 
 
+def check_memory(cfg, device_setting):
+    """Refuse, before anything is allocated, a model whose weights, gradients and Adam moments alone (plan.py's
+    16 bytes a parameter) exceed the memory of the device it would train on."""
+    device = torch.device(runs.resolve_device(device_setting))
+    if device.type == "cuda":
+        have, where = torch.cuda.get_device_properties(device).total_memory, torch.cuda.get_device_name(device)
+    else:
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+    need = plan.BYTES_PER_PARAM * emo.count_params(cfg)[0]
+    require(need <= have, "the model", f"{emo.count_params(cfg)[0]:.3g} parameters at E={cfg.n_experts}",
+            f"one whose weights, gradients and Adam moments ({need / 2**30:,.1f} GiB) fit {where} "
+            f"({have / 2**30:,.1f} GiB): make it smaller (--d_model, --n_layer, --d_expert, --experts)")
+
+
 @dataclass(frozen=True)
 class Stage:
     index: int  # 1, 2, ...
@@ -147,15 +161,14 @@ class Stage:
     end: int  # the step after its last
 
 
-def plan_schedule(s, cfg, batch_tokens, experts, fractions):
+def plan_schedule(s, cfg, batch_tokens, experts, fractions, law=None):
     """The run's stages in optimizer steps: explicit --stages fractions, one fixed stage, or the scaling-law
-    solver (emo.plan_stages) for this model's active size."""
+    solver (emo.plan_stages, with law: a ScalingLaw, default Table 3's) for this model's active size."""
     total_steps = s.total_tokens // batch_tokens
     if fractions:
         ends = [round(total_steps * sum(fractions[:i + 1])) for i in range(len(fractions))]
     else:
         n_active = emo.law_active_params(emo.Config(**{**asdict(cfg), "n_experts": experts[-1]}))
-        law = plan.read_law(s.law) if s.law else None
         planned = emo.plan_stages(n_active, total_steps * batch_tokens, experts, cfg.top_k, law=law,
                                   batch_tokens=batch_tokens)
         ends = [p["end"] // batch_tokens for p in planned]
@@ -277,11 +290,13 @@ def train_step(model, optimizer, micro_batches, lr, grad_clip, dtype):
 # --- The run: stage by stage, step by step ------------------------------------------------------------------
 
 
-def train(s, cfg, stages, world, resume=None):
+def train(s, cfg, stages, world, resume=None, law=None):
     """Train to the end of the last stage, or until a signal or --stop_at: stage by stage, growing the
     experts at each stage's first step (grow), then step by step, the learning rate re-warming after each
     growth (lr_at). Returns (the model, whether the run finished).
-    resume: None, or (checkpoint state, its path, whether the run branches into a new folder)."""
+    resume: None, or (checkpoint state, its path, whether the run branches into a new folder); law: the
+    ScalingLaw the closed loop starts each refit from (default Table 3's)."""
+    law = law or emo.ScalingLaw()
     micro_tokens = s.batch_size * cfg.seq_len * world
     batch_tokens = s.batch_tokens or micro_tokens
     accum, total_steps = batch_tokens // micro_tokens, stages[-1].end
@@ -299,6 +314,7 @@ def train(s, cfg, stages, world, resume=None):
         # what the run trains on, kept in every checkpoint (a resume checked its own against the corpus)
         step, data = 0, resume[0]["data"] if resume else fingerprint(s.data)
         run_id = resume[0]["run"] if resume and not resume[2] else uuid.uuid4().hex  # a branch is a run of its own
+        evals = resume[0]["evals"] if resume else []  # (step, E, val loss) of every eval: what a re-plan refits
         if resume:
             step = runs.resume_from(resume, raw, optimizer, run)
         model = wrap(raw, s, device)
@@ -306,7 +322,7 @@ def train(s, cfg, stages, world, resume=None):
         run.log("stages: " + ", ".join(f"E={st.experts} steps {st.start}-{st.end}" for st in stages)
                 + f" ({total_steps} steps of {batch_tokens} tokens, {accum} micro-batches each)")
         run.start({"run": run_id, "settings": asdict(s), "model": asdict(cfg), "stages": [asdict(st) for st in stages]},
-                  resumed_from=resume and resume[1], step=step)
+                  resumed_from=resume and resume[1], step=step, source_run=resume and resume[0]["run"])
         meter = runs.Meter(run, s, stages, step, batch_tokens)
 
         def batch(i):  # this step's i-th micro-batch: this rank's share, in the seed's order
@@ -339,19 +355,22 @@ def train(s, cfg, stages, world, resume=None):
                 stage_end = step == stage.end
                 if step % s.eval_interval == 0 or stage_end:
                     val = meter.log_eval(evaluate_now(model), stage, step)
+                    evals.append(dict(step=step, experts=stage.experts, val_loss=float(val["loss"])))
                     if stage_end:
                         meter.end_stage(stage, step, val, raw, optimizer, device)
                         if s.replan and not s.stages and stage.index < len(stages):
-                            stages[stage.index:] = replan(s, stages, stage.index, run, raw.config, batch_tokens)
+                            stages[stage.index:] = replan(s, stages, stage.index, run, raw.config, batch_tokens,
+                                                          evals, law)
                 stop = bool(s.stop_at and step >= s.stop_at)
                 preempted = run.stop_requested()
                 periodic = s.checkpoint_interval and step % s.checkpoint_interval == 0
                 if periodic or stage_end or stop or preempted or step == total_steps:
                     run.checkpoint(step, stage.index if stage_end else None, dict(
-                        raw=raw, optimizer=optimizer, settings=s, world_size=world, run=run_id, data=data))
+                        raw=raw, optimizer=optimizer, settings=s, world_size=world, run=run_id, data=data,
+                        ends=[st.end for st in stages], law=law, evals=evals))
                 if stop or preempted:
                     run.log(f"stopped at step {step} ({'signal' if preempted else '--stop_at'}); resume with: "
-                            f"python train.py --resume={s.out_dir}")
+                            f"python train.py --resume={shlex.quote(s.out_dir)}")
                     return raw, False
         if s.sample_tokens:
             run.log("sample: " + repr(sample(raw, train_data.encoding(), s.sample_tokens, device, dtype)))
@@ -381,10 +400,11 @@ def grow(raw, optimizer, stage, s, device, run, step, evaluate_now, x):
     return model
 
 
-def replan(s, stages, done, run, cfg, batch_tokens):
+def replan(s, stages, done, run, cfg, batch_tokens, evals, law):
     """--replan, at the end of stage `done`: the law refit to this run's evals so far moves the later stage ends
-    (plan.replan_run, on rank 0 for all), recorded in metrics.jsonl, whence a resume takes them back."""
-    found = plan.replan_run(runs.read_metrics(s.out_dir), s, stages, done, cfg, batch_tokens) if run.master else None
+    (plan.replan_run, on rank 0 for all); the new ends travel in every later checkpoint, and a "replan" record
+    in metrics.jsonl says why."""
+    found = plan.replan_run(evals, law, s.replan_params, stages, done, cfg, batch_tokens) if run.master else None
     ends, record = runs.from_rank0(found)
     run.record("replan", step=stages[done - 1].end, **record)
     why = record["unchanged_because"]
@@ -408,8 +428,9 @@ def sample(raw, enc, n_tokens, device, dtype):
 
 
 def setup(argv):
-    """Flags -> (Settings, Config, stages, world size, resume) with every check that needs no data or device.
-    resume: None, or (checkpoint state, its path, whether the run branches into a new folder)."""
+    """Flags -> (Settings, Config, stages, world size, resume, law) with every check that needs no data or
+    device. resume: None, or (checkpoint state, its path, whether the run branches into a new folder); law:
+    the ScalingLaw the schedule plans with."""
     s, model_settings, given = parse(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     resume = None
@@ -420,6 +441,8 @@ def setup(argv):
         s.out_dir = str(out_dir)
         resume = (state, path, branching)
     experts, fractions = plan.parse_stages(s)
+    # the law the schedule plans with, as values: a resume keeps its checkpoint's, whatever its --law file says now
+    law = emo.ScalingLaw(**resume[0]["law"]) if resume else plan.read_law(s.law) if s.law else emo.ScalingLaw()
     if not resume:  # a new run starts at the first stage's E, sized for its corpus's tokenizer
         size_for_corpus(model_settings, s.data)
         first = experts[0]
@@ -435,20 +458,22 @@ def setup(argv):
     except SettingError as err:
         raise SettingError(f"--resume={resume[1]}: its model config: {err}") if resume else err from None
     validate(s, cfg, world, len(experts))
+    check_memory(emo.Config(**{**model_settings, "n_experts": experts[-1]}), s.device)
     micro_tokens = s.batch_size * cfg.seq_len * world
-    stages = plan_schedule(s, cfg, s.batch_tokens or micro_tokens, experts, fractions)
-    if resume:
-        if s.replan and not s.stages:  # the stage ends the run moved to before its checkpoint
-            ends = plan.replanned_ends(runs.read_metrics(resume[1].parent), resume[0]["step"])
-            stages = stages_at(experts, ends or [st.end for st in stages])
+    stages = plan_schedule(s, cfg, s.batch_tokens or micro_tokens, experts, fractions, law)
+    if resume:  # the stage ends as the run last moved them (the closed loop), from its checkpoint
+        ends = resume[0]["ends"]
+        require(len(ends) == len(experts) and ends[-1] == stages[-1].end, f"--resume={resume[1]}: its stage ends",
+                ends, f"{len(experts)} ends, the last at step {stages[-1].end} (corrupt or edited)")
+        stages = stages_at(experts, ends)
         runs.check_resume_step(resume[0]["step"], resume[1], cfg.n_experts, stages, s.stop_at)
-    return s, cfg, stages, world, resume
+    return s, cfg, stages, world, resume, law
 
 
 def run(argv):
     """Train as the flags say; returns (the model, whether the run finished)."""
-    s, cfg, stages, world, resume = setup(argv)
-    return train(s, cfg, stages, world, resume)
+    s, cfg, stages, world, resume, law = setup(argv)
+    return train(s, cfg, stages, world, resume, law)
 
 
 def main(argv=None):

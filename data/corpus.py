@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import folders
 from emo import SettingError, require
 
 GPT2_VOCAB = 50257  # GPT-2's 256 bytes, 50,000 merges and <|endoftext|>
@@ -127,10 +128,10 @@ def local_documents(source):
     root = Path(source)
     if root.is_dir():
         found = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix in (".txt", ".md", ".jsonl"))
-        domain_of = lambda f: f.relative_to(root).parts[0] if len(f.relative_to(root).parts) > 1 else root.name
+        domain_of = lambda f: f.relative_to(root).parts[0] if len(f.relative_to(root).parts) > 1 else root.resolve().name
     else:
         found = sorted(Path(f) for f in glob.glob(source, recursive=True) if Path(f).is_file())
-        domain_of = lambda f: f.parent.name or "default"
+        domain_of = lambda f: f.parent.resolve().name or "default"
     if not found:
         raise DataError(f"--source={source}: no .txt, .md or .jsonl files there")
     for f in found:
@@ -247,6 +248,8 @@ def tokenize(docs, enc, max_tokens, streams, chunk=256):
               f"{max(max_tokens - total, 0) / (total / seconds) / 60:.1f} min left)", end="", file=sys.stderr, flush=True)
 
     for domain, text in docs:
+        if domain not in streams.used and not any(d == domain for d, _ in pending):
+            check_domain_name(domain)
         if domain in full or not text.strip():
             continue
         pending.append((domain, text))
@@ -260,6 +263,14 @@ def tokenize(docs, enc, max_tokens, streams, chunk=256):
     print(file=sys.stderr)
     if not streams.used:
         raise DataError("the source has no non-empty documents")
+
+
+def check_domain_name(domain):
+    """A domain names a folder (eval.py --export writes DIR/<domain>-keep0.25) and a key of every result: a
+    plain name, as a corpus's own. Refused the moment a source yields another."""
+    if not isinstance(domain, str) or not NAME.fullmatch(domain):
+        raise DataError(f"domain {domain!r} is not allowed: a domain must be a plain name (letters, digits, _ . -, "
+                        f"not starting with . or -): a folder name, or a jsonl record's \"domain\"")
 
 
 def token_cap(used, max_tokens):
@@ -334,9 +345,9 @@ def prepare(source=None, name=None, max_tokens=4_000_000, val_fraction=0.05, see
     require(source != "", "--source", source, "a folder, a glob or hf:NAME (leave it out for the default corpus)")
     out_root = Path(out_root)
     out_dir = out_root / corpus_name(source, name)
-    if out_dir.exists() and not (out_dir / "meta.json").is_file():
-        raise DataError(f"{out_dir} exists and holds no corpus (no meta.json): it is never replaced; move it away "
-                        f"or give another --name")
+    why = folders.replace_problem(out_dir, "corpus")  # only a corpus, and nothing a user put beside it, is replaced
+    if why:
+        raise DataError(f"{out_dir} {why}: move it away, or give another --name")
     out_root.mkdir(parents=True, exist_ok=True)
     lock = open(out_root / f".{out_dir.name}.lock", "a")  # one writer per name; dies with its process
     try:
@@ -524,10 +535,16 @@ class Corpus:
             self.domains, self.vocab_size, self.eot_id = list(meta["domains"]), int(meta["vocab_size"]), int(meta["eot_id"])
             if not str(meta["tokenizer"]).startswith("gpt2") or self.eot_id != self.vocab_size - 1:
                 raise ValueError
-            return meta["dtype"], int(info["tokens"])
         except (ValueError, KeyError, TypeError):
             raise DataError(f"--data={folder}: meta.json is not a data/prepare.py corpus (GPT-2 tokens) with a "
                             f"{split!r} split; prepare it again") from None
+        bad = [d for d in self.domains if not (isinstance(d, str) and NAME.fullmatch(d))]
+        if not isinstance(meta["domains"], list) or bad or len(set(self.domains)) != len(self.domains):
+            why = f"{bad[0]!r} is not a plain name" if bad else "they must be a list of different names"
+            raise DataError(f"--data={folder}: meta.json's domains {str(meta['domains'])[:60]}: {why} (letters, "
+                            f"digits, _ . -, not starting with . or -; each names a folder and a result); prepare "
+                            f"it again")
+        return meta["dtype"], int(info["tokens"])
 
     def encoding(self):
         """The tokenizer the corpus was made with."""
@@ -621,6 +638,10 @@ def open_for_training(s, cfg, rank, world):
     length); the default corpus is prepared if missing (by rank 0, the others wait)."""
     folder = Path(s.data)
     if not (folder / "meta.json").exists() and folder.resolve() == DEFAULT_FOLDER.resolve():
+        why = folders.replace_problem(folder, "corpus")
+        if why:
+            raise DataError(f"--data={folder} holds no corpus, and the default one is not prepared there: it {why}; "
+                            f"move it away, or give --data=PATH")
         if rank == 0:
             print("preparing the default corpus (python data/prepare.py) ...")
             prepare()
