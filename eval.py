@@ -72,13 +72,19 @@ def evaluate_subsets(model, train_data, val_data, keep_shares, calib_rows, eval_
                 except train.NonFiniteLoss as err:
                     raise diverged(tuning, name, share, err) from None
                 loss, bpb = domain_loss(pruned, x, y, val_data.token_bytes())
-                if not (math.isfinite(loss) and all(p.isfinite().all() for p in pruned.parameters())):
-                    raise diverged(tuning, name, share, f"validation loss {loss}")
+                largest = max(p.abs().max().item() for p in pruned.parameters())
+                if not (math.isfinite(loss) and largest < DIVERGED_WEIGHT):
+                    raise diverged(tuning, name, share, f"validation loss {loss:.4g}, largest weight {largest:.3g}")
                 results[name][share].update(finetuned_loss=loss, finetuned_bpb=bpb)
             sizes[share] = pruned.num_params()
             if keep_model and share < 1:
                 keep_model(name, share, pruned, chosen)
     return results, sizes
+
+
+# No trained weight comes near this; a finetune that pushes one past it has diverged, even where the loss stays
+# finite (RMSNorm rescales 1e30 weights: --finetune_lr=1e30 gave a finite loss and a model of 1e30 weights)
+DIVERGED_WEIGHT = 1e4
 
 
 def diverged(tuning, domain, share, what):

@@ -66,7 +66,7 @@ def nesting_problem(folder, kinds):
         return "is a file, not a folder"
     own = kind_of(folder)
     if own and own not in kinds:
-        return f"is a {KIND_WORDS[own]}"
+        return f"is a {KIND_WORDS[own]}, not {' or '.join(sorted(MADE_BY[k] for k in kinds))}'s"
     for parent in folder.resolve().parents:
         found = kind_of(parent)
         if found:
@@ -91,8 +91,9 @@ def foreign_files(folder, kind):
         return []
     if kind_of(folder) != kind:
         return names
-    if kind == "arm":
-        return [n for n in names if not (RUN_FILE.fullmatch(n) or TEMP_NAME.fullmatch(n) or n in ARM_FILES)
+    if kind in ("run", "arm"):
+        own = ARM_FILES if kind == "arm" else {".lock"}
+        return [n for n in names if not (RUN_FILE.fullmatch(n) or TEMP_NAME.fullmatch(n) or n in own)
                 or (folder / n).is_dir()]
     if kind == "corpus":
         return [n for n in names if n not in CORPUS_FILES or (folder / n).is_dir()]

@@ -92,12 +92,12 @@ def read_config_file(path):
 
 
 def run_config_settings(data, path):
-    """A run folder's own config.json given as --config: its settings and model, to start a new run like it.
-    What names that run's place or history (out_dir, resume, config) and what its schedule sets (n_experts)
-    are left out, and so are empty values (defaults)."""
+    """A run folder's own config.json given as --config: its settings and model, to start a new run like it
+    (its out_dir holds that run: a new one is refused there, so give --out_dir). What names its history
+    (resume, config) and what its schedule sets (n_experts) are left out, and so are empty values (defaults)."""
     if not (isinstance(data["settings"], dict) and isinstance(data["model"], dict)):
         raise SettingError(f"--config={path}: a run's config.json whose settings or model is not an object (edited?)")
-    skip = {"out_dir", "resume", "config", "n_experts"}
+    skip = {"resume", "config", "n_experts"} | ({"experts"} if data["settings"].get("stages") else set())
     return {k: "none" if v is None else v for k, v in {**data["settings"], **data["model"]}.items()
             if k not in skip and v not in ("", [])}
 

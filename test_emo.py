@@ -12,6 +12,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -2232,3 +2233,343 @@ def test_eval_py_exports_the_run_whole_and_each_domains_pruned_model(corpus, tmp
     fp32 = [float(line.split("|logits - emo's| ")[1].split()[0]) for line in lines]
     float64 = [float(line.split("), ")[1].split()[0]) for line in lines]
     assert len(lines) == 3 and max(fp32) < 1e-5 and max(float64) < 1e-6
+
+
+# Nothing a user made is lost: every command deletes only what it made (folders.py) -------------------------------
+
+
+def a_users_run(corpus, folder):
+    """A user's own stopped train.py run in folder, with their notes beside it."""
+    stopped(tiny_run(corpus, folder, "--stop_at=2"))
+    (folder / "notes.txt").write_text("my notes")
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def unchanged(folder, before):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("what", ["users run", "bench arm with notes", "bench arm with a subfolder"])
+def test_bench_never_deletes_a_folder_it_cannot_prove_it_made(corpus, tmp_path, what):
+    args = argparse.Namespace(seeds="0", experts="2,4", inits="gaussian", total_tokens=4096, phase_in_steps=20,
+                              out_dir=str(tmp_path / "rp"), train_args=f"--data={corpus}")
+    arm = tmp_path / "rp" / "fixed-4-seed0"
+    if what == "users run":
+        before = a_users_run(corpus, arm)
+    else:
+        bench.clear_run_folder(arm)  # bench.py's own folder, then the user's things in it
+        (arm / "notes.txt").write_text("mine") if what.endswith("notes") else (arm / "keep").mkdir()
+        before = {p.name: p.read_bytes() for p in arm.iterdir() if p.is_file()}
+    with pytest.raises(emo.SettingError) as err:
+        bench.bench_repro(args)
+    assert_one_line(err, "fixed-4-seed0 (is a train.py run folder, not bench.py's|holds .*which bench.py did not "
+                         "write there)$")
+    assert unchanged(arm, before) and not (tmp_path / "rp" / "fixed-2-seed0").exists()  # refused before any work
+
+
+def test_bench_growth_checks_every_run_folder_before_the_first_run(corpus, tmp_path):
+    args = argparse.Namespace(seeds="0", inits="gaussian", total_tokens=16384, phase_in_steps=20,
+                              out_dir=str(tmp_path / "g"), train_args=" ".join(
+                                  a for a in tiny_run(corpus, "x") if a.split("=")[0] not in
+                                  ("--out_dir", "--total_tokens", "--stages", "--eval_interval", "--eval_batches",
+                                   "--log_interval", "--sample_tokens")))
+    before = a_users_run(corpus, tmp_path / "g" / "growth-gaussian-seed0")
+    with pytest.raises(emo.SettingError) as err:
+        bench.bench_growth(args)
+    assert_one_line(err, "growth-gaussian-seed0 is a train.py run folder, not bench.py's")
+    assert unchanged(tmp_path / "g" / "growth-gaussian-seed0", before)
+
+
+def test_bench_remakes_its_own_unfinished_run_folder(corpus, tmp_path):
+    arm = tmp_path / "arm"
+    bench.clear_run_folder(arm)
+    (arm / "train.log").write_text("an interrupted run")
+    (arm / "metrics.jsonl").write_text("{}\n")
+    bench.clear_run_folder(arm)
+    assert sorted(p.name for p in arm.iterdir()) == ["bench_arm.json"]
+
+
+@pytest.mark.parametrize("place", ["a corpus", "inside a corpus", "holding a corpus", "inside an export",
+                                   "inside a run", "a dangling link"])
+def test_train_refuses_an_out_dir_that_would_nest_emo_folders(corpus, tmp_path, place):
+    live = tmp_path / "data" / "live"
+    shutil.copytree(corpus, live)
+    export_dir = tmp_path / "hf" / "full"
+    export_dir.mkdir(parents=True)
+    (export_dir / "emo_export.json").write_text('{"files": []}')
+    run = tmp_path / "run"
+    if place == "inside a run":
+        train.main(tiny_run(corpus, run))
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    out = {"a corpus": live, "inside a corpus": live / "r", "holding a corpus": tmp_path / "data",
+           "inside an export": export_dir / "r", "inside a run": run / "r", "a dangling link": tmp_path / "link"}[place]
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as err:
+        train.main(tiny_run(corpus, out))
+    assert_one_line(err, {"a corpus": "is a corpus folder", "inside a corpus": "lies inside the corpus folder",
+                          "holding a corpus": "holds the corpus folder", "inside an export": "lies inside the Hugging",
+                          "inside a run": "lies inside the train.py run folder",
+                          "a dangling link": "is a symbolic link to .*nowhere, which does not exist"}[place])
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_prepare_never_replaces_a_folder_holding_a_subfolder_or_a_run(two_domain_texts, tmp_path, corpus):
+    src = tmp_path / "src" / "poems"
+    src.mkdir(parents=True)
+    for i, text in enumerate(two_domain_texts["poems"]):
+        (src / f"{i}.txt").write_text(text)
+    first = prepare(str(tmp_path / "src"), "live", out_root=tmp_path / "data", val_fraction=0.34)
+    (first / "sub").mkdir()
+    with pytest.raises(DataError, match="live holds sub, which data/prepare.py did not write there"):
+        prepare(str(tmp_path / "src"), "live", out_root=tmp_path / "data", val_fraction=0.34)
+    (first / "sub").rmdir()
+    a_users_run(corpus, tmp_path / "data" / "run")
+    with pytest.raises(DataError, match="run is a train.py run folder, not data/prepare.py's: move it away"):
+        prepare(str(tmp_path / "src"), "run", out_root=tmp_path / "data", val_fraction=0.34)
+    assert (tmp_path / "data" / "run" / "notes.txt").read_text() == "my notes"
+
+
+@needs_transformers
+@pytest.mark.parametrize("what", ["a stopped run", "other files", "an export and a note", "a file",
+                                  "inside a run", "full is a file", "sigmoid keeps one expert"])
+def test_eval_export_never_overwrites_or_deletes_what_it_did_not_write(corpus, tmp_path, what):
+    run = tmp_path / "run"
+    train.main(tiny_run(corpus, run))
+    target = tmp_path / "hf"
+    keep = "--keep=1,0.5"
+    if what == "a stopped run":
+        target = tmp_path / "runs"
+        a_users_run(corpus, target / "full")
+    elif what == "other files":
+        (target / "full").mkdir(parents=True)
+        for name in ("config.json", "tokenizer.json", "model-00001-of-00002.safetensors"):
+            (target / "full" / name).write_text("theirs")
+    elif what == "an export and a note":
+        evaluate.main([f"--checkpoint={run}", keep, "--calib_rows=2", "--eval_rows=4", f"--export={target}"])
+        (target / "full" / "README.md").write_text("my model card")
+    elif what == "a file":
+        target.write_text("a file")
+    elif what == "inside a run":
+        target = run / "hf"
+    elif what == "full is a file":
+        target.mkdir()
+        (target / "full").write_text("a file")
+    else:
+        keep = "--keep=1,0.25"  # 0.25 of E = 4 keeps one expert: no stock class routes a sigmoid top-2 over one
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as err:
+        evaluate.main([f"--checkpoint={run}", keep, "--calib_rows=2", "--eval_rows=4", f"--export={target}"])
+    assert_one_line(err, {"a stopped run": "full is a train.py run folder, not eval.py --export's",
+                          "other files": "full holds config.json, model-00001-of-00002.safetensors, tokenizer.json",
+                          "an export and a note": "full holds README.md, which eval.py --export did not write",
+                          "a file": "cannot be made: .*hf is a file", "inside a run": "lies inside the train.py run",
+                          "full is a file": "full is a file, not a folder",
+                          "sigmoid keeps one expert": "--keep='1,0.25' is not allowed: must be shares that keep at "
+                                                      "least 2"}[what])
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    if what == "a stopped run":  # still a run that resumes
+        train.main([f"--resume={target / 'full'}"])
+
+
+@needs_transformers
+def test_eval_export_replaces_its_own_export_whole(corpus, tmp_path):
+    run = tmp_path / "run"
+    train.main(tiny_run(corpus, run))
+    flags = [f"--checkpoint={run}", "--keep=1", "--calib_rows=2", "--eval_rows=4", f"--export={tmp_path / 'hf'}"]
+    evaluate.main(flags)
+    (tmp_path / "hf" / "full" / "model.safetensors").write_bytes(b"stale")
+    evaluate.main(flags)
+    marker = json.loads((tmp_path / "hf" / "full" / "emo_export.json").read_text())
+    assert sorted(marker["files"]) == sorted(p.name for p in (tmp_path / "hf" / "full").iterdir()
+                                             if p.name != "emo_export.json")
+    assert (tmp_path / "hf" / "full" / "model.safetensors").read_bytes() != b"stale"
+    assert marker["source"]["run"] == runs.run_id(run) and marker["source"]["step"] == 24
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["full"]  # no temp folder left
+
+
+# Run state lives in the checkpoint; metrics.jsonl is a log that may be lost ------------------------------------
+
+
+def replanned_run(corpus, out, *extra):
+    """A run whose closed loop moves its stage ends: 4 stages planned by the law, a re-plan at each end (the one
+    at the end of stage 2 moves stage 3's end from step 27 to 12)."""
+    return [a for a in tiny_run(corpus, out, "--experts=2,4,8,16", "--total_tokens=16384", "--eval_interval=4", *extra)
+            if not a.startswith("--stages")]
+
+
+@pytest.mark.parametrize("damage", ["cut before the replan", "replan edited", "deleted", "a bare number",
+                                    "a replan with no step", "law file edited"])
+def test_a_resume_takes_its_schedule_from_the_checkpoint_whatever_the_log_or_law_file_says(corpus, tmp_path, damage):
+    (tmp_path / "law.json").write_text(json.dumps({k: getattr(emo.ScalingLaw(), k) for k in emo.LAW_COEFFICIENTS}))
+    train.main(replanned_run(corpus, tmp_path / "full", f"--law={tmp_path / 'law.json'}"))
+    moved = [r for r in records(tmp_path / "full", "replan") if r["ends"] != r["ends_before"]]
+    assert moved  # the loop moved the ends
+    stop = moved[0]["step"] + 1
+    stopped(replanned_run(corpus, tmp_path / "cut", f"--law={tmp_path / 'law.json'}", f"--stop_at={stop}"))
+    log = tmp_path / "cut" / "metrics.jsonl"
+    lines = log.read_text().splitlines()
+    if damage == "cut before the replan":
+        log.write_text("\n".join(line for line in lines if '"replan"' not in line) + "\n")
+    elif damage == "replan edited":
+        log.write_text("\n".join(line.replace('"ends": [', '"ends": [1, 2, ') for line in lines) + "\n")
+    elif damage == "deleted":
+        log.unlink()
+    elif damage == "a bare number":
+        log.write_text("\n".join(lines[:3] + ["42"] + lines[3:]) + "\n")
+    elif damage == "a replan with no step":
+        log.write_text("\n".join(lines + ['{"kind": "replan", "ends": [3, 4, 5]}']) + "\n")
+    else:
+        law = dict(json.loads((tmp_path / "law.json").read_text()), delta=-0.01)
+        (tmp_path / "law.json").write_text(json.dumps(law))
+    train.main([f"--resume={tmp_path / 'cut'}"])
+    after = lambda folder: [(r["step"], r["experts"], r["loss"]) for r in records(folder, "step") if r["step"] > stop]
+    assert after(tmp_path / "cut") == after(tmp_path / "full")
+
+
+def test_a_branch_from_a_checkpoint_copied_out_of_its_folder_starts_a_log_of_its_own(corpus, tmp_path):
+    stopped(tiny_run(corpus, tmp_path / "a", "--stop_at=4"))
+    a_users_run(corpus, tmp_path / "b")  # another run's folder, with its own log
+    shutil.copy(tmp_path / "a" / "latest.pt", tmp_path / "b" / "copied.pt")
+    train.main([f"--resume={tmp_path / 'b' / 'copied.pt'}", f"--out_dir={tmp_path / 'branch'}"])
+    steps = [r["step"] for r in records(tmp_path / "branch", "step")]
+    assert steps == list(range(5, 25))  # none of b's records, which are another run's
+
+
+# Every input file is checked like a flag ------------------------------------------------------------------------
+
+
+LAW_BAD = [({"c": 1e400}, "c = inf: expected a finite number"), ({"c": True}, "c = True: expected a finite number"),
+           ({"c": -100}, "c = -100: must be >= 0"), ({"kappa": 1.0}, "unknown key 'kappa'"),
+           ({"c": None}, "c = None: expected a finite number"), ({"a": -1.0}, "a = -1.0: must be > 0"),
+           ({"alpha": 0.2}, "alpha = 0.2: must be < 0"), ({"delta": "0.1"}, "delta = '0.1': expected a finite"),
+           ({"b": float("nan")}, "b = nan: expected a finite number"), ({"beta": 0.0}, "beta = 0.0: must be < 0")]
+
+
+@pytest.mark.parametrize("change,match", LAW_BAD + [("missing c", "no 'c'"), ("a list", "expected a JSON object")])
+def test_a_bad_law_file_is_refused_by_train_and_plan_in_one_line(corpus, tmp_path, change, match):
+    values = {k: getattr(emo.ScalingLaw(), k) for k in emo.LAW_COEFFICIENTS}
+    if change == "missing c":
+        values.pop("c")
+    elif change == "a list":
+        values = [1, 2]
+    else:
+        values.update(change)
+    path = tmp_path / "law.json"
+    path.write_text(json.dumps(values).replace("Infinity", "1e400"))
+    with pytest.raises(SystemExit) as err:
+        train.main(tiny_run(corpus, tmp_path / "run", f"--law={path}"))
+    assert_one_line(err, "train.py: --law=.*law.json: " + re.escape(match))
+    with pytest.raises(SystemExit) as err:
+        plan.main([f"--law={path}"])
+    assert_one_line(err, "plan.py: --law=.*law.json: " + re.escape(match))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_refit_with_a_non_finite_eval_is_refused_and_nothing_is_saved(corpus, tmp_path):
+    train.main([a for a in tiny_run(corpus, tmp_path / "run", "--schedule=fixed", "--experts=4", "--eval_interval=4")
+                if not a.startswith("--stages")])
+    log = tmp_path / "run" / "metrics.jsonl"
+    log.write_text(log.read_text().replace('"val_loss": ', '"val_loss": NaN, "was": ', 1))
+    with pytest.raises(SystemExit) as err:
+        plan.main([f"--fit={tmp_path / 'run'}", "--fit_params=c", f"--save_law={tmp_path / 'law.json'}"])
+    assert_one_line(err, "eval record 4 needs an integer step and a positive finite val_loss, not nan")
+    assert not (tmp_path / "law.json").exists()
+
+
+@pytest.mark.parametrize("domains,match", [(["../../x", "code"], "'../../x' is not a plain name"),
+                                           (["code", "code"], "a list of different names"),
+                                           ("code", "a list of different names"), ([".hidden", "code"], "'.hidden'"),
+                                           ([3, "code"], "3 is not a plain name")])
+def test_a_corpus_whose_domains_are_not_plain_different_names_is_refused(corpus, tmp_path, domains, match):
+    shutil.copytree(corpus, tmp_path / "c")
+    meta = json.loads((tmp_path / "c" / "meta.json").read_text())
+    (tmp_path / "c" / "meta.json").write_text(json.dumps(dict(meta, domains=domains)))
+    with pytest.raises(SystemExit) as err:
+        train.main(tiny_run(tmp_path / "c", tmp_path / "run"))
+    assert_one_line(err, "meta.json's domains .*" + re.escape(match))
+
+
+@pytest.mark.parametrize("source,domain", [(".", "src"), ("..", "src")])
+def test_a_source_given_as_dot_names_its_domain_after_the_folder(tmp_path, monkeypatch, source, domain):
+    (tmp_path / "src").mkdir()
+    for i in range(4):
+        (tmp_path / "src" / f"{i}.txt").write_text(f"document number {i} " * 20)
+    monkeypatch.chdir(tmp_path / "src")
+    out = prepare(source, "dot", out_root=tmp_path / "data", val_fraction=0.34)
+    assert json.loads((out / "meta.json").read_text())["domains"] == [domain]
+
+
+@pytest.mark.parametrize("domain", ["../x", "..", "a/b", "-x", " "])
+def test_a_jsonl_domain_that_is_not_a_plain_name_is_refused(tmp_path, domain):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.jsonl").write_text(json.dumps({"text": "hello there", "domain": domain}) + "\n")
+    with pytest.raises(DataError) as err:
+        prepare(str(tmp_path / "src"), "j", out_root=tmp_path / "data")
+    assert_one_line(err, f"domain {domain!r} is not allowed: a domain must be a plain name")
+    assert not (tmp_path / "data" / "j").exists()
+
+
+def test_a_runs_own_config_json_starts_a_run_like_it(corpus, tmp_path):
+    train.main(tiny_run(corpus, tmp_path / "a", "--lr=2e-3", "--pool_size_range=none"))
+    s, cfg, stages, _, _, _ = train.setup([f"--config={tmp_path / 'a' / 'config.json'}",
+                                           f"--out_dir={tmp_path / 'b'}"])
+    assert (s.lr, s.data, s.stages, cfg.d_model, cfg.n_experts) == (2e-3, str(corpus), "2:0.5,4:0.5", 64, 2)
+    with pytest.raises(SystemExit) as err:  # its own folder holds the run: continue it or start elsewhere
+        train.main([f"--config={tmp_path / 'a' / 'config.json'}"])
+    assert_one_line(err, "already holds a run: continue it with --resume")
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--finetune_lr=1e30", "--finetune_steps=1"], "--finetune_lr=1e\\+30: finetuning domain '(code|prose)'"),
+    (["--finetune_lr=1e30", "--finetune_steps=3"], "diverged .*: give a lower --finetune_lr")])
+def test_a_diverging_finetune_names_the_learning_rate_and_the_domain(corpus, tmp_path, flags, match):
+    train.main(tiny_run(corpus, tmp_path / "run"))
+    with pytest.raises(SystemExit) as err:
+        evaluate.main([f"--checkpoint={tmp_path / 'run'}", "--keep=1,0.5", "--calib_rows=2", "--eval_rows=4",
+                       "--json", *flags])
+    assert_one_line(err, match)
+
+
+def test_eval_json_is_strict_json(corpus, tmp_path, capsys):
+    train.main(tiny_run(corpus, tmp_path / "run"))
+    capsys.readouterr()
+    evaluate.main([f"--checkpoint={tmp_path / 'run'}", "--keep=1,0.5", "--calib_rows=2", "--eval_rows=4", "--json"])
+    json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"{c} in JSON output"))
+
+
+# Every check before any work ------------------------------------------------------------------------------------
+
+
+RELIABILITY_BAD = [
+    ("train", ["--replan_params=delta,delta"], "--replan_params='delta,delta' is not allowed: must be names of the "
+                                               "law's coefficients, each once"),
+    ("train", ["--d_model=1048576", "--n_head=4"], "the model=.*parameters at E=4.* is not allowed: must be one whose "
+                                                   "weights, gradients and Adam moments"),
+    ("train", ["--out_dir={tmp}/lockdir"], "lockdir/.lock is a folder, where train.py keeps its lock file"),
+    ("plan", ["--save_law={tmp}"], "--save_law=.* is not allowed: must be a file plan.py can write \\(it is a folder\\)"),
+    ("plan", ["--save_law={tmp}/no/law.json"], "a file plan.py can write \\(no folder .*no\\)"),
+    ("bench", ["step", "--experts=8,8"], "--experts='8,8' is not allowed: must be comma-separated integers >= 1, "
+                                          "each once"),
+    ("bench", ["repro", "--seeds=0,0"], "--seeds='0,0' is not allowed"),
+    ("bench", ["step", "--train_args=--lr='3e-3"], "--train_args=--lr='3e-3: not a shell-quoted list of flags"),
+]
+
+
+@pytest.mark.parametrize("command,flags,match", RELIABILITY_BAD)
+def test_bad_input_found_by_the_fourth_pass_fails_in_one_line_before_any_work(corpus, tmp_path, command, flags,
+                                                                             match):
+    (tmp_path / "lockdir" / ".lock").mkdir(parents=True)
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    main = {"train": train.main, "plan": plan.main, "bench": bench.main}[command]
+    args = tiny_run(corpus, tmp_path / "run") + flags if command == "train" else flags
+    with pytest.raises(SystemExit) as err:
+        main(args)
+    assert_one_line(err, match)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_printed_resume_command_is_shell_quoted(corpus, tmp_path, capsys):
+    stopped(tiny_run(corpus, tmp_path / "my run", "--stop_at=2"))
+    command = capsys.readouterr().out.split("resume with: ")[1].strip()
+    assert command == f"python train.py --resume='{tmp_path / 'my run'}'"
+    stopped(shlex.split(command)[2:] + ["--stop_at=3"])
