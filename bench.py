@@ -672,9 +672,9 @@ def bench_gpu(args):
         start = time.time()
         section(args, device, report)
         print(f"{section.__name__}: {time.time() - start:.0f} s", file=sys.stderr)
-        (out / "gpu.json").write_text(json.dumps(report, indent=1, default=str))
+        (out / "gpu.json").write_text(strict_json(report))
     report["ok"] = all(c["ok"] for c in report["checks"])
-    (out / "gpu.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "gpu.json").write_text(strict_json(report))
     return report
 
 
@@ -892,6 +892,11 @@ def print_gpu(report, args):
           + ("" if not report["skipped"] else f"; skipped {len(report['skipped'])}: " + "; ".join(report["skipped"])))
 
 
+def strict_json(value):
+    """JSON any parser reads: a NaN or infinity (a ratio to a zero spread, say) is null, a path is its text."""
+    return json.dumps(plan.finite_or_null(json.loads(json.dumps(value, default=str))), indent=1, allow_nan=False)
+
+
 BENCH_OWNED = ("out_dir", "resume", "seed", "total_tokens", "stop_at")  # train.py flags bench.py sets per run
 
 
@@ -965,8 +970,7 @@ def main(argv=None):
         sys.exit(f"bench.py: {err}")
     if args.json:
         result = rows if isinstance(rows, dict) else {"rows": rows}  # step and repro return several tables
-        print(json.dumps({"args": vars(args), "machine": machine(torch.device(args.device)), **result}, indent=1,
-                         default=str))
+        print(strict_json({"args": vars(args), "machine": machine(torch.device(args.device)), **result}))
     else:
         show(rows, args)
     if args.what == "gpu" and not rows["ok"]:

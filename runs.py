@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -526,7 +527,7 @@ def resume_from(resume, raw, optimizer, run):
 def non_finite_advice(err, s, step, stage):
     """A non-finite step as one line: where it happened, and a command the program accepts."""
     last = Path(s.out_dir) / "latest.pt"
-    where = f"resume it with a lower learning rate: python train.py --resume={s.out_dir} --lr={s.lr / 4:g}" \
+    where = f"resume it with a lower learning rate: python train.py --resume={shlex.quote(s.out_dir)} --lr={s.lr / 4:g}" \
         if last.exists() else "start again with a lower --lr"
     return TrainingError(f"non-finite loss or gradient at step {step + 1} (stage {stage.index}, E={stage.experts}; "
                          f"{err}); the step was not taken. Last checkpoint: {last if last.exists() else 'none yet'}; "
@@ -927,7 +928,7 @@ class Run:
     def log_broken_step(self, step, err):
         """A signal to the process group killed torch.compile's workers mid-step: a stop, not a crash."""
         self.log(f"stopped by a signal during step {step + 1} ({type(err).__name__} in the step it broke); "
-                 + (f"resume with: python train.py --resume={self.out_dir}" if (self.out_dir / "latest.pt").exists()
+                 + (f"resume with: python train.py --resume={shlex.quote(str(self.out_dir))}" if (self.out_dir / "latest.pt").exists()
                     else "no checkpoint yet: run the same command again to start over"))
 
     def stop_requested(self):

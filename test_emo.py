@@ -1705,11 +1705,11 @@ def test_eval_keeps_whole_experts_and_refuses_shares_it_cannot_keep(corpus, tmp_
 
 
 def test_eval_refuses_a_corpus_of_another_vocabulary(corpus, tmp_path):
-    stopped(tiny_run(corpus, tmp_path, "--stop_at=2"))
+    stopped(tiny_run(corpus, tmp_path / "run", "--stop_at=2"))
     other = prepare(str(Path(corpus).parent.parent / "src"), "full", out_root=tmp_path, vocab_size=GPT2_VOCAB,
                     val_fraction=0.2)
     with pytest.raises(SystemExit) as err:
-        evaluate.main([f"--checkpoint={tmp_path}", f"--data={other}"])
+        evaluate.main([f"--checkpoint={tmp_path / 'run'}", f"--data={other}"])
     assert_one_line(err, "its vocabulary \\(50257 tokens, end-of-text id 50256\\) is not the model's")
 
 
