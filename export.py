@@ -148,8 +148,6 @@ def export_problem(out_dir):
     if why:
         return why
     parent = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
-    if not parent.is_dir():
-        return f"cannot be made: {parent} is a file"
     if not os.access(parent, os.W_OK | os.X_OK):
         return f"cannot be written: {parent} is not writable"
     return None
@@ -175,9 +173,9 @@ def export(model, out_dir, n_vocab, kept=None, source=None):
     out_dir = Path(out_dir)
     why = export_problem(out_dir)
     require(not why, "--export", out_dir, f"a folder an export may be written to; it {why}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
         hf.save_pretrained(tmp)
         # transformers keeps partial_rotary_factor inside rope_parameters; llama.cpp's converter reads it at the top
         config_file = tmp / "config.json"
@@ -192,6 +190,8 @@ def export(model, out_dir, n_vocab, kept=None, source=None):
             os.replace(out_dir, aside)
         os.replace(tmp, out_dir)
         folders.clear(aside)
+    except OSError as err:  # /proc, a read-only file system, a full disk: the old folder stays as it was
+        raise SettingError(f"--export: cannot write {out_dir}: {err.strerror or type(err).__name__}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

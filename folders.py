@@ -64,6 +64,9 @@ def nesting_problem(folder, kinds):
         return f"is a symbolic link to {folder.readlink()}, which does not exist"
     if folder.exists() and not folder.is_dir():
         return "is a file, not a folder"
+    above = next(p for p in folder.absolute().parents if p.exists())
+    if not above.is_dir():
+        return f"cannot be made: {above} is a file"
     own = kind_of(folder)
     if own and own not in kinds:
         return f"is a {KIND_WORDS[own]}, not {' or '.join(sorted(MADE_BY[k] for k in kinds))}'s"

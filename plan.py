@@ -274,8 +274,8 @@ def read_fit_records(path):
     evals = [r for r in records if r.get("kind") == "eval"]
     for r in evals:
         if type(r.get("step")) is not int or not (is_number(r.get("val_loss")) and r["val_loss"] > 0):
-            raise SettingError(f"--fit={path}: eval record {r.get('step', '?')} needs an integer step and a positive "
-                               f"finite val_loss, not {str(r.get('val_loss'))[:20]}")
+            raise SettingError(f"--fit={path}: eval record at step {r.get('step')!r} needs an integer step and a "
+                               f"positive finite val_loss (it has {str(r.get('val_loss'))[:20]})")
     return [dict(stage, kind="eval", step=r["step"], tokens=r["step"] * stage["tokens"] // stage["step"],
                  val_loss=r["val_loss"])
             for r in evals if r["step"] < stage["step"] and lr.get(r["step"], 0) >= 0.999 * peak] + stages

@@ -2472,7 +2472,7 @@ def test_a_refit_with_a_non_finite_eval_is_refused_and_nothing_is_saved(corpus, 
     log.write_text(log.read_text().replace('"val_loss": ', '"val_loss": NaN, "was": ', 1))
     with pytest.raises(SystemExit) as err:
         plan.main([f"--fit={tmp_path / 'run'}", "--fit_params=c", f"--save_law={tmp_path / 'law.json'}"])
-    assert_one_line(err, "eval record 4 needs an integer step and a positive finite val_loss, not nan")
+    assert_one_line(err, "eval record at step 4 needs an integer step and a positive finite val_loss \\(it has nan\\)")
     assert not (tmp_path / "law.json").exists()
 
 
@@ -2552,6 +2552,10 @@ RELIABILITY_BAD = [
                                           "each once"),
     ("bench", ["repro", "--seeds=0,0"], "--seeds='0,0' is not allowed"),
     ("bench", ["step", "--train_args=--lr='3e-3"], "--train_args=--lr='3e-3: not a shell-quoted list of flags"),
+    ("bench", ["repro", "--out_dir={tmp}/afile", "--train_args=--data={corpus}"], "afile/fixed-32-seed0 cannot be made: "
+                                                                                 ".*afile is a file"),
+    ("eval", ["--checkpoint={tmp}/done", "--keep=1", "--export=/proc/emo-export"], "--export: cannot write "
+                                                                                   "/proc/emo-export/full"),
 ]
 
 
@@ -2559,8 +2563,12 @@ RELIABILITY_BAD = [
 def test_bad_input_found_by_the_fourth_pass_fails_in_one_line_before_any_work(corpus, tmp_path, command, flags,
                                                                              match):
     (tmp_path / "lockdir" / ".lock").mkdir(parents=True)
-    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
-    main = {"train": train.main, "plan": plan.main, "bench": bench.main}[command]
+    (tmp_path / "afile").write_text("a file")
+    if command == "eval":
+        pytest.importorskip("transformers")
+        train.main(tiny_run(corpus, tmp_path / "done"))
+    flags = [f.replace("{tmp}", str(tmp_path)).replace("{corpus}", str(corpus)) for f in flags]
+    main = {"train": train.main, "plan": plan.main, "bench": bench.main, "eval": evaluate.main}[command]
     args = tiny_run(corpus, tmp_path / "run") + flags if command == "train" else flags
     with pytest.raises(SystemExit) as err:
         main(args)
