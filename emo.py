@@ -47,7 +47,8 @@ class Config:
     z_coef: float = 1e-3  # softmax router: weight of the router z-loss
     rope_theta: float = 10000.0  # RoPE base frequency
     norm_eps: float = 2.0**-23  # RMSNorm epsilon: fp32's machine epsilon, torch's default (Llama: 1e-6)
-    phase_in_steps: int = 100  # silent growth: steps for a new expert's offset to climb one unit of score
+    phase_in_steps: int = 20  # silent growth: steps for a new expert's offset to climb one unit of score
+    # (20 measured better than 100 at 1M and 4M tokens: RESULTS.md, the default run)
     # EMO-modular document pools (off by default): each document routes inside its own pool of experts
     pool_size: int | float | None = None  # experts per pool: an int counts, a float in (0, 1] a share of E
     pool_size_range: tuple | None = None  # (lo, hi): training draws P per document and layer from [lo, hi]
