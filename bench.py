@@ -50,9 +50,10 @@ import emo
 import eval as evaluate
 import folders
 import plan
+import report
 import runs
 import train
-from data.corpus import Corpus, DataError, size_for_corpus
+from data.corpus import Corpus, DataError
 from emo import SettingError, require
 
 HERE = Path(__file__).resolve().parent
@@ -128,12 +129,12 @@ def moe_row(args, n_experts, device, dtype):
         paths["dense+compile"] = torch.compile(dense_ffn, dynamic=False)
     tps, peak = {}, {}
     for name, fn in paths.items():
-        tracked = runs.reset_peak_memory(device) and device.type == "cuda"  # a CPU's RSS says little per path
+        tracked = report.reset_peak_memory(device) and device.type == "cuda"  # a CPU's RSS says little per path
         tps[name] = args.tokens / seconds_per_call(fn, x, args.repeats, device)
-        peak[name] = runs.peak_memory(device) if tracked else None
+        peak[name] = report.peak_memory(device) if tracked else None
     best = "grouped+compile" if args.compile else "grouped"
     active = args.top_k * 3 * args.d_model * args.d_expert + n_experts * args.d_model  # experts a token uses + router
-    top = runs.peak_flops(device)
+    top = report.peak_flops(device)
     return {"experts": n_experts, "tokens_per_s": tps, "peak_memory": peak,
             "grouped_vs_dense": tps["grouped"] / tps["dense"], "grouped_vs_loop": tps["grouped"] / tps["loop"],
             "grouped_vs_naive": tps["grouped"] / tps["naive"],
@@ -198,7 +199,7 @@ def growth_flags(init, seed, out, args):
     """train.py flags of one growth run. The closed loop is off (Table 3's split), so each growth has steps of
     its own to show its spike and adoption; with it on, E = 8, 16, 32 would come at three consecutive steps."""
     return [f"--out_dir={out}", f"--growth_init={init}", "--replan=false", f"--total_tokens={args.total_tokens}",
-            f"--seed={seed}", f"--phase_in_steps={args.phase_in_steps}", "--eval_interval=5", "--eval_batches=4",
+            f"--seed={seed}", "--eval_interval=5", "--eval_batches=4",
             "--log_interval=1000000", "--sample_tokens=0", *shlex.split(args.train_args)]
 
 
@@ -243,7 +244,7 @@ def growth_row(records, init, seed, seconds):
 
 def print_growth(rows, args):
     print(f"growth: {args.total_tokens:,} tokens, train.py flags: {args.train_args or '(defaults)'}; "
-          f"silent phase-in {args.phase_in_steps} steps; {machine(torch.device('cpu'))}, torch {torch.__version__}")
+          f"{machine(torch.device('cpu'))}, torch {torch.__version__}")
     print(f"{'init':>8} {'seed':>4} {'growth':>7} {'step':>5} {'val before':>10} {'after':>7} {'spike':>8} "
           f"{'steps to recover':>16} {'steps to adopt':>14}")
     fmt = lambda v: "never" if v is None else str(v)
@@ -275,7 +276,7 @@ def timed_step(argv, n_experts):
     compile) and step of a run with these flags, on random tokens (timing needs tokens, not text).
     Returns (raw model, optimizer, device, step) where step(i) takes one optimizer step on batch i."""
     s, model_settings, _ = train.parse(argv)
-    size_for_corpus(model_settings, s.data)
+    train.size_for_corpus(model_settings, s.data)
     cfg = emo.Config(**{**model_settings, "n_experts": n_experts})
     train.validate(s, cfg, 1, 1)
     device = torch.device(runs.resolve_device(s.device))
@@ -298,11 +299,11 @@ def step_row(argv, n_experts, repeats):
     raw, optimizer, device, step = timed_step(argv, n_experts)
     for i in range(2):  # warm-up: first-call allocations, compilation, optimizer state
         step(i)
-    tracked = runs.reset_peak_memory(device)
+    tracked = report.reset_peak_memory(device)
     seconds = statistics.median(timed(lambda: step(i), device) for i in range(2, 2 + repeats))
-    peak = runs.peak_memory(device) if tracked else None
+    peak = report.peak_memory(device) if tracked else None
     tokens = raw.config.seq_len * train.parse(argv)[0].batch_size
-    mfu = runs.mfu(tokens / seconds, raw.config, device)
+    mfu = report.mfu(tokens / seconds, raw.config, device)
     # the optimizer step alone, on gradients of the size the training step leaves (zero_grad freed them)
     for p in raw.parameters():
         p.grad = torch.zeros_like(p)
@@ -310,7 +311,7 @@ def step_row(argv, n_experts, repeats):
     optimizer.zero_grad(set_to_none=True)
     dtype = runs.autocast_dtype(train.parse(argv)[0].dtype, device)
     cast = statistics.median(expert_cast_seconds(raw, dtype, device) for _ in range(repeats)) if dtype else None
-    state = runs.state_memory(raw, optimizer)
+    state = report.state_memory(raw, optimizer)
     growth = timed(lambda: (emo.grow_experts(raw, 2 * n_experts, init="gaussian"),
                             emo.grow_optimizer(optimizer, "reset")), device)
     return dict(experts=n_experts, step_seconds=seconds, tokens_per_second=tokens / seconds, mfu=mfu,
@@ -379,8 +380,7 @@ def arm_command(name, flags, seed, args):
     """(run folder, train.py command) of one arm and seed."""
     out = Path(args.out_dir) / f"{name}-seed{seed}"
     return out, [sys.executable, str(HERE / "train.py"), *flags, f"--seed={seed}",
-                 f"--total_tokens={args.total_tokens}", f"--phase_in_steps={args.phase_in_steps}",
-                 "--sample_tokens=0", *shlex.split(args.train_args), f"--out_dir={out}"]
+                 f"--total_tokens={args.total_tokens}", "--sample_tokens=0", *shlex.split(args.train_args), f"--out_dir={out}"]
 
 
 def check_arms(arms, args):
@@ -419,7 +419,7 @@ def bench_repro(args):
             out = run_arm(name, flags, seed, args)
             rows.append(repro_row(name, seed, out))
             folders.setdefault(name, []).append(out)
-    plot = runs.plot_losses(folders, Path(args.out_dir) / "curves.png",
+    plot = report.plot_losses(folders, Path(args.out_dir) / "curves.png",
                              title="validation bits per byte, every arm and seed (dotted: growth)")
     return dict(runs=rows, arms=repro_summary(rows), plots=[plot])
 
@@ -602,7 +602,7 @@ def frontier_summary(rows):
 
 
 def plot_frontier(summary, rows, png):
-    plt = runs.pyplot()
+    plt = report.pyplot()
     if plt is None:
         return f"no {png}: matplotlib is not installed (optional: pip install matplotlib)"
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -902,7 +902,7 @@ BENCH_OWNED = ("out_dir", "resume", "seed", "total_tokens", "stop_at")  # train.
 
 def check_args(args):
     """bench.py's own flags, before any work: one line naming the flag."""
-    for flag in ("tokens", "d_model", "d_expert", "top_k", "repeats", "phase_in_steps"):
+    for flag in ("tokens", "d_model", "d_expert", "top_k", "repeats"):
         require(getattr(args, flag) >= 1, f"--{flag}", getattr(args, flag), "a positive integer")
     require(math.isfinite(args.total_tokens) and args.total_tokens >= 1, "--total_tokens", args.total_tokens,
             "a finite number of tokens >= 1")
@@ -940,7 +940,6 @@ def main(argv=None):
     parser.add_argument("--seeds", default=None, help="growth, repro, frontier: comma-separated seeds (default 0; 0,1,2; 0,1)")
     parser.add_argument("--total_tokens", type=float, default=None,
                         help="growth, repro, frontier: tokens per training run (default 400000, 2500000, 2500000)")
-    parser.add_argument("--phase_in_steps", type=int, default=20, help="growth: silent init's phase-in")
     parser.add_argument("--out_dir", default=None, help="growth, repro, frontier: where the runs' folders go "
                         "(default runs/bench, runs/repro, runs/frontier)")
     parser.add_argument("--experts", default=None, help="moe, step: E to time (default 8,32,128; 8,16,32,64,128); "

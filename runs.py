@@ -1,6 +1,6 @@
 """The run machinery behind train.py, kept out of the training loop: flags and config files, the run folder
-and its lock, atomic files, checkpoints and the rules for resuming them, metrics.jsonl, processes and
-signals, and what a run measures of itself (MFU, memory, the loss plot). bench.py and eval.py use it too.
+and its lock, atomic files, checkpoints and the rules for resuming them, metrics.jsonl, devices, processes and
+signals. What a run reports of itself is in report.py. bench.py and eval.py use both.
 
 A run folder holds config.json, metrics.jsonl, latest.pt, stageN.pt (and stepN.pt with --keep_latest); one
 process at a time owns it (.lock). Checkpoints load with weights_only=True and are checked field by field.
@@ -19,9 +19,8 @@ import shlex
 import shutil
 import signal
 import sys
-import time
 from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -507,10 +506,19 @@ def check_resume(state, path, data, out_dir, world):
     return resume_destination(path, state, out_dir)
 
 
+@dataclass
+class Resume:
+    """What a resume hands the run: the checkpoint as load_checkpoint read it, its file, and whether the run
+    branches into a new folder (a run of its own) or continues in the checkpoint's."""
+    state: dict
+    path: Path
+    branching: bool
+
+
 def resume_from(resume, raw, optimizer, run):
     """Weights, optimizer moments, this rank's random state and the retention list from a checkpoint; returns
     its step. The loaded weights are dropped once copied (a copy kept for the run would double host memory)."""
-    state, path, branching = resume
+    state, path, branching = resume.state, resume.path, resume.branching
     load_weights(raw, state["model"], path)
     try:
         optimizer.load_state_dict(state["optimizer"])
@@ -522,16 +530,6 @@ def resume_from(resume, raw, optimizer, run):
     run.log(f"resumed from {path} at step {state['step']} (E={raw.config.n_experts})"
             + (f"; writing to {run.out_dir}" if branching else ""))
     return state["step"]
-
-
-def non_finite_advice(err, s, step, stage):
-    """A non-finite step as one line: where it happened, and a command the program accepts."""
-    last = Path(s.out_dir) / "latest.pt"
-    where = f"resume it with a lower learning rate: python train.py --resume={shlex.quote(s.out_dir)} --lr={s.lr / 4:g}" \
-        if last.exists() else "start again with a lower --lr"
-    return TrainingError(f"non-finite loss or gradient at step {step + 1} (stage {stage.index}, E={stage.experts}; "
-                         f"{err}); the step was not taken. Last checkpoint: {last if last.exists() else 'none yet'}; "
-                         f"{where}")
 
 
 def check_resume_step(step, path, n_experts, stages, stop_at):
@@ -693,6 +691,31 @@ def per_rank(value):
     return everyone
 
 
+def glibc():
+    """The C library, where it is glibc (mallopt, malloc_trim); None elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def keep_freed_memory():
+    """Ask glibc to keep freed memory in the process instead of returning each large block to the OS.
+
+    Training allocates and frees the same large activations every step; by default glibc maps each block
+    over 32 MB fresh and unmaps it on free, so every step pays page faults. On a 2-core CPU that was half
+    the MoE layer's time (bench.py moe: system time 26 s -> 2 s, E=128 tokens/s 1.8x). No-op off glibc.
+    """
+    libc = glibc()
+    if libc:
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: serve blocks up to 1 GiB from the heap
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never shrink the heap
+
+
 class Preemption:
     """SIGTERM / SIGINT ask the run to save a checkpoint at the next step boundary and exit cleanly."""
 
@@ -714,146 +737,6 @@ class Preemption:
         flag = torch.tensor([float(self.requested)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
-
-
-# ---------------------------------------------------------------------------------------------
-# What a run measures of itself: MFU, memory, the loss plot
-# ---------------------------------------------------------------------------------------------
-
-
-# Dense bf16 peak FLOP/s by CUDA device name, most specific first (the vendors' data sheets, without sparsity)
-PEAK_BF16_FLOPS = (("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H200 NVL", 835e12),
-                   ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12))
-
-
-def peak_flops(device):
-    """Dense bf16 peak FLOP/s of a CUDA device, or None where we do not know it (CPU, other GPUs)."""
-    device = torch.device(device)
-    return peak_flops_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-
-
-def peak_flops_of(name):
-    """Dense bf16 peak FLOP/s for a CUDA device name such as 'NVIDIA H100 PCIe'; None for names not listed."""
-    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
-
-
-def mfu(tokens_per_second, cfg, device):
-    """Model FLOPs utilisation from active parameters, or None on devices without a known peak."""
-    peak = peak_flops(device)
-    return None if peak is None else tokens_per_second * emo.flops_per_token(cfg) / peak
-
-
-def _glibc():
-    """The C library, where it is glibc (mallopt, malloc_trim); None elsewhere."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-def keep_freed_memory():
-    """Ask glibc to keep freed memory in the process instead of returning each large block to the OS.
-
-    Training allocates and frees the same large activations every step; by default glibc maps each block
-    over 32 MB fresh and unmaps it on free, so every step pays page faults. On a 2-core CPU that was half
-    the MoE layer's time (bench.py moe: system time 26 s -> 2 s, E=128 tokens/s 1.8x). No-op off glibc.
-    """
-    libc = _glibc()
-    if libc:
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: serve blocks up to 1 GiB from the heap
-        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never shrink the heap
-
-
-def reset_peak_memory(device):
-    """Start a peak-memory window: CUDA's allocator peak, or on Linux the process's peak resident set
-    (writing 5 to /proc/self/clear_refs resets VmHWM). Returns False where neither can be reset."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return True
-    libc = _glibc()
-    if libc:
-        libc.malloc_trim(0)  # give back what keep_freed_memory kept, else the window starts at that heap
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_memory(device):
-    """Bytes since reset_peak_memory: peak allocated tensors on CUDA; peak RSS of the whole process on CPU
-    (the Python and torch runtime included, so compare CPU values as differences)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    status = Path("/proc/self/status").read_text()
-    return int(status.split("VmHWM:")[1].split()[0]) * 1024  # reported in kB
-
-
-def state_memory(raw, optimizer):
-    """Bytes of weights + their gradients + optimizer moments: the memory growth adds to. Gradients are
-    counted at their size during the step (zero_grad frees them between steps)."""
-    params = [p for p in raw.parameters() if p.requires_grad]
-    moments = [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v) and v.dim()]
-    return sum(2 * p.numel() * p.element_size() for p in params) + sum(v.numel() * v.element_size() for v in moments)
-
-
-def pyplot():
-    """matplotlib.pyplot for writing PNGs, or None: matplotlib is optional."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def plot_losses(runs, png, title="validation bits per byte (dotted: expert growth)"):
-    """Validation bits per byte (validation loss for runs that did not record it) against tokens: the whole
-    run, and beside it the last 40 % zoomed in, where the arms part. runs: {label: run folder, or a list of
-    them (seeds: thin lines and their mean in bold)}; a dotted line at each growth of a label's first run.
-    matplotlib is optional: without it this writes nothing and says so."""
-    plt = pyplot()
-    if plt is None:
-        return f"no {png}: matplotlib is not installed (optional: pip install matplotlib)"
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    lines, bpb = [], True  # (color, x, y, width, label) for both panels; did every run record bits per byte
-    for i, (label, folders) in enumerate(runs.items()):
-        color, curves = f"C{i % 10}", []
-        for n, folder in enumerate(folders if isinstance(folders, list) else [folders]):
-            records = read_metrics(folder)
-            tokens = {0: 0, **{r["step"]: r["tokens"] for r in records if r["kind"] == "step"}}
-            evals = [r for r in records if r["kind"] == "eval"]
-            bpb = bpb and all("val_bpb" in r for r in evals)
-            curves.append({tokens[r["step"]]: r.get("val_bpb", r["val_loss"]) for r in evals})
-            for growth in (r for r in records if r["kind"] == "growth" and n == 0):
-                for ax in axes:
-                    ax.axvline(tokens[growth["step"]], color=color, linestyle=":", linewidth=1)
-        common = sorted(set.intersection(*map(set, curves)))
-        if len(curves) > 1:
-            lines += [(color, list(c), list(c.values()), 0.6, None) for c in curves]
-        lines.append((color, common, [sum(c[t] for c in curves) / len(curves) for t in common], 1.8,
-                      label + (f" ({len(curves)} seeds)" if len(curves) > 1 else "")))
-    end = max(max(x) for _, x, _, _, _ in lines)
-    late = [v for _, x, y, _, _ in lines for t, v in zip(x, y) if t >= 0.6 * end]
-    for ax in axes:
-        for color, x, y, width, label in lines:
-            ax.plot(x, y, color=color, linewidth=width, alpha=1.0 if label else 0.5, label=label)
-        ax.set(xlabel="tokens", ylabel="validation " + ("bits per byte" if bpb else "loss (bits per byte where recorded)"))
-    low = min(y for _, _, ys, _, label in lines if label for y in ys)
-    axes[0].set_ylim(low - 0.05, low + 1.2)  # the first evals would flatten the rest
-    axes[0].set_title(title, fontsize=10)
-    axes[1].set_xlim(0.6 * end, end * 1.01)
-    axes[1].set_ylim(min(late) - 0.01, max(late) + 0.01)
-    axes[1].set_title("the last 40 % of tokens", fontsize=10)
-    axes[1].legend(fontsize=8)
-    fig.savefig(png, dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    return f"wrote {png}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -928,7 +811,8 @@ class Run:
     def log_broken_step(self, step, err):
         """A signal to the process group killed torch.compile's workers mid-step: a stop, not a crash."""
         self.log(f"stopped by a signal during step {step + 1} ({type(err).__name__} in the step it broke); "
-                 + (f"resume with: python train.py --resume={shlex.quote(str(self.out_dir))}" if (self.out_dir / "latest.pt").exists()
+                 + (f"resume with: python train.py --resume={shlex.quote(str(self.out_dir))}"
+                    if (self.out_dir / "latest.pt").exists()
                     else "no checkpoint yet: run the same command again to start over"))
 
     def stop_requested(self):
@@ -962,88 +846,3 @@ class Run:
         for old in set(self.retained) - set(retained):
             (out / f"step{old}.pt").unlink(missing_ok=True)
         self.retained = retained
-
-
-# ---------------------------------------------------------------------------------------------
-# What the training loop reports of each step and stage
-# ---------------------------------------------------------------------------------------------
-
-
-def collapse_warnings(idle, loads, s, check_cv):
-    """Router collapse, per layer: experts that got no token for collapse_steps steps (said once, when
-    they reach it), or (when check_cv, at log steps) a load CV above max_load_cv."""
-    warnings = []
-    for layer, (layer_idle, load) in enumerate(zip(idle, loads)):
-        dead = (layer_idle == s.collapse_steps).nonzero().flatten().tolist()
-        if dead:
-            warnings.append(f"layer {layer}: experts {dead} got no token for {s.collapse_steps} steps")
-        cv = (load.std() / load.mean()).item() if check_cv else 0.0
-        if cv > s.max_load_cv:
-            warnings.append(f"layer {layer}: expert load CV {cv:.2f} > --max_load_cv={s.max_load_cv}")
-    return warnings
-
-
-class Meter:
-    """The step records, router-collapse warnings and progress line (tokens/s, MFU, ETA) of a run, and each
-    stage's cost in this process (training seconds, tokens, peak memory): what train.py's loop reports."""
-
-    def __init__(self, run, s, stages, step, batch_tokens):
-        self.run, self.s, self.stages, self.batch_tokens = run, s, stages, batch_tokens
-        self.total_steps = stages[-1].end
-        self.idle = torch.zeros(0)  # per layer and expert: steps since it last got a token
-        self.cost = None  # this stage's training time, tokens and peak memory (since a resume)
-        self.clock = dict(start=time.time(), start_step=step, last=time.time(), tokens=0)
-
-    def start_stage(self, stage, device):
-        self.cost = dict(stage=stage.index, seconds=0.0, tokens=0, tracked=reset_peak_memory(device))
-
-    def timed(self, take_step):
-        """take_step() (one optimizer step), its time and tokens counted toward the stage's cost."""
-        t0 = time.time()
-        result = take_step()
-        self.cost["seconds"] += time.time() - t0  # a step ends on .item(): the GPU work is done
-        self.cost["tokens"] += self.batch_tokens
-        self.clock["tokens"] += self.batch_tokens
-        return result
-
-    def log_step(self, stage, step, loss, ce, lr, grad_norm, loads, cfg, device):
-        """The step's record, router-collapse warnings, and the progress line every log_interval steps."""
-        s, run, total = self.s, self.run, self.total_steps
-        self.idle = (self.idle + 1) * (loads == 0) if self.idle.shape == loads.shape else (loads == 0).long()
-        for warning in collapse_warnings(self.idle, loads, s, check_cv=step % s.log_interval == 0):
-            run.log(f"step {step}: warning: {warning}")
-            run.record("warning", step=step, message=warning)
-        new_from = self.stages[stage.index - 2].experts if stage.index > 1 else stage.experts
-        run.record("step", step=step, stage=stage.index, experts=stage.experts, loss=loss, ce=ce, lr=lr,
-                   grad_norm=grad_norm.item(), tokens=step * self.batch_tokens,
-                   load_cv=(loads.std(dim=1) / loads.mean(dim=1)).mean().item(),
-                   new_share=(loads[:, new_from:].sum() / loads.sum()).item())
-        if step % s.log_interval == 0 or step == total:
-            clock, now = self.clock, time.time()
-            tps = clock["tokens"] / (now - clock["last"])
-            util = mfu(tps / run.world, cfg, device)
-            eta = (now - clock["start"]) / (step - clock["start_step"]) * (total - step)
-            run.log(f"step {step}/{total} | stage {stage.index}/{len(self.stages)} E={stage.experts} | loss "
-                    f"{loss:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | mfu {'-' if util is None else f'{util:.1%}'} | "
-                    f"eta {eta / 60:.1f} min")
-            clock["last"], clock["tokens"] = time.time(), 0
-
-    def log_eval(self, val, stage, step):
-        """An evaluation's line and record; returns val."""
-        self.run.log(f"step {step}: val loss {val['loss']:.4f}, {val['bpb']:.4f} bits per byte | "
-                     + " ".join(f"{d} {v:.3f}" for d, v in val["bpb_per_domain"].items()))
-        self.run.record("eval", step=step, stage=stage.index, experts=stage.experts, val_loss=val["loss"],
-                        val_bpb=val["bpb"], val_loss_per_domain=val["loss_per_domain"],
-                        val_bpb_per_domain=val["bpb_per_domain"])
-        return val
-
-    def end_stage(self, stage, step, val, raw, optimizer, device):
-        """The stage's summary record: what plan.py --fit reads, and what the stage cost."""
-        cost = self.cost
-        self.run.record("stage", step=step, stage=stage.index, experts=stage.experts, top_k=raw.config.top_k,
-                        n_active=raw.num_params(active=True), law_n_active=emo.law_active_params(raw.config),
-                        params_total=raw.num_params(), tokens=step * self.batch_tokens, val_loss=val["loss"],
-                        val_bpb=val["bpb"], seconds=time.time() - self.clock["start"], train_seconds=cost["seconds"],
-                        tokens_per_second=cost["tokens"] / cost["seconds"],
-                        peak_memory=peak_memory(device) if cost["tracked"] else None,
-                        state_memory=state_memory(raw, optimizer))

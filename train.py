@@ -30,8 +30,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import emo
 import plan
+import report
 import runs
-from data.corpus import DataError, epochs_warning, fingerprint, open_for_training, size_for_corpus
+import folders
+from data.corpus import DEFAULT_FOLDER, Corpus, DataError, fingerprint, prepare, vocabulary
 from emo import SettingError, require
 from runs import EXIT_STOPPED, TrainingError
 
@@ -201,6 +203,51 @@ def lr_at(step, s, total_steps, stage):
 # --- The model on its device, its optimizer, the data and evaluation ----------------------------------------
 
 
+def size_for_corpus(model_settings, folder):
+    """The model's vocabulary and end-of-text id default to the corpus's (from its meta.json), so nothing has
+    to be kept in sync by hand; the vocabulary is padded to a multiple of 64 (faster matmuls)."""
+    vocab, eot = vocabulary(folder)
+    model_settings.setdefault("vocab_size", -(-vocab // 64) * 64)
+    model_settings.setdefault("eot_id", eot)
+
+
+def open_data(s, cfg, rank):
+    """The train and val splits of --data, checked against the model (vocabulary, end-of-text id, window
+    length); the default corpus is prepared if missing (by rank 0, the others wait)."""
+    folder = Path(s.data)
+    if not (folder / "meta.json").exists() and folder.resolve() == DEFAULT_FOLDER.resolve():
+        why = folders.replace_problem(folder, "corpus")
+        if why:
+            raise DataError(f"--data={folder} holds no corpus, and the default one is not prepared there: it {why}; "
+                            f"move it away, or give --data=PATH")
+        if rank == 0:
+            print("preparing the default corpus (python data/prepare.py) ...")
+            prepare()
+        if dist.is_initialized():
+            dist.barrier()
+    train_data, val_data = Corpus(folder, "train"), Corpus(folder, "val")
+    if train_data.vocab_size > cfg.vocab_size:
+        raise SettingError(f"--vocab_size={cfg.vocab_size} is smaller than the corpus vocabulary "
+                           f"({train_data.vocab_size}, {folder}/meta.json)")
+    if cfg.eot_id != train_data.eot_id:
+        raise SettingError(f"--eot_id={cfg.eot_id} is not the corpus's end-of-text id {train_data.eot_id} "
+                           f"({folder}/meta.json): documents would be split in the wrong places")
+    for name, split in (("train", train_data), ("val", val_data)):
+        if split.n_windows(cfg.seq_len) < 1:
+            raise SettingError(f"--seq_len={cfg.seq_len} is longer than the {name} split of {folder} "
+                               f"({len(split.tokens)} tokens)")
+    return train_data, val_data
+
+
+def epochs_warning(s, train_data):
+    """A run that reads more tokens than the train split holds repeats it: said before training, not found later."""
+    epochs = s.total_tokens / len(train_data.tokens)
+    if epochs > 1:
+        return (f"--total_tokens={s.total_tokens:,} is {epochs:.1f} epochs of {s.data}'s train split "
+                f"({len(train_data.tokens):,} tokens): the data repeats")
+    return None
+
+
 def make_optimizer(raw, s, device):
     """AdamW; matrices decay, norms and other vectors do not."""
     params = [p for p in raw.parameters() if p.requires_grad]
@@ -294,16 +341,17 @@ def train(s, cfg, stages, world, resume=None, law=None):
     """Train to the end of the last stage, or until a signal or --stop_at: stage by stage, growing the
     experts at each stage's first step (grow), then step by step, the learning rate re-warming after each
     growth (lr_at). Returns (the model, whether the run finished).
-    resume: None, or (checkpoint state, its path, whether the run branches into a new folder); law: the
-    ScalingLaw the closed loop starts each refit from (default Table 3's)."""
+    resume: None, or a runs.Resume; law: the ScalingLaw the closed loop starts each refit from (default
+    Table 3's)."""
     law = law or emo.ScalingLaw()
     micro_tokens = s.batch_size * cfg.seq_len * world
     batch_tokens = s.batch_tokens or micro_tokens
     accum, total_steps = batch_tokens // micro_tokens, stages[-1].end
-    with runs.Run(s.out_dir, s.device, world, new=resume is None or resume[2], keep_latest=s.keep_latest) as run:
+    new = resume is None or resume.branching
+    with runs.Run(s.out_dir, s.device, world, new=new, keep_latest=s.keep_latest) as run:
         device, rank = run.device, run.rank
         dtype = runs.autocast_dtype(s.dtype, device)
-        train_data, val_data = open_for_training(s, cfg, rank, world)
+        train_data, val_data = open_data(s, cfg, rank)
         repeats = epochs_warning(s, train_data)
         if repeats:
             run.log(f"warning: {repeats}")
@@ -312,9 +360,9 @@ def train(s, cfg, stages, world, resume=None, law=None):
         raw = emo.Transformer(cfg).to(device)
         optimizer = make_optimizer(raw, s, device)
         # what the run trains on, kept in every checkpoint (a resume checked its own against the corpus)
-        step, data = 0, resume[0]["data"] if resume else fingerprint(s.data)
-        run_id = resume[0]["run"] if resume and not resume[2] else uuid.uuid4().hex  # a branch is a run of its own
-        evals = resume[0]["evals"] if resume else []  # (step, E, val loss) of every eval: what a re-plan refits
+        step, data = 0, resume.state["data"] if resume else fingerprint(s.data)
+        run_id = uuid.uuid4().hex if new else resume.state["run"]  # a branch is a run of its own
+        evals = resume.state["evals"] if resume else []  # (step, E, val loss) of every eval: what a re-plan refits
         if resume:
             step = runs.resume_from(resume, raw, optimizer, run)
         model = wrap(raw, s, device)
@@ -322,8 +370,8 @@ def train(s, cfg, stages, world, resume=None, law=None):
         run.log("stages: " + ", ".join(f"E={st.experts} steps {st.start}-{st.end}" for st in stages)
                 + f" ({total_steps} steps of {batch_tokens} tokens, {accum} micro-batches each)")
         run.start({"run": run_id, "settings": asdict(s), "model": asdict(cfg), "stages": [asdict(st) for st in stages]},
-                  resumed_from=resume and resume[1], step=step, source_run=resume and resume[0]["run"])
-        meter = runs.Meter(run, s, stages, step, batch_tokens)
+                  resumed_from=resume and resume.path, step=step, source_run=resume and resume.state["run"])
+        meter = report.Meter(run, s, stages, step, batch_tokens)
 
         def batch(i):  # this step's i-th micro-batch: this rank's share, in the seed's order
             return train_data.batch(step * accum + i, s.batch_size, cfg.seq_len, s.seed, rank, world)
@@ -344,7 +392,7 @@ def train(s, cfg, stages, world, resume=None, law=None):
                     loss, ce, grad_norm, loads = meter.timed(
                         lambda: train_step(model, optimizer, micro_batches, lr, s.grad_clip, dtype))
                 except NonFiniteLoss as err:
-                    raise runs.non_finite_advice(err, s, step, stage) from None
+                    raise report.non_finite_advice(err, s, step, stage) from None
                 except Exception as err:
                     if not run.preemption.requested:
                         raise
@@ -375,7 +423,7 @@ def train(s, cfg, stages, world, resume=None, law=None):
         if s.sample_tokens:
             run.log("sample: " + repr(sample(raw, train_data.encoding(), s.sample_tokens, device, dtype)))
         if run.master:  # record() flushed every line: the plot reads them all
-            run.log(runs.plot_losses({Path(s.out_dir).name: Path(s.out_dir)}, Path(s.out_dir) / "loss.png"))
+            run.log(report.plot_losses({Path(s.out_dir).name: Path(s.out_dir)}, Path(s.out_dir) / "loss.png"))
         if dist.is_initialized():  # wait for rank 0's sample and plot: a rank that tears down gloo early can abort
             dist.barrier()
     return raw, True
@@ -429,8 +477,7 @@ def sample(raw, enc, n_tokens, device, dtype):
 
 def setup(argv):
     """Flags -> (Settings, Config, stages, world size, resume, law) with every check that needs no data or
-    device. resume: None, or (checkpoint state, its path, whether the run branches into a new folder); law:
-    the ScalingLaw the schedule plans with."""
+    device. resume: None, or a runs.Resume; law: the ScalingLaw the schedule plans with."""
     s, model_settings, given = parse(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     resume = None
@@ -439,10 +486,10 @@ def setup(argv):
         s, model_settings = runs.resumed_settings(state, s, model_settings, given, RESUMABLE, PER_INVOCATION)
         out_dir, branching = runs.check_resume(state, path, s.data, "out_dir" in given and s.out_dir, world)
         s.out_dir = str(out_dir)
-        resume = (state, path, branching)
+        resume = runs.Resume(state, path, branching)
     experts, fractions = plan.parse_stages(s)
     # the law the schedule plans with, as values: a resume keeps its checkpoint's, whatever its --law file says now
-    law = emo.ScalingLaw(**resume[0]["law"]) if resume else plan.read_law(s.law) if s.law else emo.ScalingLaw()
+    law = emo.ScalingLaw(**resume.state["law"]) if resume else plan.read_law(s.law) if s.law else emo.ScalingLaw()
     if not resume:  # a new run starts at the first stage's E, sized for its corpus's tokenizer
         size_for_corpus(model_settings, s.data)
         first = experts[0]
@@ -456,17 +503,17 @@ def setup(argv):
         for E in experts:  # and every later stage's model too, so nothing is refused at a growth, mid-run
             emo.Config(**{**model_settings, "n_experts": E})
     except SettingError as err:
-        raise SettingError(f"--resume={resume[1]}: its model config: {err}") if resume else err from None
+        raise SettingError(f"--resume={resume.path}: its model config: {err}") if resume else err from None
     validate(s, cfg, world, len(experts))
     check_memory(emo.Config(**{**model_settings, "n_experts": experts[-1]}), s.device)
     micro_tokens = s.batch_size * cfg.seq_len * world
     stages = plan_schedule(s, cfg, s.batch_tokens or micro_tokens, experts, fractions, law)
     if resume:  # the stage ends as the run last moved them (the closed loop), from its checkpoint
-        ends = resume[0]["ends"]
-        require(len(ends) == len(experts) and ends[-1] == stages[-1].end, f"--resume={resume[1]}: its stage ends",
+        ends = resume.state["ends"]
+        require(len(ends) == len(experts) and ends[-1] == stages[-1].end, f"--resume={resume.path}: its stage ends",
                 ends, f"{len(experts)} ends, the last at step {stages[-1].end} (corrupt or edited)")
         stages = stages_at(experts, ends)
-        runs.check_resume_step(resume[0]["step"], resume[1], cfg.n_experts, stages, s.stop_at)
+        runs.check_resume_step(resume.state["step"], resume.path, cfg.n_experts, stages, s.stop_at)
     return s, cfg, stages, world, resume, law
 
 

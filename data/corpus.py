@@ -24,10 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import folders
-from emo import SettingError, require
 
 GPT2_VOCAB = 50257  # GPT-2's 256 bytes, 50,000 merges and <|endoftext|>
 DEFAULT_VOCAB = 8192  # the compact default: GPT-2's first 8,191 ranks + <|endoftext|> (README: why)
@@ -42,6 +40,12 @@ HF_SOURCES = {"fineweb-edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT", "web")
 
 class DataError(ValueError):
     """Bad input to data preparation or loading: printed as one line."""
+
+
+def require(ok, name, value, allowed):
+    """One line naming the flag, its value and what is allowed (emo.require's words, as a DataError)."""
+    if not ok:
+        raise DataError(f"{name}={value!r} is not allowed: must be {allowed}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,14 +498,6 @@ def vocabulary(folder):
     return corpus.vocab_size, corpus.eot_id
 
 
-def size_for_corpus(model_settings, folder):
-    """The model's vocabulary and end-of-text id default to the corpus's (from its meta.json), so nothing has
-    to be kept in sync by hand; the vocabulary is padded to a multiple of 64 (faster matmuls)."""
-    vocab, eot = vocabulary(folder)
-    model_settings.setdefault("vocab_size", -(-vocab // 64) * 64)
-    model_settings.setdefault("eot_id", eot)
-
-
 class Corpus:
     """One split of a prepared corpus: a uint16 token memmap plus each document's start offset and domain.
     Opening it checks the whole format once (sizes, the document index, token ids), so a damaged or foreign
@@ -626,45 +622,3 @@ class Corpus:
 def _epoch_order(seed, epoch, n):
     """The seeded random order in which epoch `epoch` visits the n windows."""
     return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-# ---------------------------------------------------------------------------------------------
-# The corpus meets the model (train.py)
-# ---------------------------------------------------------------------------------------------
-
-
-def open_for_training(s, cfg, rank, world):
-    """train.py's train and val splits of --data, checked against the model (vocabulary, end-of-text id, window
-    length); the default corpus is prepared if missing (by rank 0, the others wait)."""
-    folder = Path(s.data)
-    if not (folder / "meta.json").exists() and folder.resolve() == DEFAULT_FOLDER.resolve():
-        why = folders.replace_problem(folder, "corpus")
-        if why:
-            raise DataError(f"--data={folder} holds no corpus, and the default one is not prepared there: it {why}; "
-                            f"move it away, or give --data=PATH")
-        if rank == 0:
-            print("preparing the default corpus (python data/prepare.py) ...")
-            prepare()
-        if dist.is_initialized():
-            dist.barrier()
-    train_data, val_data = Corpus(folder, "train"), Corpus(folder, "val")
-    if train_data.vocab_size > cfg.vocab_size:
-        raise SettingError(f"--vocab_size={cfg.vocab_size} is smaller than the corpus vocabulary "
-                           f"({train_data.vocab_size}, {folder}/meta.json)")
-    if cfg.eot_id != train_data.eot_id:
-        raise SettingError(f"--eot_id={cfg.eot_id} is not the corpus's end-of-text id {train_data.eot_id} "
-                           f"({folder}/meta.json): documents would be split in the wrong places")
-    for name, split in (("train", train_data), ("val", val_data)):
-        if split.n_windows(cfg.seq_len) < 1:
-            raise SettingError(f"--seq_len={cfg.seq_len} is longer than the {name} split of {folder} "
-                               f"({len(split.tokens)} tokens)")
-    return train_data, val_data
-
-
-def epochs_warning(s, train_data):
-    """A run that reads more tokens than the train split holds repeats it: said before training, not found later."""
-    epochs = s.total_tokens / len(train_data.tokens)
-    if epochs > 1:
-        return (f"--total_tokens={s.total_tokens:,} is {epochs:.1f} epochs of {s.data}'s train split "
-                f"({len(train_data.tokens):,} tokens): the data repeats")
-    return None

@@ -17,7 +17,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: import from the repository
 import runs  # noqa: E402
 from data.corpus import DEFAULT_VOCAB, GPT2_VOCAB, DataError, prepare  # noqa: E402
-from emo import SettingError  # noqa: E402
 
 
 def main(argv=None):
@@ -32,7 +31,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         out = prepare(args.source, args.name, args.max_tokens, args.val_fraction, args.seed, args.vocab_size)
-    except (DataError, SettingError) as err:
+    except DataError as err:
         sys.exit(f"data/prepare.py: {err}")
     meta = json.loads((out / "meta.json").read_text())
     for split, info in meta["splits"].items():
