@@ -11,9 +11,14 @@ Read top to bottom, in the order the papers meet the ideas:
   8. Expert growth     EMO-progressive's stage transition: grow_experts, grow_optimizer
   9. Scaling law       the joint MoE law, its fit, and the stage-budget rule plan_stages
  10. Expert subsets    EMO-modular's selective use: select, restrict and prune experts; specialization
+ 11. Reference         reference_moe: each token routed alone, its experts run one by one (what tests compare to)
 
 EMO-progressive (arXiv 2605.13247) grows the expert pool E in stages at fixed top-k; EMO-modular (arXiv
 2605.06663) routes each document inside a pool of experts. Equations are cited by the numbers their papers print.
+
+Shapes, written [dims] throughout:
+  B batch (sequences)   T tokens per sequence   N = B*T tokens   d d_model   H heads   V vocabulary
+  E experts in a layer  k top_k (slots per token)   h d_expert   S documents in a batch   n rows of a chunk
 """
 
 import math
@@ -300,8 +305,8 @@ class MoE(nn.Module):
     def forward(self, x, seg=None):
         """x [B, T, d], seg [B*T] each token's document (pools on) -> output [B, T, d], router losses (lb, z)."""
         B, T, d = x.shape
-        x = x.reshape(B * T, d)  # (N, d)
-        idx, gates, counts, aux = self.route(x, seg)  # (N, k), (N, k), (E,)
+        x = x.reshape(B * T, d)  # [N, d]
+        idx, gates, counts, aux = self.route(x, seg)  # [N, k], [N, k], [E]
         y = self.dispatch(x, idx, gates, counts)
         if self.shared is not None:
             y = y + self.shared(x)
@@ -310,8 +315,8 @@ class MoE(nn.Module):
     def route(self, x, seg=None):
         """The router's choice for each token of x [N, d] among the experts it may use (its document's pool,
         this layer's restriction): (indices [N, k], gates [N, k], tokens per expert [E], (lb, z))."""
-        logits = self.router.logits(x)  # (N, E)
-        allowed = self.allowed_experts(logits, seg)  # None, or bool (N, E)
+        logits = self.router.logits(x)  # [N, E]
+        allowed = self.allowed_experts(logits, seg)  # None, or bool [N, E]
         k = self.cfg.top_k if self.expert_mask is None else min(self.cfg.top_k, int(self.expert_mask.sum()))
         return self.router(logits, allowed, k)
 
@@ -344,41 +349,6 @@ class MoE(nn.Module):
         ys = ys * gates.flatten()[order].unsqueeze(-1).to(ys.dtype)
         # scatter-add back in the residual's dtype: a token's k expert outputs are summed in full precision
         return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
-
-
-def reference_moe(moe, x, allowed=None):
-    """The MoE layer written the slow way, the spec its grouped dispatch is checked against (test_emo.py,
-    bench.py gpu): each token of x [N, d] routed alone, its k experts run one by one. allowed: per token,
-    the set of experts it may use (default: all). Returns the output [N, d] and the losses (lb, z)."""
-    cfg, E, k = moe.cfg, moe.n_experts, moe.cfg.top_k
-    outputs, probs, chosen_all, lse = [], [], [], []
-    for t in range(x.shape[0]):
-        logits = moe.router.weight @ x[t]
-        outside = torch.tensor([allowed is not None and e not in allowed[t] for e in range(E)], device=x.device)
-        if cfg.router == "sigmoid":
-            scores = logits.sigmoid()
-            chosen = (scores + moe.router.bias + moe.router.ramp).masked_fill(outside, float("-inf")).topk(k).indices
-            gates = scores[chosen] / scores[chosen].sum()
-        else:
-            logits = logits.masked_fill(outside, float("-inf"))
-            p = logits.softmax(-1)
-            gates, chosen = p.topk(k)
-            probs.append(p)
-            lse.append(torch.logsumexp(logits, -1))
-        y = torch.zeros_like(x[t])
-        for gate, e in zip(gates, chosen):
-            g, u = (x[t] @ moe.w_in[e]).chunk(2)
-            y = y + gate * ((F.silu(g) * u) @ moe.w_out[e])
-        if moe.shared is not None:
-            y = y + moe.shared(x[t])
-        outputs.append(y)
-        chosen_all.extend(chosen.tolist())
-    if cfg.router == "sigmoid":
-        return torch.stack(outputs), (0.0, 0.0)
-    f = torch.tensor([chosen_all.count(e) for e in range(E)], dtype=torch.float32, device=x.device) / len(chosen_all)
-    lb = E * sum(f[e] * torch.stack(probs)[:, e].mean() for e in range(E))
-    z = torch.stack(lse).square().mean()
-    return torch.stack(outputs), (lb, z)
 
 
 # 5. Document pools (EMO-modular) ----------------------------------------------------------------------------
@@ -453,17 +423,17 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
         for start in range(0, len(h), chunk):
             rows = slice(start, start + chunk)
-            logits = (hc[rows] @ wc.T).float()  # (n, V): the only logits alive
+            logits = (hc[rows] @ wc.T).float()  # [n, V]: the only logits alive
             lse = logits.logsumexp(dim=-1)  # (n,)
-            target = targets[rows, None]  # (n, 1)
+            target = targets[rows, None]  # [n, 1]
             losses[rows] = lse - logits.gather(1, target).squeeze(1)
             if want_h or want_w:
                 grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                 grad = grad.scatter_add_(1, target, -torch.ones_like(lse[:, None])).to(dtype)  # - onehot
                 if want_h:
-                    grad_h[rows] = grad @ wc  # (n, d)
+                    grad_h[rows] = grad @ wc  # [n, d]
                 if want_w:
-                    grad_w += grad.T @ hc[rows]  # (V, d), summed in fp32
+                    grad_w += grad.T @ hc[rows]  # [V, d], summed in fp32
         ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
         ctx.mark_non_differentiable(losses)
         return losses.sum(), losses
@@ -610,9 +580,6 @@ def flops_per_token(cfg):
     return 6 * count_params(cfg)[1] + 12 * cfg.n_layer * cfg.d_model * cfg.seq_len
 
 
-# 7. Load balancing: one call after every optimizer step -----------------------------------------------------
-
-
 def unwrap(model):
     """The Transformer inside DDP (.module) and torch.compile (._orig_mod) wrappers."""
     # `is not None`, never `or`: a module's truth value calls len(), which a compiled Transformer lacks
@@ -622,6 +589,9 @@ def unwrap(model):
 
 
 @torch.no_grad()
+# 7. Load balancing: one call after every optimizer step -----------------------------------------------------
+
+
 def update_router_bias(model):
     """Aux-loss-free balancing (DeepSeek-V3 sec. 2.1.2): b_i += gamma * sign(mean load - load_i).
 
@@ -948,3 +918,41 @@ def routing_report(counts):
     return dict(nmi=(mutual / entropy(p_domain).clamp(min=1e-12)).item(),
                 entropy=[(entropy(row) / math.log(counts.shape[1])).item() for row in within],
                 top=[row.topk(min(3, len(row))).indices.tolist() for row in counts])
+
+
+# 11. The slow reference: what the fast MoE path is tested against ----------------------------------------
+
+
+def reference_moe(moe, x, allowed=None):
+    """The MoE layer written the slow way, the spec its grouped dispatch is checked against (test_emo.py,
+    bench.py gpu): each token of x [N, d] routed alone, its k experts run one by one. allowed: per token,
+    the set of experts it may use (default: all). Returns the output [N, d] and the losses (lb, z)."""
+    cfg, E, k = moe.cfg, moe.n_experts, moe.cfg.top_k
+    outputs, probs, chosen_all, lse = [], [], [], []
+    for t in range(x.shape[0]):
+        logits = moe.router.weight @ x[t]
+        outside = torch.tensor([allowed is not None and e not in allowed[t] for e in range(E)], device=x.device)
+        if cfg.router == "sigmoid":
+            scores = logits.sigmoid()
+            chosen = (scores + moe.router.bias + moe.router.ramp).masked_fill(outside, float("-inf")).topk(k).indices
+            gates = scores[chosen] / scores[chosen].sum()
+        else:
+            logits = logits.masked_fill(outside, float("-inf"))
+            p = logits.softmax(-1)
+            gates, chosen = p.topk(k)
+            probs.append(p)
+            lse.append(torch.logsumexp(logits, -1))
+        y = torch.zeros_like(x[t])
+        for gate, e in zip(gates, chosen):
+            g, u = (x[t] @ moe.w_in[e]).chunk(2)
+            y = y + gate * ((F.silu(g) * u) @ moe.w_out[e])
+        if moe.shared is not None:
+            y = y + moe.shared(x[t])
+        outputs.append(y)
+        chosen_all.extend(chosen.tolist())
+    if cfg.router == "sigmoid":
+        return torch.stack(outputs), (0.0, 0.0)
+    f = torch.tensor([chosen_all.count(e) for e in range(E)], dtype=torch.float32, device=x.device) / len(chosen_all)
+    lb = E * sum(f[e] * torch.stack(probs)[:, e].mean() for e in range(E))
+    z = torch.stack(lse).square().mean()
+    return torch.stack(outputs), (lb, z)
