@@ -127,10 +127,9 @@ def validate(s, cfg, world, n_stages):
     free = s.replan_params.split(",")
     require(set(free) <= set(emo.LAW_COEFFICIENTS) and len(set(free)) == len(free), "--replan_params",
             s.replan_params, f"names of the law's coefficients, each once: {', '.join(emo.LAW_COEFFICIENTS)}")
-    micro_tokens = s.batch_size * cfg.seq_len * world
+    micro_tokens, step_tokens = batch_tokens_of(s, cfg, world)
     require(s.batch_tokens % micro_tokens == 0, "--batch_tokens", s.batch_tokens,
             f"a multiple of batch_size * seq_len * processes = {s.batch_size}*{cfg.seq_len}*{world} = {micro_tokens}")
-    step_tokens = s.batch_tokens or micro_tokens
     require(s.total_tokens >= step_tokens * n_stages, "--total_tokens", s.total_tokens,
             f"at least one optimizer step per stage: {n_stages} x {step_tokens} tokens (" +
             ("--batch_tokens" if s.batch_tokens else f"--batch_size * --seq_len * processes = {s.batch_size} * "
@@ -139,6 +138,13 @@ def validate(s, cfg, world, n_stages):
             s.growth_init, "gaussian or copy with --router=softmax (softmax gates are normalised over all experts, "
             "so no growth can leave the output unchanged)")
     runs.resolve_device(s.device)
+
+
+def batch_tokens_of(s, cfg, world):
+    """(tokens of one micro-batch over all processes, tokens of one optimizer step): --batch_tokens, or one
+    micro-batch per process."""
+    micro_tokens = s.batch_size * cfg.seq_len * world
+    return micro_tokens, s.batch_tokens or micro_tokens
 
 
 def check_memory(cfg, device_setting):
@@ -344,8 +350,7 @@ def train(s, cfg, stages, world, resume=None, law=None):
     resume: None, or a runs.Resume; law: the ScalingLaw the closed loop starts each refit from (default
     Table 3's)."""
     law = law or emo.ScalingLaw()
-    micro_tokens = s.batch_size * cfg.seq_len * world
-    batch_tokens = s.batch_tokens or micro_tokens
+    micro_tokens, batch_tokens = batch_tokens_of(s, cfg, world)
     accum, total_steps = batch_tokens // micro_tokens, stages[-1].end
     new = resume is None or resume.branching
     with runs.Run(s.out_dir, s.device, world, new=new, keep_latest=s.keep_latest) as run:
@@ -506,8 +511,7 @@ def setup(argv):
         raise SettingError(f"--resume={resume.path}: its model config: {err}") if resume else err from None
     validate(s, cfg, world, len(experts))
     check_memory(emo.Config(**{**model_settings, "n_experts": experts[-1]}), s.device)
-    micro_tokens = s.batch_size * cfg.seq_len * world
-    stages = plan_schedule(s, cfg, s.batch_tokens or micro_tokens, experts, fractions, law)
+    stages = plan_schedule(s, cfg, batch_tokens_of(s, cfg, world)[1], experts, fractions, law)
     if resume:  # the stage ends as the run last moved them (the closed loop), from its checkpoint
         ends = resume.state["ends"]
         require(len(ends) == len(experts) and ends[-1] == stages[-1].end, f"--resume={resume.path}: its stage ends",
