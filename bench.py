@@ -48,6 +48,7 @@ import torch
 
 import emo
 import eval as evaluate
+import flags
 import folders
 import plan
 import report
@@ -927,7 +928,7 @@ def check_args(args):
 
 
 def main(argv=None):
-    parser = runs.ArgumentParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = flags.ArgumentParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["moe", "growth", "step", "repro", "frontier", "gpu"], help="what to run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")

@@ -21,6 +21,7 @@ import torch
 
 import emo
 import export
+import flags
 import plan
 import runs
 import train
@@ -163,7 +164,7 @@ def parse_shares(text):
 
 
 def main(argv=None):
-    p = runs.ArgumentParser(prog="eval.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = flags.ArgumentParser(prog="eval.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint, or a run folder (its latest.pt)")
     p.add_argument("--data", help="corpus folder (default: the run's)")
     p.add_argument("--keep", help="shares of each layer's experts to keep (default 1,0.5,0.25,0.125, those of "

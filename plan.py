@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import emo
+import flags
 import runs
 from emo import SettingError, require
 
@@ -36,7 +37,7 @@ PAPER_SPLIT = {8: 23.5, 16: 9.5, 32: 16.5, 64: 21.8, 128: 28.6}  # % of tokens p
 
 
 def parse_args(argv):
-    p = runs.ArgumentParser(prog="plan.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = flags.ArgumentParser(prog="plan.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named run; other flags override its values")
     p.add_argument("--n_active", type=float, help="the law's N (default: emo.law_active_params of the model shape: "
                    "active parameters with the tied embedding counted twice, as the law counts them)")

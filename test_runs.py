@@ -15,6 +15,7 @@ import torch
 import bench
 import emo
 import eval as evaluate
+import flags
 import plan
 import report
 import runs
@@ -307,7 +308,7 @@ def test_every_argparse_flag_has_a_meaning(monkeypatch):
         seen[parser.prog] = [a.option_strings[0] for a in parser._actions if a.help is None]
         raise SystemExit(0)
 
-    monkeypatch.setattr(runs.ArgumentParser, "parse_args", record)
+    monkeypatch.setattr(flags.ArgumentParser, "parse_args", record)
     for main in (bench.main, evaluate.main, plan.main, prepare_main):
         with pytest.raises(SystemExit):
             main([])

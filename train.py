@@ -32,6 +32,7 @@ import emo
 import plan
 import report
 import runs
+import flags
 import folders
 from data.corpus import DEFAULT_FOLDER, Corpus, DataError, fingerprint, prepare, vocabulary
 from emo import SettingError, require
@@ -98,7 +99,7 @@ PER_INVOCATION = {"resume", "config", "stop_at"}  # orders for this command only
 
 def parse(argv):
     """--key=value flags (and a --config JSON file) -> (Settings, model settings dict, keys given)."""
-    typed = runs.parse_flags(argv, __doc__, (Settings, emo.Config), same_thing=("stages", "experts"))
+    typed = flags.parse_flags(argv, __doc__, (Settings, emo.Config), same_thing=("stages", "experts"))
     if "n_experts" in typed:
         raise SettingError("--n_experts is set by the schedule: give the stage list --experts=2,4,8 instead")
     settings = Settings(**{k: v for k, v in typed.items() if k in Settings.__dataclass_fields__})

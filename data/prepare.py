@@ -15,12 +15,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: import from the repository
-import runs  # noqa: E402
+import flags  # noqa: E402
 from data.corpus import DEFAULT_VOCAB, GPT2_VOCAB, DataError, prepare  # noqa: E402
 
 
 def main(argv=None):
-    p = runs.ArgumentParser(prog="data/prepare.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = flags.ArgumentParser(prog="data/prepare.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", help="folder, glob, or hf:fineweb-edu / hf:tinystories (default: this Python)")
     p.add_argument("--name", help="output folder name under data/ (default: 'default' or the source's name)")
     p.add_argument("--max_tokens", type=float, default=4e6, help="cap on tokens, shared fairly by domains")
