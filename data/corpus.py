@@ -42,7 +42,7 @@ class DataError(ValueError):
     """Bad input to data preparation or loading: printed as one line."""
 
 
-def require(ok, name, value, allowed):
+def require_data(ok, name, value, allowed):
     """One line naming the flag, its value and what is allowed (emo.require's words, as a DataError)."""
     if not ok:
         raise DataError(f"{name}={value!r} is not allowed: must be {allowed}")
@@ -86,7 +86,7 @@ def gpt2_encoding(vocab_size=GPT2_VOCAB):
     import tiktoken
     from tiktoken_ext.openai_public import r50k_pat_str
 
-    require(isinstance(vocab_size, int) and 257 <= vocab_size <= GPT2_VOCAB, "--vocab_size", vocab_size,
+    require_data(isinstance(vocab_size, int) and 257 <= vocab_size <= GPT2_VOCAB, "--vocab_size", vocab_size,
             f"an integer from 257 (the 256 bytes and <|endoftext|>) to {GPT2_VOCAB} (all of GPT-2)")
     ranks = {token: rank for token, rank in gpt2_ranks().items() if rank < vocab_size - 1}
     return tiktoken.Encoding(name="gpt2" if vocab_size == GPT2_VOCAB else f"gpt2-{vocab_size}",
@@ -344,9 +344,9 @@ def prepare(source=None, name=None, max_tokens=4_000_000, val_fraction=0.05, see
             out_root=HERE):
     """Prepare one corpus; returns its folder. Everything is written to a temporary folder and renamed into
     place at the end, so a failed run leaves the old corpus or none. Errors are one-line DataErrors."""
-    require(0 < val_fraction < 1, "--val_fraction", val_fraction, "between 0 and 1")
-    require(math.isfinite(max_tokens) and max_tokens >= 1, "--max_tokens", max_tokens, "a finite number >= 1")
-    require(source != "", "--source", source, "a folder, a glob or hf:NAME (leave it out for the default corpus)")
+    require_data(0 < val_fraction < 1, "--val_fraction", val_fraction, "between 0 and 1")
+    require_data(math.isfinite(max_tokens) and max_tokens >= 1, "--max_tokens", max_tokens, "a finite number >= 1")
+    require_data(source != "", "--source", source, "a folder, a glob or hf:NAME (leave it out for the default corpus)")
     out_root = Path(out_root)
     out_dir = out_root / corpus_name(source, name)
     why = folders.replace_problem(out_dir, "corpus")  # only a corpus, and nothing a user put beside it, is replaced
