@@ -1,6 +1,6 @@
 """Train an MoE whose expert pool grows in stages (EMO-progressive), on CPU, one GPU, or many via torchrun.
 
-python train.py                                    # the default: E = 2 -> 4 -> ... -> 32, ~6 minutes on 2 CPU cores
+python train.py                                    # the default: E = 2 -> 4 -> ... -> 32, ~7 minutes on 2 CPU cores
 python train.py --config=configs/gpu-8x.json       # settings from a JSON file; flags override it
 torchrun --standalone --nproc_per_node=8 train.py --config=configs/gpu-8x.json
 python train.py --resume=runs/default              # continue exactly where a run stopped
