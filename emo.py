@@ -639,13 +639,20 @@ def grow_experts(model, n_experts, init="gaussian"):
     cfg = model.config
     require(_is_int(n_experts) and n_experts > cfg.n_experts, "grow_experts: n_experts", n_experts,
             f"an integer > the current {cfg.n_experts}")
-    require(init in GROWTH_INITS, "grow_experts: init", init, f"one of {', '.join(GROWTH_INITS)}")
-    require(init not in PHASED_INITS or cfg.router == "sigmoid", "grow_experts: init", init, "gaussian or copy with "
-            "router='softmax': its gates are normalised over all experts, so any new expert changes every output")
+    check_growth_init(init, cfg.router)
     model.config = replace(cfg, n_experts=n_experts)  # validated before any weight changes
     for moe in model.moe_layers():
         grow_layer(moe, n_experts - moe.n_experts, init)
     return model
+
+
+def check_growth_init(init, router, name="grow_experts: init"):
+    """An init grow_experts knows, and a function-preserving one only with the sigmoid router: softmax gates are
+    normalised over all experts, so any new expert changes every output. name: the setting, as the caller says it
+    (train.py refuses --growth_init with this before any work)."""
+    require(init in GROWTH_INITS, name, init, f"one of {', '.join(GROWTH_INITS)}")
+    require(init not in PHASED_INITS or router == "sigmoid", name, init, "gaussian or copy with router='softmax' "
+            "(its gates are normalised over all experts, so any new expert changes every output)")
 
 
 def grow_layer(moe, n_new, init):

@@ -318,7 +318,7 @@ TRAIN_BAD = [
     (["--min_lr_frac=2"], "--min_lr_frac=2.0 is not allowed"), (["--decay_frac=nan"], "--decay_frac=nan is not allowed"),
     (["--max_load_cv=0"], "--max_load_cv=0.0 is not allowed"), (["--total_tokens=inf"], "--total_tokens=inf: expected int"),
     (["--total_tokens=nan"], "--total_tokens=nan: expected int"), (["--total_tokens=1e99999"], "--total_tokens=1e99999: expected int"),
-    (["--router=softmax", "--growth_init=silent"], "--growth_init='silent' is not allowed: must be gaussian or copy with --router=softmax"),
+    (["--router=softmax", "--growth_init=silent"], "--growth_init='silent' is not allowed: must be gaussian or copy with router='softmax'"),
     (["--out_dir="], "--out_dir= is empty: give a value"), (["--stages="], "--stages= is empty"),
     (["--resume="], "--resume= is empty"), (["--pool_size="], "--pool_size= is empty"), (["--out_dir={tmp}/afile"], "--out_dir=.*afile is a file"),
     (["--out_dir=/proc/emo-run"], "--out_dir=/proc/emo-run: cannot create it"),

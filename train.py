@@ -135,9 +135,8 @@ def validate(s, cfg, world, n_stages):
             f"at least one optimizer step per stage: {n_stages} x {step_tokens} tokens (" +
             ("--batch_tokens" if s.batch_tokens else f"--batch_size * --seq_len * processes = {s.batch_size} * "
              f"{cfg.seq_len} * {world}") + "); or make the batch smaller")
-    require(not (s.growth_init in emo.PHASED_INITS and cfg.router == "softmax" and n_stages > 1), "--growth_init",
-            s.growth_init, "gaussian or copy with --router=softmax (softmax gates are normalised over all experts, "
-            "so no growth can leave the output unchanged)")
+    if n_stages > 1:  # a fixed run never grows: any init is fine there
+        emo.check_growth_init(s.growth_init, cfg.router, "--growth_init")
     runs.resolve_device(s.device)
 
 
