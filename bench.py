@@ -381,7 +381,8 @@ def arm_command(name, flags, seed, args):
     """(run folder, train.py command) of one arm and seed."""
     out = Path(args.out_dir) / f"{name}-seed{seed}"
     return out, [sys.executable, str(HERE / "train.py"), *flags, f"--seed={seed}",
-                 f"--total_tokens={args.total_tokens}", "--sample_tokens=0", *shlex.split(args.train_args), f"--out_dir={out}"]
+                 f"--total_tokens={args.total_tokens}", "--sample_tokens=0", *shlex.split(args.train_args),
+                 f"--out_dir={out}"]
 
 
 def check_arms(arms, args):

@@ -104,9 +104,9 @@ def check_export(args, model, domains, keep):
     and target folders that lose nothing (export.export_problem)."""
     export.transformers_or_refuse()
     export.check_exportable(model)
-    n = min(round(s * model.config.n_experts) for s in keep)
-    require(model.config.router == "softmax" or n >= 2, "--keep", args.keep or DEFAULT_KEEP, f"shares that keep at "
-            f"least 2 of the E={model.config.n_experts} experts to export a sigmoid-router model (one keeps {n})")
+    n, least = min(round(s * model.config.n_experts) for s in keep), export.min_experts(model.config.router)
+    require(n >= least, "--keep", args.keep or DEFAULT_KEEP, f"shares that keep at least {least} of the "
+            f"E={model.config.n_experts} experts to export a {model.config.router}-router model (one keeps {n})")
     for folder in export_targets(args.export, domains, keep):
         why = export.export_problem(folder)
         require(not why, "--export", args.export, f"a folder whose exports lose nothing: {folder} {why}; give "

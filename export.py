@@ -72,8 +72,13 @@ def check_exportable(model):
             "model with pool_size=None, as eval.py does)")
     require(all(moe.expert_mask is None for moe in model.moe_layers()), "expert restriction", "set",
             "none to export (a restriction hides experts without removing them: prune them with emo.prune_experts)")
-    require(cfg.router == "softmax" or cfg.n_experts >= 2, "n_experts", cfg.n_experts, "at least 2 to export a "
+    require(cfg.n_experts >= min_experts(cfg.router), "n_experts", cfg.n_experts, "at least 2 to export a "
             "sigmoid-router model (Glm4Moe's router takes the top two scores of its expert group): keep more experts")
+
+
+def min_experts(router):
+    """The fewest experts a stock class routes among: Glm4Moe's router (sigmoid) takes its group's top two."""
+    return 2 if router == "sigmoid" else 1
 
 
 @torch.no_grad()

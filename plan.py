@@ -305,7 +305,7 @@ def law_problem(values):
             f": it holds exactly {', '.join(emo.LAW_COEFFICIENTS)}"
     for k in emo.LAW_COEFFICIENTS:
         v = values[k]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        if not is_number(v):
             return f"{k} = {v!r}: expected a finite number"
         ok, allowed = LAW_RANGES.get(k, (lambda v: True, ""))
         if not ok(v):
@@ -313,16 +313,16 @@ def law_problem(values):
     return None
 
 
-def read_law(path, flag="--law"):
+def read_law(path):
     """A ScalingLaw from a JSON file of its coefficients (plan.py --save_law writes one), checked like a flag."""
     try:
         values = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise SettingError(f"{flag}={path}: cannot read a JSON object of the law's coefficients "
+        raise SettingError(f"--law={path}: cannot read a JSON object of the law's coefficients "
                            f"({type(err).__name__})") from None
     why = law_problem(values)
     if why:
-        raise SettingError(f"{flag}={path}: {why}")
+        raise SettingError(f"--law={path}: {why}")
     return replace(emo.ScalingLaw(), **{k: float(values[k]) for k in emo.LAW_COEFFICIENTS})
 
 

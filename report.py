@@ -19,9 +19,9 @@ def non_finite_advice(err, s, step, stage):
     command = f"python train.py --resume={shlex.quote(s.out_dir)} --lr={s.lr / 4:g}"
     where = f"resume it with a lower learning rate: {command}" \
         if last.exists() else "start again with a lower --lr"
-    return runs.TrainingError(f"non-finite loss or gradient at step {step + 1} (stage {stage.index}, E={stage.experts}; "
-                         f"{err}); the step was not taken. Last checkpoint: {last if last.exists() else 'none yet'}; "
-                         f"{where}")
+    return runs.TrainingError(f"non-finite loss or gradient at step {step + 1} (stage {stage.index}, "
+                              f"E={stage.experts}; {err}); the step was not taken. Last checkpoint: "
+                              f"{last if last.exists() else 'none yet'}; {where}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -343,13 +343,11 @@ def train_step(model, optimizer, micro_batches, lr, grad_clip, dtype):
 # --- The run: stage by stage, step by step ------------------------------------------------------------------
 
 
-def train(s, cfg, stages, world, resume=None, law=None):
+def train(s, cfg, stages, world, resume, law):
     """Train to the end of the last stage, or until a signal or --stop_at: stage by stage, growing the
     experts at each stage's first step (grow), then step by step, the learning rate re-warming after each
     growth (lr_at). Returns (the model, whether the run finished).
-    resume: None, or a runs.Resume; law: the ScalingLaw the closed loop starts each refit from (default
-    Table 3's)."""
-    law = law or emo.ScalingLaw()
+    resume: None, or a runs.Resume; law: the ScalingLaw the closed loop starts each refit from."""
     micro_tokens, batch_tokens = batch_tokens_of(s, cfg, world)
     accum, total_steps = batch_tokens // micro_tokens, stages[-1].end
     new = resume is None or resume.branching

@@ -132,7 +132,9 @@ def local_documents(source):
     root = Path(source)
     if root.is_dir():
         found = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix in (".txt", ".md", ".jsonl"))
-        domain_of = lambda f: f.relative_to(root).parts[0] if len(f.relative_to(root).parts) > 1 else root.resolve().name
+        # files at the top take the folder's own name, resolved so that --source=. names a domain too
+        domain_of = lambda f: f.relative_to(root).parts[0] if len(f.relative_to(root).parts) > 1 else \
+            root.resolve().name
     else:
         found = sorted(Path(f) for f in glob.glob(source, recursive=True) if Path(f).is_file())
         domain_of = lambda f: f.parent.resolve().name or "default"
