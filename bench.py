@@ -644,6 +644,83 @@ def print_frontier(result, args):
 
 
 # ---------------------------------------------------------------------------------------------
+# bench.py modular: where EMO-modular's gaps to a standard MoE and to a model trained at the pruned size come from
+# ---------------------------------------------------------------------------------------------
+
+# the paper's recipe (EMO-modular sec. 3, at emo's size) as flags over configs/modular.json
+PAPER_MODULAR = ("--router=softmax", "--lb_coef=0.1", "--z_coef=0.001", "--lb_window=1",
+                 "--pool_size_range=0.0625,1.0", "--doc_attention=true")
+# each lead: the flags it changes from the paper's recipe, for the standard MoE and EMO-modular alike
+MODULAR_LEADS = {"paper": (), "window": ("--lb_window=100",), "floor": ("--pool_size_range=0.25,1.0",),
+                 "sigmoid": ("--router=sigmoid",), "fine": ("--experts=128", "--top_k=8", "--d_expert=16")}
+MODULAR_KEEP = 0.25  # the share of experts the subsets keep (the paper's 32 of 128)
+
+
+def modular_arms(args):
+    """{lead: {role: (run name, train.py flags)}} for the leads asked for. Roles: "standard" (no pools),
+    "modular" (pools), "trained" (no pools, MODULAR_KEEP of the experts: the pruned subset's shape, trained from
+    scratch). A lead that changes nothing for a role shares that role's run with the paper's recipe."""
+    recipe, no_pools = f"--config={HERE / 'configs' / 'modular.json'}", "--pool_size_range=none"
+    arms = {}
+    for lead in args.leads.split(","):
+        flags = [f for f in MODULAR_LEADS[lead] if not f.startswith("--experts=")]
+        E = next((int(f.split("=")[1]) for f in MODULAR_LEADS[lead] if f.startswith("--experts=")), 32)
+        pools_only = all(f.startswith("--pool_size") for f in flags) and flags
+        base = "paper" if pools_only else lead
+        arms[lead] = {
+            "standard": (f"standard-{base}", [recipe, *PAPER_MODULAR, *([] if pools_only else flags), no_pools,
+                                              "--schedule=fixed", f"--experts={E}"]),
+            "modular": (f"modular-{lead}", [recipe, *PAPER_MODULAR, *flags, "--schedule=fixed", f"--experts={E}"]),
+            "trained": (f"trained-{base}", [recipe, *PAPER_MODULAR, *([] if pools_only else flags), no_pools,
+                                            "--schedule=fixed", f"--experts={round(MODULAR_KEEP * E)}"])}
+    return arms
+
+
+def bench_modular(args):
+    """Train every lead's three roles for every seed; measure the standard MoE whole, EMO-modular whole and
+    pruned per domain to MODULAR_KEEP (eval.py's selection), the trained-at-size MoE whole. Returns the runs
+    and, per lead, the two gaps seed by seed: modular - standard (whole models) and pruned modular - trained."""
+    arms = modular_arms(args)
+    check_arms({name: flags for roles in arms.values() for name, flags in roles.values()}, args)
+    measured = {}
+    for seed in [int(x) for x in args.seeds.split(",")]:
+        for roles in arms.values():
+            for role, (name, flags) in roles.items():
+                if (name, seed) not in measured:
+                    shares = (1.0, MODULAR_KEEP) if role == "modular" else (1.0,)
+                    measured[name, seed] = frontier_rows(name, seed, run_arm(name, flags, seed, args), shares)
+    bpb = {(name, seed, r["keep"]): r["bpb"] for (name, seed), rows in measured.items() for r in rows}
+    leads = []
+    for lead, roles in arms.items():
+        (std, _), (mod, _), (trained, _) = roles["standard"], roles["modular"], roles["trained"]
+        seeds = sorted({seed for name, seed, _ in bpb if name == mod})
+        full = [bpb[mod, s, 1.0] - bpb[std, s, 1.0] for s in seeds]
+        pruned = [bpb[mod, s, MODULAR_KEEP] - bpb[trained, s, 1.0] for s in seeds]
+        leads.append(dict(lead=lead, flags=list(MODULAR_LEADS[lead]), seeds=seeds,
+                          standard=[bpb[std, s, 1.0] for s in seeds], modular=[bpb[mod, s, 1.0] for s in seeds],
+                          full_gap=full, pruned_gap=pruned))
+    return dict(runs=[r | dict(arm=name, seed=seed) for (name, seed), rows in measured.items() for r in rows],
+                leads=leads)
+
+
+def spread(values):
+    return f"{statistics.mean(values):+.4f} ({min(values):+.4f}..{max(values):+.4f})"
+
+
+def print_modular(result, args):
+    print(f"modular: {args.total_tokens:,} tokens per run, configs/modular.json with the paper's recipe "
+          f"({' '.join(PAPER_MODULAR)}) and each lead's change; train.py flags: {args.train_args or '(none)'}; "
+          f"{machine(torch.device('cpu'))}, torch {torch.__version__}")
+    print(f"{'lead':>8} {'flags':>44} {'standard bpb':>13} {'modular - standard':>28} "
+          f"{'pruned to ' + format(MODULAR_KEEP, '.0%') + ' - trained at that size':>40}")
+    for lead in result["leads"]:
+        print(f"{lead['lead']:>8} {' '.join(lead['flags']) or '(the paper)':>44} "
+              f"{statistics.mean(lead['standard']):>13.4f} {spread(lead['full_gap']):>28} {spread(lead['pruned_gap']):>40}")
+    print("bpb: validation bits per byte, the mean of the domains' (64 validation windows each); gaps seed by seed: "
+          "mean (min..max) over seeds; pruned: each domain's experts chosen from 8 of its training windows")
+
+
+# ---------------------------------------------------------------------------------------------
 # bench.py gpu: every CUDA path in one command (on a CPU: the part a CPU can check, the rest named)
 # ---------------------------------------------------------------------------------------------
 
@@ -915,6 +992,9 @@ def check_args(args):
             values = []
         require(values and min(values) >= lo and len(set(values)) == len(values), f"--{flag}", getattr(args, flag),
                 f"comma-separated integers >= {lo}, each once")
+    leads = args.leads.split(",")
+    require(all(lead in MODULAR_LEADS for lead in leads) and len(set(leads)) == len(leads), "--leads", args.leads,
+            f"a comma-separated subset of {','.join(MODULAR_LEADS)}, each once")
     inits = args.inits.split(",")
     require(all(i in emo.GROWTH_INITS for i in inits), "--inits", args.inits,
             f"a comma-separated subset of {','.join(emo.GROWTH_INITS)}")
@@ -930,7 +1010,7 @@ def check_args(args):
 
 def main(argv=None):
     parser = flags.ArgumentParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["moe", "growth", "step", "repro", "frontier", "gpu"], help="what to run")
+    parser.add_argument("what", choices=["moe", "growth", "step", "repro", "frontier", "modular", "gpu"], help="what to run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd grouped and dense paths")
@@ -949,18 +1029,20 @@ def main(argv=None):
     parser.add_argument("--inits", default="gaussian,copy,silent,upcycle", help="growth: growth inits to run")
     parser.add_argument("--train_args", default="", help="step, growth, repro, frontier: train.py flags (model, batch, device, "
                         "compile), e.g. a --config")
+    parser.add_argument("--leads", default=",".join(MODULAR_LEADS), help="modular: comma-separated leads to "
+                        f"measure, each a change from the paper's recipe ({', '.join(MODULAR_LEADS)})")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
-    args.out_dir = args.out_dir or f"runs/{args.what if args.what in ('repro', 'frontier', 'gpu') else 'bench'}"
+    args.out_dir = args.out_dir or f"runs/{args.what if args.what in ('repro', 'frontier', 'modular', 'gpu') else 'bench'}"
     args.experts = args.experts or {"moe": "8,32,128", "step": "8,16,32,64,128"}.get(args.what, "2,4,8,16,32")
-    args.seeds = args.seeds or {"repro": "0,1,2", "frontier": "0,1"}.get(args.what, "0")
+    args.seeds = args.seeds or {"repro": "0,1,2", "frontier": "0,1", "modular": "0,1,2"}.get(args.what, "0")
     if args.total_tokens is None:
-        args.total_tokens = 2_500_000 if args.what in ("repro", "frontier") else 400_000
+        args.total_tokens = {"repro": 2_500_000, "frontier": 2_500_000, "modular": 1_000_000}.get(args.what, 400_000)
     runs.keep_freed_memory()
     bench, show = {"moe": (bench_moe, print_moe), "growth": (bench_growth, print_growth),
                    "step": (bench_step, print_step), "repro": (bench_repro, print_repro),
-                   "frontier": (bench_frontier, print_frontier),
+                   "frontier": (bench_frontier, print_frontier), "modular": (bench_modular, print_modular),
                    "gpu": (bench_gpu, print_gpu)}[args.what]
     try:
         check_args(args)

@@ -49,6 +49,8 @@ class Config:
     router: str = "sigmoid"  # "sigmoid" (DeepSeek-V3, EMO-progressive) or "softmax" (OLMoE, EMO-modular)
     bias_rate: float = 1e-3  # sigmoid router: gamma, the balancing bias step per optimizer step
     lb_coef: float = 0.01  # softmax router: weight of the load-balancing loss
+    lb_window: int = 1  # softmax router: optimizer steps whose expert loads the balancing loss counts
+    # (1: this micro-batch alone; more: the loads of the last lb_window - 1 steps too, a global-batch estimate)
     z_coef: float = 1e-3  # softmax router: weight of the router z-loss
     rope_theta: float = 10000.0  # RoPE base frequency
     norm_eps: float = 2.0**-23  # RMSNorm epsilon: fp32's machine epsilon, torch's default (Llama: 1e-6)
@@ -62,7 +64,7 @@ class Config:
 
     def __post_init__(self):
         for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model", "n_experts", "top_k",
-                     "d_expert", "phase_in_steps"):
+                     "d_expert", "phase_in_steps", "lb_window"):
             self.check(name, _is_int(getattr(self, name)) and getattr(self, name) >= 1, "a positive integer")
         self.check("n_shared", _is_int(self.n_shared) and self.n_shared >= 0, "an integer >= 0")
         self.check("router", self.router in ROUTERS, f"one of {', '.join(ROUTERS)}")
@@ -198,6 +200,9 @@ class Router(nn.Module):
         # silent growth: a non-positive selection offset that keeps new experts unchosen until it reaches 0
         self.register_buffer("ramp", torch.zeros(len(weight)))
         self.register_buffer("expert_counts", torch.zeros(len(weight), dtype=torch.int64))
+        if cfg.router == "softmax" and cfg.lb_window > 1:
+            # the global loads [lb_window - 1, E] of the last steps, oldest first (update_router_bias keeps it)
+            self.register_buffer("load_history", torch.zeros(cfg.lb_window - 1, len(weight)))
         self.last_idx = self.last_scores = None
 
     def logits(self, x):
@@ -240,9 +245,13 @@ class Router(nn.Module):
 
     def balance_loss(self, counts, probs):
         """Switch load-balancing loss E * sum_i f_i * P_i (Fedus et al. 2022, eq. 4); = 1 at uniform routing.
-        f_i: share of the (token, slot) assignments that go to expert i, counted over the global batch;
-        P_i: mean router probability of expert i on this rank (the part that carries the gradient)."""
+        f_i: share of the (token, slot) assignments that go to expert i, counted over the global batch and,
+        with lb_window > 1, the last lb_window - 1 steps' batches too: a few documents confined to their pools
+        make one batch's load lumpy, which a balancing loss then fights (global-batch balancing, Qiu et al.
+        2025); P_i: mean router probability of expert i on this rank (the part that carries the gradient)."""
         counts = all_reduce_sum(counts).float()
+        if hasattr(self, "load_history"):
+            counts = counts + self.load_history.sum(dim=0)
         f = counts / counts.sum()
         return len(self.weight) * (f * probs.mean(dim=0)).sum()
 
@@ -482,8 +491,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
         cos, sin = rope_tables(cfg.seq_len, cfg.d_model // cfg.n_head, cfg.rope_theta)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
+        self.register_buffer("cos", cos)
+        self.register_buffer("sin", sin)
         self.config = cfg
         self.init_weights()
 
@@ -608,6 +617,8 @@ def update_router_bias(model):
             router.bias[on] += router.cfg.bias_rate * torch.sign(load[on].mean() - load[on])
             router.bias[on] -= router.bias[on].mean()  # re-centre: only differences between experts matter
             router.ramp.add_(1.0 / router.cfg.phase_in_steps).clamp_(max=0.0)
+        if hasattr(router, "load_history"):  # the balancing window moves on by one step
+            router.load_history.copy_(torch.cat([router.load_history[1:], load[None]]))
         router.expert_counts.zero_()
     return loads
 
@@ -678,6 +689,8 @@ def grow_layer(moe, n_new, init):
         router.bias = router.bias.new_zeros(old + n_new)  # the paper resets the bias at every expansion
         router.ramp = router.ramp.new_zeros(old + n_new)
     router.expert_counts = torch.cat([router.expert_counts, router.expert_counts.new_zeros(n_new)])
+    if hasattr(router, "load_history"):  # the balancing window starts afresh on the grown pool
+        router.load_history = router.load_history.new_zeros(len(router.load_history), old + n_new)
     if moe.expert_mask is not None:  # a restriction covers the old experts only; new ones are allowed
         moe.expert_mask = torch.cat([moe.expert_mask, moe.expert_mask.new_ones(n_new)])
 
@@ -885,6 +898,8 @@ def prune_experts(model, chosen):
         for p in (moe.w_in, moe.w_out, router.weight):
             set_param_data(p, p.data[keep])
         router.bias, router.ramp, router.expert_counts = router.bias[keep], router.ramp[keep], router.expert_counts[keep]
+        if hasattr(router, "load_history"):
+            router.load_history = router.load_history[:, keep]
         moe.expert_mask = None
     return model
 

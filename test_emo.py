@@ -25,7 +25,7 @@ from conftest import tiny, seeded_model, PAPER_TOKENS, tiny_run
 
 @pytest.mark.parametrize("field,value", [
     ("top_k", 9), ("d_model", 66), ("n_head", 0), ("router", "relu"), ("n_shared", -1), ("d_expert", 1.5),
-    ("vocab_size", True), ("bias_rate", -1.0), ("rope_theta", 0), ("d_model", 68),
+    ("vocab_size", True), ("bias_rate", -1.0), ("rope_theta", 0), ("d_model", 68), ("lb_window", 0),
 ])
 def test_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=rf"^Config\.{field}="):
@@ -356,6 +356,34 @@ def test_bias_balancing_pulls_a_skewed_router_back_toward_balanced_loads():
     assert (skewed[:, 0] == 4 * 32).all()
     for before, after in zip(skewed, balanced):
         assert load_cv(after) < 0.5 * load_cv(before)
+
+
+
+def test_the_balancing_window_counts_the_last_steps_loads_as_if_their_batches_were_this_one():
+    """lb_window = 3: the balancing loss of a batch equals the one-batch loss (lb_window = 1) of that batch with
+    the two previous steps' batches beside it; the gradient still comes from this batch's probabilities."""
+    windowed, one = seeded_model(router="softmax", lb_window=3), seeded_model(router="softmax")
+    assert not hasattr(one.moe_layers()[0].router, "load_history")  # window 1 keeps no state
+    loads = []
+    for i in range(4):
+        windowed(torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(i)))
+        loads.append(emo.update_router_bias(windowed))  # [n_layer, E] each step
+    for layer, (router, plain) in enumerate(zip([m.router for m in windowed.moe_layers()],
+                                                [m.router for m in one.moe_layers()])):
+        assert torch.equal(router.load_history, torch.stack([loads[2][layer], loads[3][layer]]))
+        counts, probs = torch.tensor([9, 0, 3, 4, 0, 0, 8, 0]), torch.rand(16, 8).softmax(dim=-1)
+        together = counts + loads[2][layer].long() + loads[3][layer].long()
+        assert router.balance_loss(counts, probs).item() == pytest.approx(plain.balance_loss(together, probs).item())
+
+
+def test_growth_restarts_the_balancing_window_and_pruning_keeps_the_kept_experts_loads():
+    model = seeded_model(router="softmax", lb_window=3)
+    model(torch.randint(0, 128, (4, 32)))
+    loads = emo.update_router_bias(model)
+    pruned = emo.prune_experts(copy.deepcopy(model), [torch.tensor([1, 5])] * 2)
+    assert all(torch.equal(m.router.load_history[-1], load[[1, 5]]) for m, load in zip(pruned.moe_layers(), loads))
+    emo.grow_experts(model, 12)
+    assert all(m.router.load_history.shape == (2, 12) and not m.router.load_history.any() for m in model.moe_layers())
 
 
 # 8. Expert growth --------------------------------------------------------------------------------------------

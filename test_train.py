@@ -100,10 +100,14 @@ def test_a_replanned_run_records_each_replan_and_resumes_on_its_new_schedule(cor
     assert records(tmp_path / "b", "replan") == replans
 
 
-@pytest.mark.parametrize("stop_at", [7, 12])  # mid-stage, and right at the stage boundary
-def test_a_resumed_run_continues_exactly(corpus, tmp_path, stop_at):
-    train.main(tiny_run(corpus, tmp_path / "a"))
-    stopped(tiny_run(corpus, tmp_path / "b", f"--stop_at={stop_at}"))
+WINDOWED = ("--router=softmax", "--growth_init=gaussian", "--lb_window=4")  # balancing over the last 4 steps
+
+
+# mid-stage, right at the stage boundary, and with a balancing window that spans the stop
+@pytest.mark.parametrize("stop_at,extra", [(7, ()), (12, ()), (17, WINDOWED)])
+def test_a_resumed_run_continues_exactly(corpus, tmp_path, stop_at, extra):
+    train.main(tiny_run(corpus, tmp_path / "a", *extra))
+    stopped(tiny_run(corpus, tmp_path / "b", f"--stop_at={stop_at}", *extra))
     assert records(tmp_path / "b", "step")[-1]["step"] == stop_at
     train.main([f"--resume={tmp_path / 'b'}", f"--out_dir={tmp_path / 'b'}"])
     a, b = records(tmp_path / "a", "step"), records(tmp_path / "b", "step")
@@ -113,9 +117,12 @@ def test_a_resumed_run_continues_exactly(corpus, tmp_path, stop_at):
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
 
 
-def test_torchrun_with_two_cpu_processes_matches_one_process(corpus, tmp_path):
-    """Also through the closed loop: rank 0 re-plans at each stage end and every rank follows its plan."""
-    law_planned = [f for f in tiny_run(corpus, "x", "--total_tokens=3072") if not f.startswith(("--stages", "--out"))]
+@pytest.mark.parametrize("extra", [(), WINDOWED])
+def test_torchrun_with_two_cpu_processes_matches_one_process(corpus, tmp_path, extra):
+    """Also through the closed loop: rank 0 re-plans at each stage end and every rank follows its plan; and
+    with a balancing window, which every rank fills with the same global loads."""
+    law_planned = [f for f in tiny_run(corpus, "x", "--total_tokens=3072", *extra)
+                   if not f.startswith(("--stages", "--out"))]
     train.main([*law_planned, "--experts=2,4,8", f"--out_dir={tmp_path / 'one'}"])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
            *law_planned, "--experts=2,4,8", "--batch_size=4", "--batch_tokens=256", f"--out_dir={tmp_path / 'two'}"]
