@@ -56,8 +56,9 @@ def parse_args(argv):
                    "Table 3's")
     p.add_argument("--fit", metavar="RUN,...", help="refit the law first to train.py runs (folders or their "
                    "metrics.jsonl): stage ends, and the whole curve of one-stage (fixed-E) runs")
-    p.add_argument("--fit_params", help="with --fit: the coefficients to refit (default all; few runs: fit a few, "
-                   "e.g. a,b,c)")
+    p.add_argument("--fit_params", help="with --fit: auto (the default), every coefficient the runs determine, "
+                   "beside an early transient; or names to refit exactly those, e.g. delta (alone it also takes "
+                   "every mismatch of the token term)")
     p.add_argument("--save_law", metavar="JSON", help="write the law planned with (refit or not) for train.py --law")
     p.add_argument("--step_time_exponent", type=float, default=STEP_TIME_EXPONENT,
                    help="rho in step time ~ E^rho (default: the paper's 1.08x from E=8 to 128)")
@@ -106,10 +107,10 @@ def check_args(args):
     if args.save_law:
         why = writable_file_problem(Path(args.save_law))
         require(not why, "--save_law", args.save_law, f"a file plan.py can write ({why})")
-    args.fit_params = args.fit_params or ",".join(emo.LAW_COEFFICIENTS)  # default: refit every coefficient
+    args.fit_params = args.fit_params or "auto"
     free = args.fit_params.split(",")
-    require(set(free) <= set(emo.LAW_COEFFICIENTS) and len(set(free)) == len(free), "--fit_params", args.fit_params,
-            f"names of coefficients, each once: {', '.join(emo.LAW_COEFFICIENTS)}")
+    require(args.fit_params == "auto" or set(free) <= set(emo.LAW_COEFFICIENTS) and len(set(free)) == len(free),
+            "--fit_params", args.fit_params, f"auto, or names of coefficients, each once: {', '.join(emo.LAW_COEFFICIENTS)}")
     require(finite(args.total_tokens) and args.total_tokens >= 1 and args.total_tokens == int(args.total_tokens),
             "--total_tokens", args.total_tokens, "a whole number of tokens >= 1")
     require(args.n_active is None or (finite(args.n_active) and args.n_active > 0), "--n_active", args.n_active,
@@ -150,10 +151,11 @@ def build_plan(args):
     if args.step_times:
         args.step_time_exponent = step_time_exponent(*read_step_times(args.step_times))
     base = read_law(args.law) if args.law else emo.ScalingLaw()
-    law, before = base, None
+    law, before, fit = base, None, None
     if args.fit:
         records = [r for path in args.fit.split(",") for r in read_fit_records(path)]
-        law = fit_law(base, records, free=args.fit_params.split(","))
+        law, fit = fit_with_uncertainty(base, records, args.fit_params, n_law, int(args.total_tokens), experts,
+                                        args.top_k, args.batch_tokens or None)
         before = emo.plan_stages(n_law, int(args.total_tokens), experts, args.top_k, law=base,
                                  batch_tokens=args.batch_tokens or None)
     try:
@@ -185,7 +187,7 @@ def build_plan(args):
                  loss=law.loss(n_law, args.total_tokens, last["e"]))
     hours = sum(s["gpu_hours"] for s in stages)
     return dict(n_law=n_law, n_active=n_active, law={k: getattr(law, k) for k in emo.LAW_COEFFICIENTS}, stages=stages,
-                base_law={k: getattr(base, k) for k in emo.LAW_COEFFICIENTS} if before else None,
+                base_law={k: getattr(base, k) for k in emo.LAW_COEFFICIENTS} if before else None, fit=fit,
                 base_split=[s["fraction"] for s in before] if before else None,
                 fixed=fixed, gpu_hours=hours, gpu_hours_saving=1 - hours / hours_fixed,
                 early_memory_saving=1 - sum(s["memory_bytes"] * s["fraction"] for s in stages) / fixed["memory_bytes"])
@@ -198,33 +200,96 @@ def law_text(law):
     return ", ".join(f"{k}={getattr(law, k):.3g}" for k in emo.LAW_COEFFICIENTS)
 
 
-def fit_law(law, records, free=emo.LAW_COEFFICIENTS, huber_delta=1e-2, inits=6, seed=0):
-    """Refit the coefficients of emo.ScalingLaw named in `free` to measured runs, as the law's authors did:
-    Huber loss on log L, LBFGS, a/b/c optimised in log space, several starts; e_start and e_max stay fixed.
-    records: dicts with law_n_active (the law's N: emo.law_active_params), tokens, experts, top_k and val_loss,
-    as train.py's stage records carry them. Returns a new ScalingLaw."""
-    require(set(free) <= set(emo.LAW_COEFFICIENTS) and len(set(free)) == len(free), "--fit_params", ",".join(free),
+# What runs of one model size can determine. A small model's loss first falls far faster than any power law of
+# tokens (a transient that Table 3, fitted from 0.5B tokens on, never saw): the fit carries it as
+# t_size * exp(-D / t_tokens), the same for every E, so that neither the token term nor what a larger pool is
+# worth has to absorb it. At one N the parameter term m(e) * N^mu(e) and the floor c are one level per E, so
+# a, alpha, gamma and c move together; each curve gives its token term (b, beta); curves at two or more E give
+# how the level and the token term change with E (delta, omega, zeta). FIT_ORDER is the order in which
+# identified() frees them; IDENTIFIED the share of a coefficient's effect on the fit that must be its own.
+TRANSIENT = ("t_size", "t_tokens")
+FIT_ORDER = ("b", "beta") + TRANSIENT + ("delta", "omega", "zeta", "a", "c", "alpha", "gamma")
+E_TERMS = ("delta", "gamma", "omega", "zeta")  # what a larger pool is worth
+LOG_SCALE = ("a", "b", "c") + TRANSIENT  # fitted as logarithms: positive, and on the scale of their effect
+IDENTIFIED = 0.01
+BOOTSTRAP_ROUNDS = 24
+
+
+def fit_columns(records):
+    return {key: torch.tensor([float(r[key]) for r in records], dtype=torch.float64) for key in FIT_KEYS}
+
+
+def fit_start(law, records):
+    """The fit's starting values: law's coefficients, and a transient of 0.1 nats that fades over the records'
+    median tokens (it is added only when its two values are fitted)."""
+    tokens = sorted(float(r["tokens"]) for r in records)
+    return {**{k: getattr(law, k) for k in emo.LAW_COEFFICIENTS}, "t_size": 0.1, "t_tokens": tokens[len(tokens) // 2]}
+
+
+def fitted_values(start, free, theta):
+    return {**start, **{k: (v.exp() if k in LOG_SCALE else v) for k, v in zip(free, theta)}}
+
+
+def log_predictions(law, start, free, theta, cols):
+    """log of the law's loss at each record, plus the transient when it is fitted; law supplies e_start, e_max."""
+    values = fitted_values(start, free, theta)
+    loss = replace(law, **{k: values[k] for k in emo.LAW_COEFFICIENTS}).predict(
+        cols["law_n_active"], cols["tokens"], cols["experts"] / cols["top_k"])
+    if "t_size" in free:
+        loss = loss + values["t_size"] * torch.exp(-cols["tokens"] / values["t_tokens"])
+    return loss.log()
+
+
+def theta_of(start, free):
+    return torch.tensor([math.log(start[k]) if k in LOG_SCALE else start[k] for k in free], dtype=torch.float64)
+
+
+def identified(law, records, candidates):
+    """Which of `candidates` (and the transient, always a candidate) the records determine, in FIT_ORDER: a
+    coefficient is freed when its effect on the predicted log-losses (its Jacobian column at law's values)
+    keeps at least IDENTIFIED of its size after the effects of those already freed are projected out
+    (Gram-Schmidt), while fewer are freed than records minus one. The transient's two values go together. What
+    the records cannot separate stays at law's value: a statement about the data, not about the law."""
+    order = [k for k in FIT_ORDER if k in candidates or k in TRANSIENT]
+    start, cols = fit_start(law, records), fit_columns(records)
+    J = torch.autograd.functional.jacobian(lambda t: log_predictions(law, start, order, t, cols),
+                                           theta_of(start, order))
+    free, basis = [], []
+    for k, v in zip(order, J.T):  # v [records]: how the predictions move with coefficient k
+        own = v - sum(((q @ v) * q for q in basis), torch.zeros_like(v))
+        if len(free) < len(records) - 1 and v.norm() > 0 and own.norm() >= IDENTIFIED * v.norm():
+            free.append(k)
+            basis.append(own / own.norm())
+    return free if "t_tokens" in free else [k for k in free if k not in TRANSIENT]
+
+
+def fit_law(law, records, free=emo.LAW_COEFFICIENTS, huber_delta=1e-2, inits=6, seed=0, start=None):
+    """Refit the coefficients of emo.ScalingLaw named in `free` (and the transient, when free names t_size and
+    t_tokens) to measured runs, as the law's authors did: Huber loss on log L, LBFGS, a/b/c optimised in log
+    space, several starts; e_start and e_max stay fixed. records: dicts with law_n_active (the law's N:
+    emo.law_active_params), tokens, experts, top_k and val_loss, as train.py's stage records carry them.
+    start: the values to start from (default fit_start). Returns (a new ScalingLaw, all fitted values)."""
+    require(set(free) <= set(FIT_ORDER) and len(set(free)) == len(free), "--fit_params", ",".join(free),
             f"names of coefficients, each once: {', '.join(emo.LAW_COEFFICIENTS)}")
     require(len(records) > len(free), "--fit", f"{len(records)} records",
             f"more than the {len(free)} free coefficients: give more runs or free fewer (--fit_params)")
-    cols = {key: torch.tensor([float(r[key]) for r in records], dtype=torch.float64) for key in FIT_KEYS}
-    e = cols["experts"] / cols["top_k"]
-    log_scale = ("a", "b", "c")
-    start = torch.tensor([math.log(getattr(law, k)) if k in log_scale else getattr(law, k) for k in free],
-                         dtype=torch.float64)
+    cols, given, start = fit_columns(records), start, start or fit_start(law, records)
+    origin = theta_of(start, free)
     generator = torch.Generator().manual_seed(seed)
-
-    def law_from(theta):
-        return replace(law, **{k: (v.exp() if k in log_scale else v) for k, v in zip(free, theta)})
+    starts = [origin + (0 if i == 0 else 0.05 * torch.randn(len(free), generator=generator, dtype=torch.float64))
+              for i in range(inits)]
+    if "t_size" in free and not given:  # the transient's fit has local minima: start from a grid of its values
+        tokens = cols["tokens"].sort().values
+        for size, fade in ((s, tokens[round(q * (len(tokens) - 1))].item()) for s in (0.3, 1.0) for q in (0, 0.5, 1)):
+            starts.append(theta_of({**start, "t_size": size, "t_tokens": fade}, free))
 
     def objective(theta):
-        log_pred = law_from(theta).predict(cols["law_n_active"], cols["tokens"], e).log()
-        return F.huber_loss(log_pred, cols["val_loss"].log(), delta=huber_delta, reduction="sum")
+        return F.huber_loss(log_predictions(law, start, free, theta, cols), cols["val_loss"].log(),
+                            delta=huber_delta, reduction="sum")
 
-    best_theta, best_obj = start, objective(start).item()
-    for i in range(inits):
-        theta = (start + (0 if i == 0 else 0.05 * torch.randn(len(free), generator=generator,
-                                                                  dtype=torch.float64))).requires_grad_()
+    best_theta, best_obj = origin, objective(origin).item()
+    for theta in starts:
+        theta = theta.clone().requires_grad_()
         optimizer = torch.optim.LBFGS([theta], max_iter=500, tolerance_grad=1e-14, tolerance_change=1e-16,
                                       history_size=50, line_search_fn="strong_wolfe")
 
@@ -241,8 +306,52 @@ def fit_law(law, records, free=emo.LAW_COEFFICIENTS, huber_delta=1e-2, inits=6, 
     if not math.isfinite(best_obj):
         raise SettingError(f"--fit: the law gives no finite loss at these records from any start ({len(records)} "
                            f"records, refitting {','.join(free)}): nothing to fit")
-    fitted = law_from(best_theta)
-    return replace(fitted, **{k: float(getattr(fitted, k)) for k in free})
+    values = {k: float(v) for k, v in fitted_values(start, free, best_theta).items()}
+    return replace(law, **{k: values[k] for k in emo.LAW_COEFFICIENTS}), values
+
+
+def bootstrap_fits(law, values, records, free, rounds=BOOTSTRAP_ROUNDS, seed=0):
+    """The uncertainty of a fit: refits from the fit itself (law, values) to `rounds` resamplings of the
+    records, drawn with replacement within each E so every pool size keeps its evals. Returns the (law, values)
+    of each refit that gives a usable law."""
+    generator, groups = torch.Generator().manual_seed(seed), {}
+    for r in records:
+        groups.setdefault(r["experts"], []).append(r)
+    fits = []
+    for _ in range(rounds):
+        sample = [group[i] for group in groups.values()
+                  for i in torch.randint(len(group), (len(group),), generator=generator).tolist()]
+        try:
+            refit = fit_law(law, sample, free, inits=1, start=values)
+        except SettingError:
+            continue
+        if not law_problem({k: getattr(refit[0], k) for k in emo.LAW_COEFFICIENTS}):
+            fits.append(refit)
+    return fits
+
+
+def quantile(values, q):
+    return torch.tensor(values, dtype=torch.float64).quantile(q).item()
+
+
+def fit_with_uncertainty(base, records, fit_params, n_law, total_tokens, experts, top_k, batch_tokens):
+    """plan.py --fit: the law refit to the records (fit_params "auto": what they identify, and the transient),
+    and what the fit knows: per coefficient its 10-90 % range over bootstrap refits, or that it was held because
+    the runs cannot determine it; the same range for each stage's end. Returns (law, that report)."""
+    free = identified(base, records, emo.LAW_COEFFICIENTS) if fit_params == "auto" else fit_params.split(",")
+    law, values = fit_law(base, records, free=free)
+    fits = bootstrap_fits(law, values, records, free)
+    ranges = {k: [quantile([v[k] for _, v in fits], q) for q in (0.1, 0.9)] if len(fits) > 1 else None for k in free}
+    splits = []
+    for refit, _ in fits:
+        try:
+            splits.append([s["end"] for s in emo.plan_stages(n_law, total_tokens, experts, top_k, law=refit,
+                                                              batch_tokens=batch_tokens)])
+        except SettingError:
+            pass
+    ends = [[quantile([e[i] for e in splits], q) for q in (0.1, 0.9)] for i in range(len(experts))] if splits else None
+    return law, dict(free=free, held=[k for k in emo.LAW_COEFFICIENTS if k not in free], values=values,
+                     ranges=ranges, bootstrap=len(fits), usable_splits=len(splits), end_ranges=ends)
 
 
 def read_fit_records(path):
@@ -326,46 +435,76 @@ def read_law(path):
     return replace(emo.ScalingLaw(), **{k: float(values[k]) for k in emo.LAW_COEFFICIENTS})
 
 
-def replan(experts, ends, done, records, law, free, n_law, top_k):
-    """The closed loop: at the end of stage `done` (1-based), refit the coefficients named in `free` to the run's
-    evals so far (records as read_fit_records gives them), re-solve the whole run's stage budgets with that law
-    (plan_stages' rule) and move the ends of the stages still to come; ends already reached stay, and every stage
-    to come keeps at least one step. experts, ends: the run's stages (E, last step + 1 of each).
-    Returns (new ends, the refit law, None), or (ends unchanged, law, why not) when the data cannot say."""
-    if len({r["experts"] for r in records}) < 2:
-        return ends, law, "the evals so far span one E: nothing yet measures what a larger pool is worth"
-    if len(records) <= len(free):
-        return ends, law, f"{len(records)} evals, not more than the {len(free)} coefficients to refit"
-    try:
-        refit = fit_law(law, records, free=free)
-    except SettingError as err:
-        return ends, law, str(err)
-    why = law_problem({k: getattr(refit, k) for k in emo.LAW_COEFFICIENTS})
-    if why:
-        return ends, law, f"the refit law is no law ({why})"
-    optimal = [refit.optimal_tokens(n_law, E / top_k) for E in experts]
-    shares = [d / optimal[-1] for d in optimal]  # plan_stages' rule: stage s ends at D*(e_s) / D*(e_last)
+def replanned_ends(law, experts, ends, done, n_law, top_k):
+    """plan_stages' rule under `law` for the stages after `done`: stage s ends at D*(e_s) / D*(e_last) of the run.
+    Ends already reached stay, every stage to come keeps at least one step; None when the law gives no split."""
+    optimal = [law.optimal_tokens(n_law, E / top_k) for E in experts]
+    shares = [d / optimal[-1] for d in optimal]
     if not all(math.isfinite(x) and 0 < x <= 1 for x in shares):
-        return ends, law, f"the refit law ({law_text(refit)}) gives no split: shares {[f'{x:.3g}' for x in shares]}"
+        return None
     new = ends[:done]
     for i in range(done, len(experts) - 1):  # keep room for one step in each later stage
         new.append(min(max(round(ends[-1] * shares[i]), new[-1] + 1), ends[-1] - (len(experts) - 1 - i)))
-    return new + ends[-1:], refit, None
+    return new + ends[-1:]
 
 
-def replan_run(evals, law, replan_params, stages, done, cfg, batch_tokens):
+def replan(experts, ends, done, records, law, free, n_law, top_k, rounds=BOOTSTRAP_ROUNDS):
+    """The closed loop: at the end of stage `done` (1-based), refit to the run's evals so far (records as
+    read_fit_records gives them) the coefficients `free` names, or with free="auto" those the evals determine
+    (identified) beside an early transient: the same early fall for every E, so that the fall of the loss with
+    tokens is not taken for the value of a larger pool. Then re-solve the run's stage budgets with that law and
+    move the ends of the stages still to come, but only when the data can tell: when the next end, re-solved
+    under bootstrap resamplings of the evals, lies clear of the planned one in 80 % of them. experts, ends: the
+    run's stages (E, last step + 1 of each). Returns (ends, law, why not or None, detail): detail names the freed
+    coefficients, the fitted transient and the next end's range."""
+    detail = dict(free=[], transient={}, next_end=None)
+    if len({r["experts"] for r in records}) < 2:
+        return ends, law, "the evals so far span one E: nothing yet measures what a larger pool is worth", detail
+    free = identified(law, records, emo.LAW_COEFFICIENTS) if free == "auto" else free
+    detail["free"] = free
+    if not set(free) & set(E_TERMS):
+        return ends, law, (f"the {len(records)} evals determine {','.join(free) or 'no coefficient'} but not what a "
+                           f"larger pool is worth (none of {','.join(E_TERMS)})"), detail
+    try:
+        refit, values = fit_law(law, records, free=free)
+    except SettingError as err:
+        return ends, law, str(err), detail
+    detail["transient"] = {k: values[k] for k in TRANSIENT if k in free}
+    why = law_problem({k: getattr(refit, k) for k in emo.LAW_COEFFICIENTS})
+    new = None if why else replanned_ends(refit, experts, ends, done, n_law, top_k)
+    if new is None:
+        return ends, law, f"the refit law ({law_text(refit)}) gives no split{f' ({why})' if why else ''}", detail
+    nexts = [e[done] for e in (replanned_ends(b, experts, ends, done, n_law, top_k)
+                               for b, _ in bootstrap_fits(refit, values, records, free, rounds)) if e]
+    if len(nexts) < rounds // 2:
+        return ends, law, f"only {len(nexts)} of {rounds} bootstrap refits give a split: the evals cannot tell", detail
+    lo, hi = round(quantile(nexts, 0.1)), round(quantile(nexts, 0.9))
+    detail["next_end"] = dict(fit=new[done], lo=lo, hi=hi, planned=ends[done])
+    if lo <= ends[done] <= hi:
+        return ends, law, (f"the evals cannot tell: the next stage could end anywhere in steps {lo}..{hi} (80 % of "
+                           f"{len(nexts)} bootstrap refits), the planned {ends[done]} among them"), detail
+    return new, refit, None, detail
+
+
+def replan_run(evals, law, replan_params, stages, done, cfg, batch_tokens, settle):
     """train.py --replan at the end of stage `done`: replan on the run's validation evals so far (evals: dicts
     of step, experts and val_loss, as its checkpoints carry them), each at the tokens seen when it was made,
-    starting from law (the run's --law, or Table 3) and refitting replan_params. An eval whose loss is not a
-    finite positive number is left out. Returns (the new stage ends, the "replan" record for metrics.jsonl)."""
+    starting from law (the run's --law, or Table 3) with the candidates replan_params ("auto": every coefficient).
+    Left out: an eval whose loss is not a finite positive number, and the evals of the first settle[0] steps
+    (warmup) and of the settle[1] steps after each growth (re-warm, phase-in), which measure the settling of the
+    optimizer or the new experts, not the curve. Returns (the new stage ends, the "replan" record)."""
     n_law = emo.law_active_params(replace(cfg, n_experts=stages[-1].experts))
+    starts = {st.experts: (0 if i == 0 else stages[i - 1].end) for i, st in enumerate(stages)}
+    wait = {st.experts: settle[0] if i == 0 else settle[1] for i, st in enumerate(stages)}
     records = [dict(law_n_active=n_law, tokens=r["step"] * batch_tokens, experts=r["experts"], top_k=cfg.top_k,
-                    val_loss=r["val_loss"]) for r in evals if math.isfinite(r["val_loss"]) and r["val_loss"] > 0]
+                    val_loss=r["val_loss"]) for r in evals if math.isfinite(r["val_loss"]) and r["val_loss"] > 0
+               and r["step"] - starts[r["experts"]] > wait[r["experts"]]]
     before = [st.end for st in stages]
-    ends, refit, why = replan([st.experts for st in stages], before, done, records, law, replan_params.split(","),
-                              n_law, cfg.top_k)
+    free = "auto" if replan_params == "auto" else replan_params.split(",")
+    ends, refit, why, detail = replan([st.experts for st in stages], before, done, records, law, free,
+                                      n_law, cfg.top_k)
     return ends, dict(stage=done, evals=len(records), ends_before=before, ends=ends, unchanged_because=why,
-                      law={k: finite_or_null(getattr(refit, k)) for k in emo.LAW_COEFFICIENTS})
+                      **detail, law={k: finite_or_null(getattr(refit, k)) for k in emo.LAW_COEFFICIENTS})
 
 
 def read_step_times(value):
@@ -435,15 +574,37 @@ def print_plan(plan, args):
     print(f"memory: fp32 weights + grads + Adam (16 B/param), activations excluded; step time ~ "
           f"E^{args.step_time_exponent:.4f}{' (fitted to --step_times)' if args.step_times else ''}; GPU-hours at {args.mfu:.0%} MFU of {args.peak_flops:.3g} FLOP/s")
     if plan["base_law"]:
-        names = emo.LAW_COEFFICIENTS
-        print(f"{'law':>9} " + " ".join(f"{k:>8}" for k in names))
-        for label, law in ((args.law or "Table 3", plan["base_law"]), ("refit", plan["law"])):
-            print(f"{label[-9:]:>9} " + " ".join(f"{law[k]:>8.4g}" for k in names))
-        for label, split in ((args.law or "Table 3", plan["base_split"]), ("refit", [s["fraction"] for s in stages])):
-            print(f"split, {label}: " + "  ".join(f"E={s['experts']}: {100 * f:.1f}%" for s, f in zip(stages, split)))
+        print_fit(plan, args)
     if [s["experts"] for s in stages] == list(PAPER_SPLIT):
         print("split, this plan: " + "  ".join(f"E={s['experts']}: {100 * s['fraction']:.1f}%" for s in stages))
         print("split, the paper: " + "  ".join(f"E={E}: {p}%" for E, p in PAPER_SPLIT.items()))
+
+
+def print_fit(plan, args):
+    """The refit beside the law it started from: each coefficient with its 10-90 % bootstrap range, or "held"
+    when the runs cannot determine it; the transient; both splits, and the range of each refit stage end."""
+    fit, stages, names = plan["fit"], plan["stages"], emo.LAW_COEFFICIENTS
+    print(f"{'law':>9} " + " ".join(f"{k:>8}" for k in names))
+    for label, law in ((args.law or "Table 3", plan["base_law"]), ("refit", plan["law"])):
+        print(f"{label[-9:]:>9} " + " ".join(f"{law[k]:>8.4g}" for k in names))
+    ranges = fit["ranges"]
+    print(f"{'10-90 %':>9} " + " ".join(f"{'held':>8}" if k not in fit["free"] else f"{'?':>8}" if not ranges[k]
+                                      else f"{f'{ranges[k][0]:.3g}..':>8}" for k in names))
+    print(f"{'':>9} " + " ".join(f"{'':>8}" if k not in fit["free"] or not ranges[k] else f"{ranges[k][1]:>8.3g}"
+                                 for k in names))
+    if "t_size" in fit["free"]:
+        print(f"early transient: {fit['values']['t_size']:.3g} nats fading over {human(fit['values']['t_tokens'])} "
+              f"tokens (fitted beside the law, the same for every E)")
+    print(f"held ({', '.join(fit['held']) or 'none'}): " + ("what these runs cannot determine (one model size "
+          "leaves a, alpha, gamma and c one level per E)" if args.fit_params == "auto" else "not named in --fit_params"))
+    print(f"uncertainty: {fit['bootstrap']} refits to the evals resampled within each E, "
+          f"{fit['usable_splits']} of them give a split")
+    for label, split in ((args.law or "Table 3", plan["base_split"]), ("refit", [s["fraction"] for s in stages])):
+        print(f"split, {label}: " + "  ".join(f"E={s['experts']}: {100 * f:.1f}%" for s, f in zip(stages, split)))
+    if fit["end_ranges"]:
+        total = args.total_tokens
+        print("stage ends, refit 10-90 %: " + "  ".join(f"E={s['experts']}: {100 * lo / total:.1f}..{100 * hi / total:.1f}%"
+                                                        for s, (lo, hi) in zip(stages[:-1], fit["end_ranges"])))
 
 
 def finite_or_null(value):

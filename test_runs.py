@@ -398,7 +398,7 @@ def test_a_runs_own_config_json_starts_a_run_like_it(corpus, tmp_path):
 
 
 RELIABILITY_BAD = [
-    ("train", ["--replan_params=delta,delta"], "--replan_params='delta,delta' is not allowed: must be names of the "
+    ("train", ["--replan_params=delta,delta"], "--replan_params='delta,delta' is not allowed: must be auto, or names of the "
                                                "law's coefficients, each once"),
     ("train", ["--d_model=1048576", "--n_head=4"], "the model=.*parameters at E=4.* is not allowed: must be one whose "
                                                    "weights, gradients and Adam moments"),

@@ -53,7 +53,8 @@ class Settings:
     law: str = ""  # the solver's scaling law: a JSON file of coefficients (plan.py --save_law); empty: Table 3's
     replan: bool = True  # closed loop: at each stage end refit the law to this run's evals, move the later ends
     # (a schedule the law planned only: an explicit --stages split is kept as given)
-    replan_params: str = "delta"  # what each re-plan refits (plan.py --fit_params); delta: what a larger pool is worth
+    replan_params: str = "auto"  # what each re-plan may refit: auto, every coefficient the run's evals determine
+    # (plan.identified); or names, e.g. delta (what a larger pool is worth: alone, it also takes the early fall)
     growth_init: str = "silent"  # silent (function-preserving), gaussian (the paper), copy, upcycle: emo.grow_experts
     growth_optimizer: str = "keep"  # keep the old experts' Adam moments, or reset them all (the paper)
     # optimisation
@@ -126,8 +127,9 @@ def validate(s, cfg, world, n_stages):
             require(ok(getattr(s, key)), f"--{key}", getattr(s, key), allowed)
     require(s.out_dir != "", "--out_dir", s.out_dir, "a folder path (it is empty)")
     free = s.replan_params.split(",")
-    require(set(free) <= set(emo.LAW_COEFFICIENTS) and len(set(free)) == len(free), "--replan_params",
-            s.replan_params, f"names of the law's coefficients, each once: {', '.join(emo.LAW_COEFFICIENTS)}")
+    require(s.replan_params == "auto" or set(free) <= set(emo.LAW_COEFFICIENTS) and len(set(free)) == len(free),
+            "--replan_params", s.replan_params,
+            f"auto, or names of the law's coefficients, each once: {', '.join(emo.LAW_COEFFICIENTS)}")
     micro_tokens, step_tokens = batch_tokens_of(s, cfg, world)
     require(s.batch_tokens % micro_tokens == 0, "--batch_tokens", s.batch_tokens,
             f"a multiple of batch_size * seq_len * processes = {s.batch_size}*{cfg.seq_len}*{world} = {micro_tokens}")
@@ -404,12 +406,12 @@ def train(s, cfg, stages, world, resume, law):
                 step += 1
                 meter.log_step(stage, step, loss, ce, lr, grad_norm, loads, raw.config, device)
                 stage_end = step == stage.end
-                if step % s.eval_interval == 0 or stage_end:
+                if step % s.eval_interval == 0 or stage_end or loop_eval(s, stages, stage, step):
                     val = meter.log_eval(evaluate_now(model), stage, step)
                     evals.append(dict(step=step, experts=stage.experts, val_loss=float(val["loss"])))
                     if stage_end:
                         meter.end_stage(stage, step, val, raw, optimizer, device)
-                        if s.replan and not s.stages and stage.index < len(stages):
+                        if s.replan and not s.stages and stage.index < len(stages) - 1:
                             stages[stage.index:] = replan(s, stages, stage.index, run, raw.config, batch_tokens,
                                                           evals, law)
                 stop = bool(s.stop_at and step >= s.stop_at)
@@ -451,11 +453,23 @@ def grow(raw, optimizer, stage, s, device, run, step, evaluate_now, x):
     return model
 
 
+LOOP_EVALS = 8  # evals the closed loop takes in each stage it re-plans after: enough for the stage's own curve
+
+
+def loop_eval(s, stages, stage, step):
+    """An extra eval for the closed loop: LOOP_EVALS evenly spaced ones in each stage whose end it re-plans after
+    (all but the last two: the last one's end is the run's), so each pool size has its own curve (eval_interval
+    alone can leave a short stage one eval)."""
+    every = max(1, (stage.end - stage.start) // LOOP_EVALS)
+    return s.replan and not s.stages and stage.index < len(stages) - 1 and (step - stage.start) % every == 0
+
+
 def replan(s, stages, done, run, cfg, batch_tokens, evals, law):
     """--replan, at the end of stage `done`: the law refit to this run's evals so far moves the later stage ends
     (plan.replan_run, on rank 0 for all); the new ends travel in every later checkpoint, and a "replan" record
     in metrics.jsonl says why."""
-    found = plan.replan_run(evals, law, s.replan_params, stages, done, cfg, batch_tokens) if run.master else None
+    settle = (s.warmup_steps, max(s.rewarm_steps, cfg.phase_in_steps if s.growth_init in emo.PHASED_INITS else 0))
+    found = plan.replan_run(evals, law, s.replan_params, stages, done, cfg, batch_tokens, settle) if run.master else None
     ends, record = runs.from_rank0(found)
     run.record("replan", step=stages[done - 1].end, **record)
     why = record["unchanged_because"]
