@@ -682,13 +682,16 @@ def bench_modular(args):
     and, per lead, the two gaps seed by seed: modular - standard (whole models) and pruned modular - trained."""
     arms = modular_arms(args)
     check_arms({name: flags for roles in arms.values() for name, flags in roles.values()}, args)
-    measured = {}
+    measured, routing = {}, {}
     for seed in [int(x) for x in args.seeds.split(",")]:
         for roles in arms.values():
             for role, (name, flags) in roles.items():
                 if (name, seed) not in measured:
                     shares = (1.0, MODULAR_KEEP) if role == "modular" else (1.0,)
-                    measured[name, seed] = frontier_rows(name, seed, run_arm(name, flags, seed, args), shares)
+                    out = run_arm(name, flags, seed, args)
+                    measured[name, seed] = frontier_rows(name, seed, out, shares)
+                    if role != "trained":
+                        routing[name, seed] = routing_of(out)
     bpb = {(name, seed, r["keep"]): r["bpb"] for (name, seed), rows in measured.items() for r in rows}
     leads = []
     for lead, roles in arms.items():
@@ -696,11 +699,48 @@ def bench_modular(args):
         seeds = sorted({seed for name, seed, _ in bpb if name == mod})
         full = [bpb[mod, s, 1.0] - bpb[std, s, 1.0] for s in seeds]
         pruned = [bpb[mod, s, MODULAR_KEEP] - bpb[trained, s, 1.0] for s in seeds]
+        nmi = {f"{role}_{labels}": [statistics.mean(r["nmi"] for r in routing[name, s][labels]) for s in seeds]
+               for role, name in (("standard", std), ("modular", mod)) for labels in ("domain", "surface")}
         leads.append(dict(lead=lead, flags=list(MODULAR_LEADS[lead]), seeds=seeds,
                           standard=[bpb[std, s, 1.0] for s in seeds], modular=[bpb[mod, s, 1.0] for s in seeds],
-                          full_gap=full, pruned_gap=pruned))
+                          full_gap=full, pruned_gap=pruned, nmi=nmi))
+    first = min(seed for _, seed in routing)
+    paper = arms[next(iter(arms))]
+    pictures = {role: routing[paper[role][0], first] for role in ("standard", "modular")}
     return dict(runs=[r | dict(arm=name, seed=seed) for (name, seed), rows in measured.items() for r in rows],
-                leads=leads)
+                leads=leads, routing={f"{name}-seed{seed}": r for (name, seed), r in routing.items()},
+                plots=[plot_specialization(pictures, Path(args.out_dir) / "specialization.png", first)])
+
+
+def routing_of(out):
+    """A run's routing specialization (eval.specialization: per layer, by domain and by token class) on 64
+    validation windows of each domain, routed over all experts."""
+    state, path = runs.load_checkpoint(out, settings_type=train.Settings)
+    model = runs.model_from_checkpoint(state, path, pool_size=None, pool_size_range=None).eval()
+    return evaluate.specialization(model, Corpus(state["settings"]["data"], "val"), 64)
+
+
+def plot_specialization(pictures, png, seed):
+    """Each domain's share of its (token, slot) assignments per expert, in every layer, for the standard MoE
+    (top) and EMO-modular (bottom): a specialised expert is a bright cell alone in its column."""
+    plt = report.pyplot()
+    if plt is None:
+        return f"no {png}: matplotlib is not installed (optional: pip install matplotlib)"
+    roles = list(pictures)
+    layers = len(pictures[roles[0]]["domain"])
+    fig, axes = plt.subplots(len(roles), layers, figsize=(3.2 * layers, 1.6 * len(roles) + 0.6), squeeze=False)
+    for row, role in enumerate(roles):
+        for layer, r in enumerate(pictures[role]["domain"]):
+            ax = axes[row][layer]
+            ax.imshow(torch.tensor(r["share"]), aspect="auto", cmap="viridis", vmin=0)
+            ax.set_title(f"{role}, layer {layer}: NMI {r['nmi']:.2f}", fontsize=8)
+            ax.set_yticks(range(len(r["share"])))
+            ax.set_yticklabels(pictures[role]["domains"], fontsize=7)
+            ax.set_xticks([])
+    fig.supxlabel(f"experts (seed {seed}); colour: a domain's share of its assignments", fontsize=8)
+    fig.savefig(png, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return f"wrote {png}"
 
 
 def spread(values):
@@ -718,6 +758,15 @@ def print_modular(result, args):
               f"{statistics.mean(lead['standard']):>13.4f} {spread(lead['full_gap']):>28} {spread(lead['pruned_gap']):>40}")
     print("bpb: validation bits per byte, the mean of the domains' (64 validation windows each); gaps seed by seed: "
           "mean (min..max) over seeds; pruned: each domain's experts chosen from 8 of its training windows")
+    print(f"\n{'lead':>8} how much the chosen experts reveal a token's domain / its surface form (I(label; expert) / "
+          "H(label), mean over layers and seeds)")
+    print(f"{'':>8} {'standard: domain':>17} {'surface':>8} {'modular: domain':>16} {'surface':>8}")
+    for lead in result["leads"]:
+        nmi = {k: statistics.mean(v) for k, v in lead["nmi"].items()}
+        print(f"{lead['lead']:>8} {nmi['standard_domain']:>17.3f} {nmi['standard_surface']:>8.3f} "
+              f"{nmi['modular_domain']:>16.3f} {nmi['modular_surface']:>8.3f}")
+    for line in result["plots"]:
+        print(line)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -906,13 +906,13 @@ def prune_experts(model, chosen):
 
 @torch.no_grad()
 def specialization(model, batches):
-    """How concentrated each domain's routing is: one routing_report per layer. batches: pairs of token ids
-    [B, T] and each token's domain id [B, T]."""
+    """How much the chosen experts reveal a label of each token (its domain, its surface form): one
+    routing_report per layer. batches: pairs of token ids [B, T] and each token's label id [B, T]."""
     model = unwrap(model)
     training = model.training
     model.eval()
-    n_domains = 1 + max(int(d.max()) for _, d in batches)
-    usage = [torch.zeros(n_domains, m.n_experts, dtype=torch.float64) for m in model.moe_layers()]
+    n_labels = 1 + max(int(d.max()) for _, d in batches)
+    usage = [torch.zeros(n_labels, m.n_experts, dtype=torch.float64) for m in model.moe_layers()]
     for x, domain in batches:
         model(x)
         for counts, moe in zip(usage, model.moe_layers()):
@@ -924,10 +924,10 @@ def specialization(model, batches):
 
 
 def routing_report(counts):
-    """From a [domains, experts] table of (token, slot) counts: nmi = I(domain; expert) / H(domain), the
-    share of a token's domain that its chosen expert reveals (0: none, 1: experts identify domains);
-    entropy = each domain's expert-usage entropy / log E (1: uses all experts evenly); top = each
-    domain's three most used experts."""
+    """From a [labels, experts] table of (token, slot) counts (a label: a domain, a token class): nmi =
+    I(label; expert) / H(label), the share of a token's label that its chosen expert reveals (0: none, 1:
+    experts identify labels); entropy = each label's expert-usage entropy / log E (1: uses all experts
+    evenly); top = each label's three most used experts; share = each label's usage of each expert."""
     def entropy(p):
         p = p[p > 0]
         return -(p * p.log()).sum()
@@ -939,7 +939,7 @@ def routing_report(counts):
     within = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
     return dict(nmi=(mutual / entropy(p_domain).clamp(min=1e-12)).item(),
                 entropy=[(entropy(row) / math.log(counts.shape[1])).item() for row in within],
-                top=[row.topk(min(3, len(row))).indices.tolist() for row in counts])
+                top=[row.topk(min(3, len(row))).indices.tolist() for row in counts], share=within.tolist())
 
 
 # 11. The slow reference: what the fast MoE path is tested against ----------------------------------------

@@ -13,6 +13,7 @@ python eval.py --checkpoint=runs/modular --keep=0.25 --export=hf/modular   # Hug
 import argparse
 import copy
 import json
+import keyword
 import math
 import sys
 from pathlib import Path
@@ -113,13 +114,46 @@ def check_export(args, model, domains, keep):
                 "another --export")
 
 
+# A token's surface form, the other thing routing may follow (EMO-modular sec. 5: a standard MoE's experts
+# specialise by punctuation and prepositions, EMO's by domain).
+TOKEN_CLASSES = ("whitespace", "punctuation", "digits", "keyword", "word", "other")
+KEYWORDS = set(keyword.kwlist) | {"int", "char", "void", "return", "struct", "const", "static", "unsigned",
+                                  "sizeof", "typedef", "include", "define", "self", "the", "of", "to", "and",
+                                  "in", "a", "for", "on", "with", "by", "from", "at"}  # code and prose function words
+
+
+def token_class(text):
+    word = text.strip()
+    if not text or "\ufffd" in text:  # a token that is part of a character, or <|endoftext|>
+        return "other"
+    if not word:
+        return "whitespace"
+    if word.isdigit():
+        return "digits"
+    if word in KEYWORDS:
+        return "keyword"
+    if word.replace("_", "a").isalnum():
+        return "word"
+    if not any(c.isalnum() for c in word):
+        return "punctuation"
+    return "other"
+
+
+def token_classes(encoding, vocab_size):
+    """Each token id's class (an index into TOKEN_CLASSES), [vocab_size]."""
+    names = [token_class(encoding.decode([i])) for i in range(vocab_size)]
+    return torch.tensor([TOKEN_CLASSES.index(n) for n in names])
+
+
 def specialization(model, val_data, rows):
+    """Per layer, emo.routing_report of the validation windows of every domain, labelled by domain and by
+    token class: {"domain": [...], "surface": [...]}, and the names of both labels' values."""
     T = model.config.seq_len
-    batches = []
-    for d in range(len(val_data.domains)):
-        x, _ = val_data.domain_batch(d, rows, T)
-        batches.append((x, torch.full_like(x, d)))
-    return emo.specialization(model, batches)
+    classes = token_classes(val_data.encoding(), val_data.vocab_size)
+    windows = [val_data.domain_batch(d, rows, T)[0] for d in range(len(val_data.domains))]
+    return dict(domain=emo.specialization(model, [(x, torch.full_like(x, d)) for d, x in enumerate(windows)]),
+                surface=emo.specialization(model, [(x, classes[x]) for x in windows]), domains=list(val_data.domains),
+                classes=list(TOKEN_CLASSES))
 
 
 def check_corpus(args, state, cfg, data, corpus):
@@ -236,9 +270,11 @@ def main(argv=None):
     for folder, diff in exported:
         print(f"Hugging Face folder {folder}: max |logits - emo's| {diff['fp32']:.1e} in fp32 (emo's own fp32 "
               f"rounding: {diff['emo_fp32_rounding']:.1e}), {diff['float64']:.1e} in float64, on its validation windows")
-    print("routing specialization per layer (nmi: I(domain; expert) / H(domain); entropy: usage / log E):")
-    for layer, r in enumerate(report):
-        print(f"  layer {layer}: nmi {r['nmi']:.3f} | " + " | ".join(
+    print("routing specialization per layer: how much the chosen experts reveal a token's domain, I(domain; "
+          "expert) / H(domain), and its surface form (" + ", ".join(TOKEN_CLASSES) + "), I(class; expert) / "
+          "H(class); per domain, usage entropy / log E and the most used experts")
+    for layer, (r, form) in enumerate(zip(report["domain"], report["surface"])):
+        print(f"  layer {layer}: domain {r['nmi']:.3f}, surface {form['nmi']:.3f} | " + " | ".join(
             f"{name}: entropy {h:.2f}, top {top}" for name, h, top in zip(val_data.domains, r["entropy"], r["top"])))
 
 

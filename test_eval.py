@@ -20,7 +20,16 @@ def test_eval_py_prunes_per_domain_and_reports_size_and_specialization(corpus, t
     assert all(set(row) == {"1.0", "0.5", "0.25"} for row in out["domains"].values())
     assert all(set(r) == {"loss", "bpb"} for row in out["domains"].values() for r in row.values())
     assert out["params"]["1.0"] > out["params"]["0.5"] > out["params"]["0.25"]
-    assert len(out["specialization"]) == 2 and 0 <= out["specialization"][0]["nmi"] <= 1
+    for labels in ("domain", "surface"):  # per layer: how much the chosen experts reveal each
+        assert len(out["specialization"][labels]) == 2 and 0 <= out["specialization"][labels][0]["nmi"] <= 1
+
+
+@pytest.mark.parametrize("text,name", [(" ", "whitespace"), ("\n\n", "whitespace"), (" (", "punctuation"),
+                                       ("):", "punctuation"), (" 42", "digits"), (" return", "keyword"),
+                                       (" the", "keyword"), (" cat", "word"), ("_init", "word"), ("\ufffd", "other"),
+                                       ("<|endoftext|>", "other")])
+def test_each_token_has_one_surface_class(text, name):
+    assert evaluate.token_class(text) == name
 
 
 def test_eval_py_finetunes_each_pruned_copy_on_its_domain_and_that_lowers_the_domains_loss(corpus, tmp_path,
