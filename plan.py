@@ -460,8 +460,11 @@ def replan(experts, ends, done, records, law, free, n_law, top_k, rounds=BOOTSTR
     detail = dict(free=[], transient={}, next_end=None)
     if len({r["experts"] for r in records}) < 2:
         return ends, law, "the evals so far span one E: nothing yet measures what a larger pool is worth", detail
-    free = identified(law, records, emo.LAW_COEFFICIENTS) if free == "auto" else free
+    auto, free = free == "auto", identified(law, records, emo.LAW_COEFFICIENTS) if free == "auto" else free
     detail["free"] = free
+    if auto and "t_tokens" not in free:
+        return ends, law, (f"{len(records)} evals cannot separate the early fall of the loss from what a larger pool "
+                           f"is worth (they determine {','.join(free) or 'no coefficient'}, not the transient)"), detail
     if not set(free) & set(E_TERMS):
         return ends, law, (f"the {len(records)} evals determine {','.join(free) or 'no coefficient'} but not what a "
                            f"larger pool is worth (none of {','.join(E_TERMS)})"), detail

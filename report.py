@@ -204,13 +204,14 @@ class Meter:
                     f"eta {eta / 60:.1f} min")
             clock["last"], clock["tokens"] = time.time(), 0
 
-    def log_eval(self, val, stage, step):
-        """An evaluation's line and record; returns val."""
+    def log_eval(self, val, stage, step, batches=None):
+        """An evaluation's line and record; returns val. batches: a shorter eval's batches (the closed loop's)."""
         self.run.log(f"step {step}: val loss {val['loss']:.4f}, {val['bpb']:.4f} bits per byte | "
-                     + " ".join(f"{d} {v:.3f}" for d, v in val["bpb_per_domain"].items()))
+                     + " ".join(f"{d} {v:.3f}" for d, v in val["bpb_per_domain"].items())
+                     + (f" (closed loop: {batches} batches)" if batches else ""))
         self.run.record("eval", step=step, stage=stage.index, experts=stage.experts, val_loss=val["loss"],
                         val_bpb=val["bpb"], val_loss_per_domain=val["loss_per_domain"],
-                        val_bpb_per_domain=val["bpb_per_domain"])
+                        val_bpb_per_domain=val["bpb_per_domain"], **({"batches": batches} if batches else {}))
         return val
 
     def end_stage(self, stage, step, val, raw, optimizer, device):
