@@ -572,12 +572,13 @@ def bench_frontier(args):
     return dict(runs=rows, arms=summary, plots=[plot_frontier(summary, rows, Path(args.out_dir) / "frontier.png")])
 
 
-def frontier_rows(name, seed, out, shares, matches=None):
+def frontier_rows(name, seed, out, shares, matches=None, routing=None):
     """One run's model pruned per domain at each share: the mean of the domains' bits per byte (each domain
     counts once, as tasks do), each domain's, and the parameters kept. matches: the share of E_max a model
-    trained at a pruned size stands for (its row's keep)."""
+    trained at a pruned size stands for (its row's keep). routing: Config settings for evaluation (default:
+    over all experts, no pools)."""
     state, path = runs.load_checkpoint(out, settings_type=train.Settings)
-    model = runs.model_from_checkpoint(state, path, pool_size=None, pool_size_range=None).eval()
+    model = runs.model_from_checkpoint(state, path, **(routing or dict(pool_size=None, pool_size_range=None))).eval()
     data = state["settings"]["data"]
     results, sizes = evaluate.evaluate_subsets(model, Corpus(data, "train"), Corpus(data, "val"), shares,
                                               calib_rows=8, eval_rows=64)
@@ -654,6 +655,9 @@ PAPER_MODULAR = ("--router=softmax", "--lb_coef=0.1", "--z_coef=0.001", "--lb_wi
 MODULAR_LEADS = {"paper": (), "window": ("--lb_window=100",), "floor": ("--pool_size_range=0.25,1.0",),
                  "sigmoid": ("--router=sigmoid",), "fine": ("--experts=128", "--top_k=8", "--d_expert=16")}
 MODULAR_KEEP = 0.25  # the share of experts the subsets keep (the paper's 32 of 128)
+# evaluation inside document pools as training routes, but fair for a loss: each token's pool from its
+# document's tokens so far, half the experts (training draws pool sizes from 6.25 to 100 %)
+CAUSAL_POOLS = dict(pool_size=0.5, pool_size_range=None, pool_causal=True)
 
 
 def modular_arms(args):
@@ -692,6 +696,9 @@ def bench_modular(args):
                     measured[name, seed] = frontier_rows(name, seed, out, shares)
                     if role != "trained":
                         routing[name, seed] = routing_of(out)
+                    if role == "modular":  # the routing it trained with: pools, here causal, of half the experts
+                        row, = frontier_rows(name, seed, out, (1.0,), routing=CAUSAL_POOLS)
+                        measured[name, seed].append(row | dict(keep="causal"))
     bpb = {(name, seed, r["keep"]): r["bpb"] for (name, seed), rows in measured.items() for r in rows}
     leads = []
     for lead, roles in arms.items():
@@ -703,7 +710,8 @@ def bench_modular(args):
                for role, name in (("standard", std), ("modular", mod)) for labels in ("domain", "surface")}
         leads.append(dict(lead=lead, flags=list(MODULAR_LEADS[lead]), seeds=seeds,
                           standard=[bpb[std, s, 1.0] for s in seeds], modular=[bpb[mod, s, 1.0] for s in seeds],
-                          full_gap=full, pruned_gap=pruned, nmi=nmi))
+                          full_gap=full, pruned_gap=pruned, nmi=nmi,
+                          causal_gap=[bpb[mod, s, "causal"] - bpb[std, s, 1.0] for s in seeds]))
     first = min(seed for _, seed in routing)
     paper = arms[next(iter(arms))]
     pictures = {role: routing[paper[role][0], first] for role in ("standard", "modular")}
@@ -751,13 +759,16 @@ def print_modular(result, args):
     print(f"modular: {args.total_tokens:,} tokens per run, configs/modular.json with the paper's recipe "
           f"({' '.join(PAPER_MODULAR)}) and each lead's change; train.py flags: {args.train_args or '(none)'}; "
           f"{machine(torch.device('cpu'))}, torch {torch.__version__}")
-    print(f"{'lead':>8} {'flags':>44} {'standard bpb':>13} {'modular - standard':>28} "
+    print(f"{'lead':>8} {'flags':>44} {'standard bpb':>13} {'modular - standard':>28} {'in causal pools':>28} "
           f"{'pruned to ' + format(MODULAR_KEEP, '.0%') + ' - trained at that size':>40}")
     for lead in result["leads"]:
         print(f"{lead['lead']:>8} {' '.join(lead['flags']) or '(the paper)':>44} "
-              f"{statistics.mean(lead['standard']):>13.4f} {spread(lead['full_gap']):>28} {spread(lead['pruned_gap']):>40}")
+              f"{statistics.mean(lead['standard']):>13.4f} {spread(lead['full_gap']):>28} "
+              f"{spread(lead['causal_gap']):>28} {spread(lead['pruned_gap']):>40}")
     print("bpb: validation bits per byte, the mean of the domains' (64 validation windows each); gaps seed by seed: "
-          "mean (min..max) over seeds; pruned: each domain's experts chosen from 8 of its training windows")
+          "mean (min..max) over seeds; in causal pools: the modular model routed inside pools of half its experts, "
+          "each token's from its document's tokens so far; pruned: each domain's experts chosen from 8 of its "
+          "training windows")
     print(f"\n{'lead':>8} how much the chosen experts reveal a token's domain / its surface form (I(label; expert) / "
           "H(label), mean over layers and seeds)")
     print(f"{'':>8} {'standard: domain':>17} {'surface':>8} {'modular: domain':>16} {'surface':>8}")

@@ -61,6 +61,8 @@ class Config:
     pool_size_range: tuple | None = None  # (lo, hi): training draws P per document and layer from [lo, hi]
     eot_id: int = 8191  # the token that ends a document (<|endoftext|>; train.py takes the corpus's)
     doc_attention: bool = False  # also keep attention inside each document
+    pool_causal: bool = False  # each token's pool from its document's tokens so far, not the whole document
+    # (the whole document's pool lets a token's routing see later tokens: fine for routing, not for a fair loss)
 
     def __post_init__(self):
         for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model", "n_experts", "top_k",
@@ -78,7 +80,8 @@ class Config:
                    "such that the head size d_model/n_head is even (RoPE rotates pairs)")
         self.check("eot_id", _is_int(self.eot_id) and (0 <= self.eot_id < self.vocab_size or not self.documents),
                    f"a token id below vocab_size={self.vocab_size} (it delimits documents)")
-        self.check("doc_attention", isinstance(self.doc_attention, bool), "true or false")
+        for name in ("doc_attention", "pool_causal"):
+            self.check(name, isinstance(getattr(self, name), bool), "true or false")
         if self.pool_size_range is not None:
             self.check("pool_size_range", isinstance(self.pool_size_range, (tuple, list))
                        and len(self.pool_size_range) == 2, "a pair (lo, hi)")
@@ -337,7 +340,8 @@ class MoE(nn.Module):
         if sizes is None:
             return None if self.expert_mask is None else self.expert_mask.expand(len(logits), -1)
         ranked = self.router.scores(logits).detach()
-        pools = document_pools(ranked if self.expert_mask is None else ranked * self.expert_mask, seg, sizes)
+        pools = document_pools(ranked if self.expert_mask is None else ranked * self.expert_mask, seg, sizes,
+                               self.cfg.pool_causal)
         return pools if self.expert_mask is None else pools & self.expert_mask
 
     def dispatch(self, x, idx, gates, counts):
@@ -403,9 +407,18 @@ def document_attention_mask(seg):
     return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
 
 
-def document_pools(scores, seg, sizes):
+def document_pools(scores, seg, sizes, causal=False):
     """EMO-modular's pools: a_d = sum of the router scores of document d's tokens; d's pool is its top-P_d
-    experts by a_d. scores [N, E], seg [N] in [0, S), sizes [S] -> [N, E] bool pool membership."""
+    experts by a_d. scores [N, E], seg [N] in [0, S), sizes [S] -> [N, E] bool pool membership. causal: token
+    t's pool from a_d summed over d's tokens up to t only (a document's tokens are contiguous in N)."""
+    if causal:
+        total = scores.cumsum(dim=0)  # [N, E]
+        first = torch.full_like(seg, len(seg)).scatter_reduce_(0, seg, torch.arange(len(seg), device=seg.device),
+                                                               "amin")  # [S]: each document's first token
+        start = first[seg]  # [N]
+        before = torch.where((start > 0)[:, None], total[(start - 1).clamp(min=0)], torch.zeros_like(total))
+        rank = (total - before).argsort(dim=1, descending=True).argsort(dim=1)
+        return rank < sizes[seg][:, None]
     doc_score = scores.new_zeros(len(sizes), scores.shape[1]).index_add_(0, seg, scores)
     rank = doc_score.argsort(dim=1, descending=True).argsort(dim=1)  # 0 = the document's favourite expert
     return (rank < sizes[:, None])[seg]

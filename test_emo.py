@@ -131,9 +131,10 @@ def test_grouped_matmul_and_per_expert_loop_agree(router):
 EOT = 127  # the tiny test vocabulary's end-of-document token
 
 
-def reference_pools(moe, x, ids, P):
+def reference_pools(moe, x, ids, P, causal=False):
     """Each document's pool the slow way: split every row at its EOTs, sum each document's router scores
-    token by token, keep its top-P experts. Returns one allowed set per token (flattened)."""
+    token by token, keep its top-P experts (causal: for each token, of the document's tokens up to it).
+    Returns one allowed set per token (flattened)."""
     allowed = []
     for b in range(ids.shape[0]):
         docs, current = [], []
@@ -144,12 +145,12 @@ def reference_pools(moe, x, ids, P):
                 current = []
         docs += [current] if current else []
         for doc in docs:
-            total = torch.zeros(moe.n_experts)
+            total, pools = torch.zeros(moe.n_experts), []
             for t in doc:
                 logits = moe.router.weight @ x[b, t]
                 total += logits.sigmoid() if moe.cfg.router == "sigmoid" else logits.softmax(-1)
-            pool = set(total.topk(P).indices.tolist())
-            allowed += [pool] * len(doc)
+                pools.append(set(total.topk(P).indices.tolist()))
+            allowed += pools if causal else [pools[-1]] * len(doc)
     return allowed
 
 
@@ -169,6 +170,16 @@ def test_every_token_routes_inside_its_documents_pool_like_the_per_document_refe
     assert_moe_matches_reference(moe, x, emo.document_segments(ids, EOT), allowed)
     for t, chosen in enumerate(moe.router.last_idx.tolist()):
         assert set(chosen) <= allowed[t]
+
+
+@pytest.mark.parametrize("router", ["sigmoid", "softmax"])
+def test_a_causal_pool_is_chosen_from_the_documents_tokens_so_far_like_the_per_token_reference(router):
+    torch.manual_seed(0)
+    moe = emo.MoE(tiny(router=router, pool_size=3, eot_id=EOT, pool_causal=True)).eval()
+    ids, x = documents_batch()
+    allowed = reference_pools(moe, x, ids, 3, causal=True)
+    assert allowed != reference_pools(moe, x, ids, 3)  # the pools differ from the whole document's somewhere
+    assert_moe_matches_reference(moe, x, emo.document_segments(ids, EOT), allowed)
 
 
 @pytest.mark.parametrize("router", ["sigmoid", "softmax"])
