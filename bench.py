@@ -740,7 +740,7 @@ def plot_specialization(pictures, png, seed):
     for row, role in enumerate(roles):
         for layer, r in enumerate(pictures[role]["domain"]):
             ax = axes[row][layer]
-            ax.imshow(torch.tensor(r["share"]), aspect="auto", cmap="viridis", vmin=0)
+            ax.imshow(r["share"], aspect="auto", cmap="viridis", vmin=0)
             ax.set_title(f"{role}, layer {layer}: NMI {r['nmi']:.2f}", fontsize=8)
             ax.set_yticks(range(len(r["share"])))
             ax.set_yticklabels(pictures[role]["domains"], fontsize=7)

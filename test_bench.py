@@ -158,6 +158,41 @@ def test_bench_frontier_prunes_each_arm_and_compares_it_with_models_trained_at_t
     assert config["model"]["pool_size_range"] == [0.0625, 1.0] and config["model"]["router"] == "softmax"
 
 
+def test_each_modular_lead_compares_arms_that_differ_only_by_their_pools():
+    """Per lead: the standard MoE and EMO-modular share every setting but the pools, the MoE trained at the
+    subset's size differs from the standard one only in E; a lead that changes only the pools reuses the paper's
+    standard and trained runs; the paper's recipe is spelled out, whatever configs/modular.json says."""
+    arms = bench.modular_arms(argparse.Namespace(leads=",".join(bench.MODULAR_LEADS)))
+    for lead, roles in arms.items():
+        (std, std_flags), (mod, mod_flags), (trained, trained_flags) = (roles[r] for r in ("standard", "modular",
+                                                                                          "trained"))
+        s_std, m_std, _ = train.parse(std_flags[1:] + [f"--config={bench.HERE / 'configs' / 'modular.json'}"])
+        s_mod, m_mod, _ = train.parse(mod_flags[1:] + [f"--config={bench.HERE / 'configs' / 'modular.json'}"])
+        assert m_std["pool_size_range"] is None and m_mod["pool_size_range"] is not None
+        assert {k: v for k, v in m_std.items() if k != "pool_size_range"} == \
+            {k: v for k, v in m_mod.items() if k != "pool_size_range"}
+        assert set(std_flags) ^ set(trained_flags) <= {f for f in std_flags + trained_flags if f.startswith("--experts=")}
+        assert all(f in mod_flags for f in bench.PAPER_MODULAR)
+    assert arms["floor"]["standard"][0] == arms["paper"]["standard"][0] == "standard-paper"
+    assert arms["floor"]["trained"][0] == "trained-paper" and arms["window"]["standard"][0] == "standard-window"
+
+
+def test_bench_modular_measures_both_gaps_seed_by_seed_and_how_routing_specialises(corpus, tmp_path):
+    args = argparse.Namespace(seeds="0", leads="paper,floor", total_tokens=2048, out_dir=str(tmp_path),
+                              train_args=" ".join(a for a in tiny_run(corpus, "x") if a.split("=")[0] not in
+                                                  ("--out_dir", "--total_tokens", "--stages")))
+    result = bench.bench_modular(args)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
+        "modular-floor-seed0", "modular-paper-seed0", "standard-paper-seed0", "trained-paper-seed0"]
+    paper, floor = result["leads"]
+    assert floor["standard"] == paper["standard"]  # the same standard run
+    bpb = {(r["arm"], r["keep"]): r["bpb"] for r in result["runs"]}
+    assert paper["full_gap"] == [pytest.approx(bpb["modular-paper", 1.0] - bpb["standard-paper", 1.0])]
+    assert paper["pruned_gap"] == [pytest.approx(bpb["modular-paper", 0.25] - bpb["trained-paper", 1.0])]
+    assert paper["causal_gap"] == [pytest.approx(bpb["modular-paper", "causal"] - bpb["standard-paper", 1.0])]
+    assert all(0 <= v[0] <= 1 for v in paper["nmi"].values()) and len(paper["nmi"]) == 4
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("check", [bench.dispatch_numerics, bench.empty_experts, bench.compiled_run],
                          ids=lambda f: f.__name__)
