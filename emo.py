@@ -610,10 +610,10 @@ def unwrap(model):
     return model
 
 
-@torch.no_grad()
 # 7. Load balancing: one call after every optimizer step -----------------------------------------------------
 
 
+@torch.no_grad()
 def update_router_bias(model):
     """Aux-loss-free balancing (DeepSeek-V3 sec. 2.1.2): b_i += gamma * sign(mean load - load_i).
 
