@@ -51,8 +51,10 @@ class Settings:
     experts: str = "2,4,8,16,32"  # E per stage; the fixed schedule uses the last
     stages: str = ""  # explicit stages "E:fraction,...", e.g. "8:0.235,16:0.095,...": overrides the solver
     law: str = ""  # the solver's scaling law: a JSON file of coefficients (plan.py --save_law); empty: Table 3's
+    grow_by: float = 0.1  # reach the last E by this share of the run, the law's stage ratios kept (0: the law's
+    # own split). Table 3 was fitted on 100M+-parameter models; at the default's 2M a larger pool pays early (RESULTS)
     replan: bool = True  # closed loop: at each stage end refit the law to this run's evals, move the later ends
-    # (a schedule the law planned only: an explicit --stages split is kept as given)
+    # (the law's own split only, --grow_by=0: an explicit --stages split or a --grow_by one is kept as given)
     replan_params: str = "auto"  # what each re-plan may refit: auto, every coefficient the run's evals determine
     # (plan.identified); or names, e.g. delta (what a larger pool is worth: alone, it also takes the early fall)
     growth_init: str = "silent"  # silent (function-preserving), gaussian (the paper), copy, upcycle: emo.grow_experts
@@ -122,6 +124,7 @@ def validate(s, cfg, world, n_stages):
             (("lr", "max_load_cv"), lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
             (("weight_decay", "grad_clip"), lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
             (("min_lr_frac", "decay_frac"), lambda v: 0 <= v <= 1, "in [0, 1]"),
+            (("grow_by",), lambda v: 0 <= v < 1, "a share of the run in [0, 1) (0: the law's own split)"),
             (("beta1", "beta2"), lambda v: 0 <= v < 1, "in [0, 1)")):
         for key in keys:
             require(ok(getattr(s, key)), f"--{key}", getattr(s, key), allowed)
@@ -173,7 +176,8 @@ class Stage:
 
 def plan_schedule(s, cfg, batch_tokens, experts, fractions, law=None):
     """The run's stages in optimizer steps: explicit --stages fractions, one fixed stage, or the scaling-law
-    solver (emo.plan_stages, with law: a ScalingLaw, default Table 3's) for this model's active size."""
+    solver (emo.plan_stages, with law: a ScalingLaw, default Table 3's) for this model's active size, its
+    growths moved earlier in proportion so that the last E starts at --grow_by of the run."""
     total_steps = s.total_tokens // batch_tokens
     if fractions:
         ends = [round(total_steps * sum(fractions[:i + 1])) for i in range(len(fractions))]
@@ -182,6 +186,8 @@ def plan_schedule(s, cfg, batch_tokens, experts, fractions, law=None):
         planned = emo.plan_stages(n_active, total_steps * batch_tokens, experts, cfg.top_k, law=law,
                                   batch_tokens=batch_tokens)
         ends = [p["end"] // batch_tokens for p in planned]
+        if s.grow_by and len(ends) > 1:
+            ends = [round(end * s.grow_by * total_steps / ends[-2]) for end in ends[:-1]] + ends[-1:]
     if any(e <= b for b, e in zip([0] + ends[:-1], ends)):
         raise SettingError(f"the schedule gives a stage no steps (ends at steps {ends}); give more --total_tokens")
     return stages_at(experts, ends)
@@ -413,7 +419,7 @@ def train(s, cfg, stages, world, resume, law):
                     evals.append(dict(step=step, experts=stage.experts, val_loss=float(val["loss"])))
                     if stage_end:
                         meter.end_stage(stage, step, val, raw, optimizer, device)
-                        if s.replan and not s.stages and stage.index < len(stages) - 1:
+                        if loop_on(s) and stage.index < len(stages) - 1:
                             stages[stage.index:] = replan(s, stages, stage.index, run, raw.config, batch_tokens,
                                                           evals, law)
                 stop = bool(s.stop_at and step >= s.stop_at)
@@ -459,12 +465,18 @@ LOOP_EVALS = 6  # evals the closed loop takes in each stage it re-plans after: e
 LOOP_EVAL_BATCHES = 8  # each on the first 8 of the eval batches: ~1/4 of an eval's cost, noisier (the fit knows)
 
 
+def loop_on(s):
+    """Does the closed loop re-plan this run? Only a split the law made as it stands: --stages and --grow_by
+    splits are the user's (or a measurement's), kept as given."""
+    return s.replan and not s.stages and not s.grow_by
+
+
 def loop_eval(s, stages, stage, step):
     """An extra eval for the closed loop: LOOP_EVALS evenly spaced ones in each stage whose end it re-plans after
     (all but the last two: the last one's end is the run's), so each pool size has its own curve (eval_interval
     alone can leave a short stage one eval)."""
     every = max(1, (stage.end - stage.start) // LOOP_EVALS)
-    return s.replan and not s.stages and stage.index < len(stages) - 1 and (step - stage.start) % every == 0
+    return loop_on(s) and stage.index < len(stages) - 1 and (step - stage.start) % every == 0
 
 
 def replan(s, stages, done, run, cfg, batch_tokens, evals, law):
