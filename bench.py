@@ -1034,7 +1034,7 @@ def print_gpu(report, args):
 
 def strict_json(value):
     """JSON any parser reads: a NaN or infinity (a ratio to a zero spread, say) is null, a path is its text."""
-    return json.dumps(plan.finite_or_null(json.loads(json.dumps(value, default=str))), indent=1, allow_nan=False)
+    return json.dumps(runs.finite_or_null(json.loads(json.dumps(value, default=str))), indent=1, allow_nan=False)
 
 
 BENCH_OWNED = ("out_dir", "resume", "seed", "total_tokens", "stop_at")  # train.py flags bench.py sets per run

@@ -23,7 +23,6 @@ import torch
 import emo
 import export
 import flags
-import plan
 import runs
 import train
 from data.corpus import Corpus, DataError, fingerprint, fingerprint_change
@@ -249,7 +248,7 @@ def main(argv=None):
     except (SettingError, DataError, train.TrainingError) as err:
         sys.exit(f"eval.py: {err}")
     if args.json:
-        print(json.dumps(plan.finite_or_null({"domains": results, "params": sizes, "specialization": report,
+        print(json.dumps(runs.finite_or_null({"domains": results, "params": sizes, "specialization": report,
                                               "exported": {str(f): diff for f, diff in exported}}),
                          indent=1, allow_nan=False))
         return

@@ -11,6 +11,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+import emo
 from emo import SettingError
 
 
@@ -147,3 +148,16 @@ class ArgumentParser(argparse.ArgumentParser):
         if close:
             message = unknown_flag(close.group(1), known)
         sys.exit(f"{self.prog}: {message}" + ("" if close else " (--help lists every flag)"))
+
+
+def read_law(path):
+    """A ScalingLaw from a JSON file of its coefficients (plan.py --save_law writes one), checked like a flag."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise SettingError(f"--law={path}: cannot read a JSON object of the law's coefficients "
+                           f"({type(err).__name__})") from None
+    why = emo.law_problem(values)
+    if why:
+        raise SettingError(f"--law={path}: {why}")
+    return emo.ScalingLaw(**{k: float(values[k]) for k in emo.LAW_COEFFICIENTS})

@@ -14,11 +14,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
-
-import torch
-import torch.nn.functional as F
 
 import emo
 import flags
@@ -80,7 +76,6 @@ def parse_args(argv):
 # Step time grows slowly with E at fixed k (more, smaller GEMMs; router; optimizer). The paper measured
 # 1.08x from E = 8 to 128 at 1.1B active (Fig. 1): time(E) ~ E^rho with rho = ln 1.08 / ln 16.
 STEP_TIME_EXPONENT = math.log(1.08) / math.log(16)
-BYTES_PER_PARAM = 16  # fp32 weights 4 + gradients 4 + Adam moments 8 (bf16 autocast keeps fp32 masters)
 
 
 def step_time_exponent(experts, seconds):
@@ -96,7 +91,7 @@ def stage_costs(stage, n_active, top_k, expert_params, last_experts, rho):
     relative to the last stage's (time ~ E^rho)."""
     total = n_active + (stage["experts"] - top_k) * expert_params
     return dict(params_total=total, params_active=n_active, flops=6 * n_active * stage["tokens"],
-                memory_bytes=BYTES_PER_PARAM * total, step_time=(stage["experts"] / last_experts) ** rho)
+                memory_bytes=emo.BYTES_PER_PARAM * total, step_time=(stage["experts"] / last_experts) ** rho)
 
 
 def check_args(args):
@@ -150,7 +145,7 @@ def build_plan(args):
     n_active = emo.count_params(cfg)[1]
     if args.step_times:
         args.step_time_exponent = step_time_exponent(*read_step_times(args.step_times))
-    base = read_law(args.law) if args.law else emo.ScalingLaw()
+    base = flags.read_law(args.law) if args.law else emo.ScalingLaw()
     law, before, fit = base, None, None
     if args.fit:
         records = [r for path in args.fit.split(",") for r in read_fit_records(path)]
@@ -166,13 +161,13 @@ def build_plan(args):
             raise
         optimal = [law.optimal_tokens(n_law, E / args.top_k) for E in experts]
         ends = ", ".join(f"E={E} to {d / optimal[-1]:.2%}" for E, d in zip(experts, optimal))
-        raise SettingError(f"--fit={args.fit}: the law refit from these runs ({law_text(law)}) gives no usable "
+        raise SettingError(f"--fit={args.fit}: the law refit from these runs ({emo.law_text(law)}) gives no usable "
                            f"stages ({err}); its stage ends as shares of the run: {ends}. A share near 0% says "
                            f"a larger pool pays at once at this scale; otherwise fit runs that span more tokens "
                            f"and E, or free fewer coefficients (--fit_params)") from None
     if args.save_law:
         values = {k: float(getattr(law, k)) for k in emo.LAW_COEFFICIENTS}
-        why = law_problem(values)
+        why = emo.law_problem(values)
         require(not why, "--save_law", args.save_law, f"given a usable law: the law planned with is not one ({why})")
         runs.atomic_write(Path(args.save_law), lambda f: f.write(json.dumps(values, indent=1).encode()))
     # GPU-hours: the fixed-E run at the assumed MFU; earlier stages are faster by the step-time model
@@ -193,155 +188,14 @@ def build_plan(args):
                 early_memory_saving=1 - sum(s["memory_bytes"] * s["fraction"] for s in stages) / fixed["memory_bytes"])
 
 
-FIT_KEYS = ("law_n_active", "tokens", "experts", "top_k", "val_loss")
-
-
-def law_text(law):
-    return ", ".join(f"{k}={getattr(law, k):.3g}" for k in emo.LAW_COEFFICIENTS)
-
-
-# What runs of one model size can determine. A small model's loss first falls far faster than any power law of
-# tokens (a transient that Table 3, fitted from 0.5B tokens on, never saw): the fit carries it as
-# t_size * exp(-D / t_tokens), the same for every E, so that neither the token term nor what a larger pool is
-# worth has to absorb it. At one N the parameter term m(e) * N^mu(e) and the floor c are one level per E, so
-# a, alpha, gamma and c move together; each curve gives its token term (b, beta); curves at two or more E give
-# how the level and the token term change with E (delta, omega, zeta). FIT_ORDER is the order in which
-# identified() frees them; IDENTIFIED the share of a coefficient's effect on the fit that must be its own.
-TRANSIENT = ("t_size", "t_tokens")
-FIT_ORDER = ("b", "beta") + TRANSIENT + ("delta", "omega", "zeta", "a", "c", "alpha", "gamma")
-E_TERMS = ("delta", "gamma", "omega", "zeta")  # what a larger pool is worth
-LOG_SCALE = ("a", "b", "c") + TRANSIENT  # fitted as logarithms: positive, and on the scale of their effect
-IDENTIFIED = 0.01
-BOOTSTRAP_ROUNDS = 24
-
-
-def fit_columns(records):
-    return {key: torch.tensor([float(r[key]) for r in records], dtype=torch.float64) for key in FIT_KEYS}
-
-
-def fit_start(law, records):
-    """The fit's starting values: law's coefficients, and a transient of 0.1 nats that fades over the records'
-    median tokens (it is added only when its two values are fitted)."""
-    tokens = sorted(float(r["tokens"]) for r in records)
-    return {**{k: getattr(law, k) for k in emo.LAW_COEFFICIENTS}, "t_size": 0.1, "t_tokens": tokens[len(tokens) // 2]}
-
-
-def fitted_values(start, free, theta):
-    return {**start, **{k: (v.exp() if k in LOG_SCALE else v) for k, v in zip(free, theta)}}
-
-
-def log_predictions(law, start, free, theta, cols):
-    """log of the law's loss at each record, plus the transient when it is fitted; law supplies e_start, e_max."""
-    values = fitted_values(start, free, theta)
-    loss = replace(law, **{k: values[k] for k in emo.LAW_COEFFICIENTS}).predict(
-        cols["law_n_active"], cols["tokens"], cols["experts"] / cols["top_k"])
-    if "t_size" in free:
-        loss = loss + values["t_size"] * torch.exp(-cols["tokens"] / values["t_tokens"])
-    return loss.log()
-
-
-def theta_of(start, free):
-    return torch.tensor([math.log(start[k]) if k in LOG_SCALE else start[k] for k in free], dtype=torch.float64)
-
-
-def identified(law, records, candidates):
-    """Which of `candidates` (and the transient, always a candidate) the records determine, in FIT_ORDER: a
-    coefficient is freed when its effect on the predicted log-losses (its Jacobian column at law's values)
-    keeps at least IDENTIFIED of its size after the effects of those already freed are projected out
-    (Gram-Schmidt), while fewer are freed than records minus one. The transient's two values go together. What
-    the records cannot separate stays at law's value: a statement about the data, not about the law."""
-    order = [k for k in FIT_ORDER if k in candidates or k in TRANSIENT]
-    start, cols = fit_start(law, records), fit_columns(records)
-    J = torch.autograd.functional.jacobian(lambda t: log_predictions(law, start, order, t, cols),
-                                           theta_of(start, order))
-    free, basis = [], []
-    for k, v in zip(order, J.T):  # v [records]: how the predictions move with coefficient k
-        own = v - sum(((q @ v) * q for q in basis), torch.zeros_like(v))
-        if len(free) < len(records) - 1 and v.norm() > 0 and own.norm() >= IDENTIFIED * v.norm():
-            free.append(k)
-            basis.append(own / own.norm())
-    return free if "t_tokens" in free else [k for k in free if k not in TRANSIENT]
-
-
-def fit_law(law, records, free=emo.LAW_COEFFICIENTS, huber_delta=1e-2, inits=6, seed=0, start=None):
-    """Refit the coefficients of emo.ScalingLaw named in `free` (and the transient, when free names t_size and
-    t_tokens) to measured runs, as the law's authors did: Huber loss on log L, LBFGS, a/b/c optimised in log
-    space, several starts; e_start and e_max stay fixed. records: dicts with law_n_active (the law's N:
-    emo.law_active_params), tokens, experts, top_k and val_loss, as train.py's stage records carry them.
-    start: the values to start from (default fit_start). Returns (a new ScalingLaw, all fitted values)."""
-    require(set(free) <= set(FIT_ORDER) and len(set(free)) == len(free), "--fit_params", ",".join(free),
-            f"names of coefficients, each once: {', '.join(emo.LAW_COEFFICIENTS)}")
-    require(len(records) > len(free), "--fit", f"{len(records)} records",
-            f"more than the {len(free)} free coefficients: give more runs or free fewer (--fit_params)")
-    cols, given, start = fit_columns(records), start, start or fit_start(law, records)
-    origin = theta_of(start, free)
-    generator = torch.Generator().manual_seed(seed)
-    starts = [origin + (0 if i == 0 else 0.05 * torch.randn(len(free), generator=generator, dtype=torch.float64))
-              for i in range(inits)]
-    if "t_size" in free and not given:  # the transient's fit has local minima: start from a grid of its values
-        tokens = cols["tokens"].sort().values
-        for size, fade in ((s, tokens[round(q * (len(tokens) - 1))].item()) for s in (0.3, 1.0) for q in (0, 0.5, 1)):
-            starts.append(theta_of({**start, "t_size": size, "t_tokens": fade}, free))
-
-    def objective(theta):
-        return F.huber_loss(log_predictions(law, start, free, theta, cols), cols["val_loss"].log(),
-                            delta=huber_delta, reduction="sum")
-
-    best_theta, best_obj = origin, objective(origin).item()
-    for theta in starts:
-        theta = theta.clone().requires_grad_()
-        optimizer = torch.optim.LBFGS([theta], max_iter=500, tolerance_grad=1e-14, tolerance_change=1e-16,
-                                      history_size=50, line_search_fn="strong_wolfe")
-
-        def closure():
-            optimizer.zero_grad()
-            obj = objective(theta)
-            obj.backward()
-            return obj
-
-        optimizer.step(closure)
-        obj = objective(theta.detach()).item()
-        if math.isfinite(obj) and obj < best_obj:
-            best_theta, best_obj = theta.detach(), obj
-    if not math.isfinite(best_obj):
-        raise SettingError(f"--fit: the law gives no finite loss at these records from any start ({len(records)} "
-                           f"records, refitting {','.join(free)}): nothing to fit")
-    values = {k: float(v) for k, v in fitted_values(start, free, best_theta).items()}
-    return replace(law, **{k: values[k] for k in emo.LAW_COEFFICIENTS}), values
-
-
-def bootstrap_fits(law, values, records, free, rounds=BOOTSTRAP_ROUNDS, seed=0):
-    """The uncertainty of a fit: refits from the fit itself (law, values) to `rounds` resamplings of the
-    records, drawn with replacement within each E so every pool size keeps its evals. Returns the (law, values)
-    of each refit that gives a usable law."""
-    generator, groups = torch.Generator().manual_seed(seed), {}
-    for r in records:
-        groups.setdefault(r["experts"], []).append(r)
-    fits = []
-    for _ in range(rounds):
-        sample = [group[i] for group in groups.values()
-                  for i in torch.randint(len(group), (len(group),), generator=generator).tolist()]
-        try:
-            refit = fit_law(law, sample, free, inits=1, start=values)
-        except SettingError:
-            continue
-        if not law_problem({k: getattr(refit[0], k) for k in emo.LAW_COEFFICIENTS}):
-            fits.append(refit)
-    return fits
-
-
-def quantile(values, q):
-    return torch.tensor(values, dtype=torch.float64).quantile(q).item()
-
-
 def fit_with_uncertainty(base, records, fit_params, n_law, total_tokens, experts, top_k, batch_tokens):
     """plan.py --fit: the law refit to the records (fit_params "auto": what they identify, and the transient),
     and what the fit knows: per coefficient its 10-90 % range over bootstrap refits, or that it was held because
     the runs cannot determine it; the same range for each stage's end. Returns (law, that report)."""
-    free = identified(base, records, emo.LAW_COEFFICIENTS) if fit_params == "auto" else fit_params.split(",")
-    law, values = fit_law(base, records, free=free)
-    fits = bootstrap_fits(law, values, records, free)
-    ranges = {k: [quantile([v[k] for _, v in fits], q) for q in (0.1, 0.9)] if len(fits) > 1 else None for k in free}
+    free = emo.identified(base, records, emo.LAW_COEFFICIENTS) if fit_params == "auto" else fit_params.split(",")
+    law, values = emo.fit_law(base, records, free=free)
+    fits = emo.bootstrap_fits(law, values, records, free)
+    ranges = {k: [emo.quantile([v[k] for _, v in fits], q) for q in (0.1, 0.9)] if len(fits) > 1 else None for k in free}
     splits = []
     for refit, _ in fits:
         try:
@@ -349,7 +203,7 @@ def fit_with_uncertainty(base, records, fit_params, n_law, total_tokens, experts
                                                               batch_tokens=batch_tokens)])
         except SettingError:
             pass
-    ends = [[quantile([e[i] for e in splits], q) for q in (0.1, 0.9)] for i in range(len(experts))] if splits else None
+    ends = [[emo.quantile([e[i] for e in splits], q) for q in (0.1, 0.9)] for i in range(len(experts))] if splits else None
     return law, dict(free=free, held=[k for k in emo.LAW_COEFFICIENTS if k not in free], values=values,
                      ranges=ranges, bootstrap=len(fits), usable_splits=len(splits), end_ranges=ends)
 
@@ -372,7 +226,7 @@ def read_fit_records(path):
     if not stages:
         raise SettingError(f"--fit={path}: no stage records (lines with \"kind\": \"stage\") in the file")
     for n, r in enumerate(stages, 1):
-        bad = [k for k in FIT_KEYS if not (is_number(r.get(k)) and r[k] > 0)]
+        bad = [k for k in emo.FIT_KEYS if not (is_number(r.get(k)) and r[k] > 0)]
         if bad:
             raise SettingError(f"--fit={path}: stage record {n} needs positive numbers for {', '.join(bad)}")
     if len(stages) > 1:
@@ -396,120 +250,6 @@ def is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-# What makes a law a law: loss falls with parameters and tokens toward a floor c >= 0 (Table 3: a 35.9,
-# alpha -0.19, b 36.0, beta -0.18, c 1.36); the E-terms (delta, gamma, omega, zeta) may take either sign.
-LAW_RANGES = {"a": (lambda v: v > 0, "> 0"), "b": (lambda v: v > 0, "> 0"), "c": (lambda v: v >= 0, ">= 0"),
-              "alpha": (lambda v: v < 0, "< 0"), "beta": (lambda v: v < 0, "< 0")}
-
-
-def law_problem(values):
-    """Why a dict of coefficients is not a usable law (one clause), or None: exactly the law's coefficients,
-    each a finite number (not a bool or text) in its range."""
-    if not isinstance(values, dict):
-        return f"expected a JSON object of the coefficients {', '.join(emo.LAW_COEFFICIENTS)}"
-    unknown = sorted(set(values) - set(emo.LAW_COEFFICIENTS))
-    missing = [k for k in emo.LAW_COEFFICIENTS if k not in values]
-    if unknown or missing:
-        return (f"unknown key {unknown[0]!r}" if unknown else f"no {missing[0]!r}") + \
-            f": it holds exactly {', '.join(emo.LAW_COEFFICIENTS)}"
-    for k in emo.LAW_COEFFICIENTS:
-        v = values[k]
-        if not is_number(v):
-            return f"{k} = {v!r}: expected a finite number"
-        ok, allowed = LAW_RANGES.get(k, (lambda v: True, ""))
-        if not ok(v):
-            return f"{k} = {v!r}: must be {allowed}"
-    return None
-
-
-def read_law(path):
-    """A ScalingLaw from a JSON file of its coefficients (plan.py --save_law writes one), checked like a flag."""
-    try:
-        values = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise SettingError(f"--law={path}: cannot read a JSON object of the law's coefficients "
-                           f"({type(err).__name__})") from None
-    why = law_problem(values)
-    if why:
-        raise SettingError(f"--law={path}: {why}")
-    return replace(emo.ScalingLaw(), **{k: float(values[k]) for k in emo.LAW_COEFFICIENTS})
-
-
-def replanned_ends(law, experts, ends, done, n_law, top_k):
-    """plan_stages' rule under `law` for the stages after `done`: stage s ends at D*(e_s) / D*(e_last) of the run.
-    Ends already reached stay, every stage to come keeps at least one step; None when the law gives no split."""
-    optimal = [law.optimal_tokens(n_law, E / top_k) for E in experts]
-    shares = [d / optimal[-1] for d in optimal]
-    if not all(math.isfinite(x) and 0 < x <= 1 for x in shares):
-        return None
-    new = ends[:done]
-    for i in range(done, len(experts) - 1):  # keep room for one step in each later stage
-        new.append(min(max(round(ends[-1] * shares[i]), new[-1] + 1), ends[-1] - (len(experts) - 1 - i)))
-    return new + ends[-1:]
-
-
-def replan(experts, ends, done, records, law, free, n_law, top_k, rounds=BOOTSTRAP_ROUNDS):
-    """The closed loop: at the end of stage `done` (1-based), refit to the run's evals so far (records as
-    read_fit_records gives them) the coefficients `free` names, or with free="auto" those the evals determine
-    (identified) beside an early transient: the same early fall for every E, so that the fall of the loss with
-    tokens is not taken for the value of a larger pool. Then re-solve the run's stage budgets with that law and
-    move the ends of the stages still to come, but only when the data can tell: when the next end, re-solved
-    under bootstrap resamplings of the evals, lies clear of the planned one in 80 % of them. experts, ends: the
-    run's stages (E, last step + 1 of each). Returns (ends, law, why not or None, detail): detail names the freed
-    coefficients, the fitted transient and the next end's range."""
-    detail = dict(free=[], transient={}, next_end=None)
-    if len({r["experts"] for r in records}) < 2:
-        return ends, law, "the evals so far span one E: nothing yet measures what a larger pool is worth", detail
-    auto, free = free == "auto", identified(law, records, emo.LAW_COEFFICIENTS) if free == "auto" else free
-    detail["free"] = free
-    if auto and "t_tokens" not in free:
-        return ends, law, (f"{len(records)} evals cannot separate the early fall of the loss from what a larger pool "
-                           f"is worth (they determine {','.join(free) or 'no coefficient'}, not the transient)"), detail
-    if not set(free) & set(E_TERMS):
-        return ends, law, (f"the {len(records)} evals determine {','.join(free) or 'no coefficient'} but not what a "
-                           f"larger pool is worth (none of {','.join(E_TERMS)})"), detail
-    try:
-        refit, values = fit_law(law, records, free=free)
-    except SettingError as err:
-        return ends, law, str(err), detail
-    detail["transient"] = {k: values[k] for k in TRANSIENT if k in free}
-    why = law_problem({k: getattr(refit, k) for k in emo.LAW_COEFFICIENTS})
-    new = None if why else replanned_ends(refit, experts, ends, done, n_law, top_k)
-    if new is None:
-        return ends, law, f"the refit law ({law_text(refit)}) gives no split{f' ({why})' if why else ''}", detail
-    nexts = [e[done] for e in (replanned_ends(b, experts, ends, done, n_law, top_k)
-                               for b, _ in bootstrap_fits(refit, values, records, free, rounds)) if e]
-    if len(nexts) < rounds // 2:
-        return ends, law, f"only {len(nexts)} of {rounds} bootstrap refits give a split: the evals cannot tell", detail
-    lo, hi = round(quantile(nexts, 0.1)), round(quantile(nexts, 0.9))
-    detail["next_end"] = dict(fit=new[done], lo=lo, hi=hi, planned=ends[done])
-    if lo <= ends[done] <= hi:
-        return ends, law, (f"the evals cannot tell: the next stage could end anywhere in steps {lo}..{hi} (80 % of "
-                           f"{len(nexts)} bootstrap refits), the planned {ends[done]} among them"), detail
-    return new, refit, None, detail
-
-
-def replan_run(evals, law, replan_params, stages, done, cfg, batch_tokens, settle):
-    """train.py --replan at the end of stage `done`: replan on the run's validation evals so far (evals: dicts
-    of step, experts and val_loss, as its checkpoints carry them), each at the tokens seen when it was made,
-    starting from law (the run's --law, or Table 3) with the candidates replan_params ("auto": every coefficient).
-    Left out: an eval whose loss is not a finite positive number, and the evals of the first settle[0] steps
-    (warmup) and of the settle[1] steps after each growth (re-warm, phase-in), which measure the settling of the
-    optimizer or the new experts, not the curve. Returns (the new stage ends, the "replan" record)."""
-    n_law = emo.law_active_params(replace(cfg, n_experts=stages[-1].experts))
-    starts = {st.experts: (0 if i == 0 else stages[i - 1].end) for i, st in enumerate(stages)}
-    wait = {st.experts: settle[0] if i == 0 else settle[1] for i, st in enumerate(stages)}
-    records = [dict(law_n_active=n_law, tokens=r["step"] * batch_tokens, experts=r["experts"], top_k=cfg.top_k,
-                    val_loss=r["val_loss"]) for r in evals if math.isfinite(r["val_loss"]) and r["val_loss"] > 0
-               and r["step"] - starts[r["experts"]] > wait[r["experts"]]]
-    before = [st.end for st in stages]
-    free = "auto" if replan_params == "auto" else replan_params.split(",")
-    ends, refit, why, detail = replan([st.experts for st in stages], before, done, records, law, free,
-                                      n_law, cfg.top_k)
-    return ends, dict(stage=done, evals=len(records), ends_before=before, ends=ends, unchanged_because=why,
-                      **detail, law={k: finite_or_null(getattr(refit, k)) for k in emo.LAW_COEFFICIENTS})
-
-
 def read_step_times(value):
     """([E, ...], [seconds, ...]) from bench.py step's JSON file or an inline E:seconds list."""
     try:
@@ -525,27 +265,6 @@ def read_step_times(value):
     if len({E for E, _ in pairs}) < 2 or any(E <= 0 or not sec > 0 or not math.isfinite(sec) for E, sec in pairs):
         raise SettingError(f"--step_times={value}: needs positive step times at two or more different E")
     return [E for E, _ in pairs], [sec for _, sec in pairs]
-
-
-def parse_stages(s):
-    """train.py's --stages (E:fraction,...) or --experts (E,...) -> (the E of each stage, fractions or None).
-    s: anything with train.py's stages, experts and schedule settings."""
-    key, text = ("stages", s.stages) if s.stages else ("experts", s.experts)
-    try:
-        parts = [part.split(":") for part in text.split(",")]
-        experts = [int(part[0]) for part in parts]
-        fractions = [float(part[1]) if len(part) == 2 else math.nan for part in parts] if s.stages else None
-    except ValueError:
-        raise SettingError(f"--{key}={text}: expected comma-separated {'E:fraction' if s.stages else 'integers'}") from None
-    if s.stages and s.schedule == "fixed":
-        raise SettingError("--stages gives a progressive schedule: --schedule=fixed takes --experts=E instead")
-    if any(E < 1 for E in experts) or any(b <= a for a, b in zip(experts, experts[1:])):
-        raise SettingError(f"--{key}={text}: expert counts must be positive and strictly increasing")
-    if s.schedule == "fixed":
-        experts = experts[-1:]
-    if fractions and (any(not f > 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6):
-        raise SettingError(f"--stages={s.stages}: each stage needs E:fraction, fractions > 0 summing to 1")
-    return experts, fractions
 
 
 def human(x):
@@ -610,17 +329,6 @@ def print_fit(plan, args):
                                                         for s, (lo, hi) in zip(stages[:-1], fit["end_ranges"])))
 
 
-def finite_or_null(value):
-    """JSON has no Infinity or NaN (json.dumps writes them, and its default= hook never sees a float): null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite_or_null(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_null(v) for v in value]
-    return value
-
-
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -628,7 +336,7 @@ def main(argv=None):
     except (SettingError, runs.TrainingError) as err:
         sys.exit(f"plan.py: {err}")
     if args.json:
-        print(json.dumps(finite_or_null(plan), indent=1, allow_nan=False))
+        print(json.dumps(runs.finite_or_null(plan), indent=1, allow_nan=False))
     else:
         print_plan(plan, args)
 

@@ -134,6 +134,17 @@ def fsync_folder(folder):
         os.close(fd)
 
 
+def finite_or_null(value):
+    """JSON has no Infinity or NaN (json.dumps writes them, and its default= hook never sees a float): null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
 def atomic_write(path, write):
     """Write path so that a crash leaves the old file or the new one, never a torn one: a temp file named
     by this process (two processes never collide), fsync, rename, fsync the folder. A full disk or a file
@@ -658,7 +669,7 @@ class Run:
     def record(self, kind, **values):
         if self.metrics:
             try:
-                self.metrics.write(json.dumps({"kind": kind, **values}) + "\n")
+                self.metrics.write(json.dumps(finite_or_null({"kind": kind, **values})) + "\n")
                 self.metrics.flush()
             except OSError as err:
                 path = self.out_dir / "metrics.jsonl"

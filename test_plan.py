@@ -1,35 +1,17 @@
 """plan.py: the plan it prints, the law refit to measured runs, law files, and its bad flags."""
 
-import dataclasses
 import json
 import math
 import re
 
 import pytest
-import torch
 
 import emo
+import flags
 import plan
+import runs
 import train
 from conftest import PAPER_TOKENS, tiny_run, records, assert_one_line
-
-
-def test_fit_recovers_known_coefficients_from_data_generated_by_the_law():
-    true = emo.ScalingLaw(a=30.0, alpha=-0.2, delta=-0.2, gamma=0.012, b=40.0, beta=-0.17, omega=0.5,
-                          zeta=-0.024, c=1.5)
-    records = [dict(law_n_active=N, tokens=N * r, experts=E, top_k=2, val_loss=true.loss(N, N * r, E / 2))
-               for N in (1e7, 1e8, 1e9) for r in (10, 100, 1000) for E in (2, 4, 16, 64)]
-    fitted, _ = plan.fit_law(emo.ScalingLaw(), records, inits=1)
-    for name in emo.LAW_COEFFICIENTS:
-        assert getattr(fitted, name) == pytest.approx(getattr(true, name), rel=1e-3), name
-
-
-def test_fit_refuses_too_few_records_and_unknown_coefficients():
-    record = dict(law_n_active=1e8, tokens=1e9, experts=8, top_k=2, val_loss=3.0)
-    with pytest.raises(ValueError, match="--fit='3 records' is not allowed: must be more than the 9 free"):
-        plan.fit_law(emo.ScalingLaw(), [record] * 3)
-    with pytest.raises(ValueError, match="--fit_params='a,kappa' is not allowed: must be names of coefficients"):
-        plan.fit_law(emo.ScalingLaw(), [record] * 3, free=("a", "kappa"))
 
 
 def test_step_time_exponent_is_recovered_from_measured_times():
@@ -94,107 +76,16 @@ def test_plan_py_measures_the_law_from_fixed_e_pilots_prints_both_splits_and_sav
     saved = json.loads((tmp_path / "law.json").read_text())
     assert saved["delta"] == pytest.approx(-0.5, rel=1e-2)  # the decayed end pulls a little
     table3 = emo.plan_stages(1e6, 2_000_000, [2, 4, 8, 16, 32], 2, batch_tokens=1000)
-    refit = emo.plan_stages(1e6, 2_000_000, [2, 4, 8, 16, 32], 2, law=plan.read_law(tmp_path / "law.json"),
+    refit = emo.plan_stages(1e6, 2_000_000, [2, 4, 8, 16, 32], 2, law=flags.read_law(tmp_path / "law.json"),
                             batch_tokens=1000)
     assert refit[-1]["start"] < table3[-1]["start"]  # the measured law grows to E_max sooner
-    s, model, _ = train.parse([f"--law={tmp_path / 'law.json'}", "--total_tokens=2000000"])
+    s, model, _ = train.parse([f"--law={tmp_path / 'law.json'}", "--grow_by=0", "--total_tokens=2000000"])
     n_law = emo.law_active_params(emo.Config(**model, n_experts=32))
-    expected = emo.plan_stages(n_law, 2_000_000, [2, 4, 8, 16, 32], 2, law=plan.read_law(tmp_path / "law.json"),
+    expected = emo.plan_stages(n_law, 2_000_000, [2, 4, 8, 16, 32], 2, law=flags.read_law(tmp_path / "law.json"),
                                batch_tokens=1000)
     stages = train.plan_schedule(s, emo.Config(**model, n_experts=2), 1000, [2, 4, 8, 16, 32], None,
-                                 plan.read_law(s.law))
+                                 flags.read_law(s.law))
     assert [st.end for st in stages] == [p["end"] // 1000 for p in expected]  # train.py plans with the saved law
-
-
-# The closed loop on synthetic runs: the default model's first two stages (Table 3's plan for 4M tokens), evals
-# where train.py makes them, losses drawn from a law plus an early transient plus eval noise.
-DEFAULT_N = emo.law_active_params(emo.Config(n_experts=32))
-DEFAULT_ENDS = [76, 162, 380, 890, 1953]  # train.py's default plan (steps of 2,048 tokens)
-
-
-def synthetic_evals(truth, transient, noise=0.01, seed=0, n_law=DEFAULT_N, ends=DEFAULT_ENDS,
-                    experts=(2, 4, 8, 16, 32), batch=2048, top_k=2, eval_interval=100, done=2):
-    stages = train.stages_at(list(experts), ends)
-    generator, evals = torch.Generator().manual_seed(seed), []
-    for st in stages[:done]:
-        every = max(1, (st.end - st.start) // train.LOOP_EVALS)
-        for step in range(st.start + 1, st.end + 1):
-            if step % eval_interval == 0 or step == st.end or (step - st.start) % every == 0:
-                loss = truth.loss(n_law, step * batch, st.experts / top_k) + transient(step * batch)
-                evals.append(dict(step=step, experts=st.experts, val_loss=loss + noise * torch.randn(1, generator=generator).item()))
-    return stages, evals
-
-
-def fading(size=1.5, steps=100):
-    """A small model's early fall: size nats that fade over the first few hundred steps, whatever the pool."""
-    return lambda tokens: size * math.exp(-tokens / (steps * 2048))
-
-
-def loop(stages, evals, params="auto", settle=(20, 20), cfg=emo.Config(), batch=2048):
-    return plan.replan_run(evals, emo.ScalingLaw(), params, stages, 2, cfg, batch, settle)
-
-
-def test_an_early_fall_of_the_loss_is_not_taken_for_the_value_of_a_larger_pool():
-    """Table 3 holds, and the loss falls fast early on: the loop keeps Table 3's ends. Refitting delta alone (the
-    old loop) makes delta take the early fall and moves them."""
-    stages, evals = synthetic_evals(emo.ScalingLaw(), fading())
-    ends, record = loop(stages, evals)
-    assert ends == DEFAULT_ENDS and record["unchanged_because"].startswith("the evals cannot tell")
-    assert "t_size" in record["free"] and record["next_end"]["lo"] <= 380 <= record["next_end"]["hi"]
-    moved, record = loop(stages, evals, params="delta")
-    assert moved[2] > 1.5 * DEFAULT_ENDS[2] and record["law"]["delta"] > -0.1  # Table 3: -0.2285
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-def test_the_loop_grows_sooner_when_a_larger_pool_is_worth_far_more_than_table_3_says(seed):
-    truth = dataclasses.replace(emo.ScalingLaw(), delta=-0.6)
-    stages, evals = synthetic_evals(truth, fading(), seed=seed)
-    ends, record = loop(stages, evals)
-    assert record["unchanged_because"] is None and "delta" in record["free"]
-    assert ends[:2] == DEFAULT_ENDS[:2] and ends[-1] == DEFAULT_ENDS[-1]  # what was run stays; the run's length too
-    assert ends[2] < 200 and ends[3] < DEFAULT_ENDS[3]
-    assert record["next_end"]["hi"] < 380
-
-
-def test_an_early_fall_of_another_shape_never_makes_the_loop_grow_sooner():
-    """The fitted transient is an exponential; a fall shaped otherwise may leave a little of itself to the law,
-    which then says a larger pool is worth less (grow later), never more."""
-    stages, evals = synthetic_evals(emo.ScalingLaw(), lambda tokens: 2.0 / (1 + tokens / (50 * 2048)) ** 2, seed=1)
-    ends, _ = loop(stages, evals)
-    assert all(new >= old for new, old in zip(ends, DEFAULT_ENDS))
-
-
-def test_on_a_curve_drawn_from_table_3_at_gpu_8x_size_the_loop_leaves_the_plan_within_5_percent():
-    s, model, _ = train.parse(["--config=configs/gpu-8x.json"])
-    cfg = emo.Config(**{**model, "n_experts": 8})
-    experts = [8, 16, 32, 64]
-    stages = train.plan_schedule(s, cfg, s.batch_tokens, experts, None, emo.ScalingLaw())
-    ends = [st.end for st in stages]
-    _, evals = synthetic_evals(emo.ScalingLaw(), lambda tokens: 0.0, noise=0.005,
-                               n_law=emo.law_active_params(dataclasses.replace(cfg, n_experts=64)), ends=ends,
-                               experts=experts, batch=s.batch_tokens, top_k=8, eval_interval=s.eval_interval)
-    new, record = loop(stages, evals, settle=(s.warmup_steps, s.rewarm_steps), cfg=cfg, batch=s.batch_tokens)
-    assert all(abs(a - b) <= 0.05 * b for a, b in zip(new, ends))  # eval noise 0.005 moves it 4 %
-
-
-def test_stages_too_short_to_see_the_early_fall_leave_the_plan_as_it_is():
-    """At 1M tokens the default's first stages last 19, 22 and 54 steps, mostly warmup and phase-in: too few
-    evals to tell the early fall from a pool's value, so the loop keeps the plan, however much a pool is worth."""
-    ends = [19, 41, 95, 222, 488]
-    for truth in (emo.ScalingLaw(), dataclasses.replace(emo.ScalingLaw(), delta=-0.6)):
-        stages, evals = synthetic_evals(truth, fading(), ends=ends, done=3)
-        new, record = plan.replan_run(evals, emo.ScalingLaw(), "auto", stages, 3, emo.Config(), 2048, (20, 20))
-        assert new == ends and "cannot separate the early fall" in record["unchanged_because"]
-
-
-def test_the_loop_leaves_out_warmup_and_the_steps_after_a_growth_and_one_pool_measures_nothing():
-    stages, evals = synthetic_evals(emo.ScalingLaw(), fading())
-    _, record = loop(stages, evals, settle=(20, 30))
-    kept = [e for e in evals if e["step"] > 20 and not 76 < e["step"] <= 106]
-    assert record["evals"] == len(kept) < len(evals)
-    one_pool = [e for e in evals if e["experts"] == 2]
-    ends, record = plan.replan_run(one_pool, emo.ScalingLaw(), "auto", stages, 1, emo.Config(), 2048, (20, 20))
-    assert ends == DEFAULT_ENDS and "span one E" in record["unchanged_because"]
 
 
 def test_plan_py_fit_frees_what_fixed_runs_determine_and_prints_each_with_its_range(tmp_path, capsys):
@@ -211,17 +102,6 @@ def test_plan_py_fit_frees_what_fixed_runs_determine_and_prints_each_with_its_ra
     fit = json.loads(capsys.readouterr().out)["fit"]
     assert "delta" in fit["free"] and fit["ranges"]["delta"][0] <= fit["ranges"]["delta"][1]
     assert fit["values"]["delta"] == pytest.approx(-0.5, abs=0.05)
-
-
-def test_runs_of_one_model_size_identify_the_token_term_and_delta_but_not_alpha_gamma_or_c():
-    """At one N the parameter term and the floor are one level per E: alpha, gamma and c cannot be told apart."""
-    law = emo.ScalingLaw()
-    records = [dict(law_n_active=1e6, tokens=t, experts=E, top_k=2, val_loss=law.loss(1e6, t, E / 2))
-               for E in (2, 32) for t in (1e8, 2e8, 4e8, 8e8, 1.6e9)]
-    free = plan.identified(law, records, emo.LAW_COEFFICIENTS)
-    assert {"b", "beta", "delta"} <= set(free) and not {"alpha", "gamma", "c"} & set(free)
-    one_e = plan.identified(law, [r for r in records if r["experts"] == 2], emo.LAW_COEFFICIENTS)
-    assert not set(plan.E_TERMS) & set(one_e)
 
 
 PLAN_BAD = [
@@ -261,7 +141,7 @@ def test_bad_plan_flags_fail_with_one_line(tmp_path, flags, match):
 
 
 def test_plan_json_is_strict_json_with_null_for_what_never_happens():
-    assert plan.finite_or_null({"d": [1.0, math.inf, {"x": math.nan}], "n": 2}) == {"d": [1.0, None, {"x": None}], "n": 2}
+    assert runs.finite_or_null({"d": [1.0, math.inf, {"x": math.nan}], "n": 2}) == {"d": [1.0, None, {"x": None}], "n": 2}
 
 
 def test_plan_py_fits_the_step_time_exponent_to_bench_step_output(tmp_path, capsys):

@@ -29,7 +29,7 @@ from conftest import (tiny, seeded_model, tiny_run, stopped, records, train_proc
 def test_flags_override_a_config_files_stage_list_whichever_form_each_gives(tmp_path):
     (tmp_path / "c.json").write_text('{"experts": "2,4,8"}')
     s, _, _ = train.parse([f"--config={tmp_path / 'c.json'}", "--stages=4:0.5,8:0.5"])
-    assert plan.parse_stages(s) == ([4, 8], [0.5, 0.5])
+    assert train.parse_stages(s) == ([4, 8], [0.5, 0.5])
 
 
 def test_a_run_folder_deleted_under_a_running_process_is_not_a_second_error(tmp_path):

@@ -203,7 +203,7 @@ def test_a_resumed_run_keeps_no_copy_of_the_checkpoint(corpus, tmp_path):
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.glob("configs/*.json")), ids=lambda p: p.name)
 def test_shipped_configs_parse_and_validate(path):
     settings, model, _ = train.parse([f"--config={path}"])
-    experts, _ = plan.parse_stages(settings)
+    experts, _ = train.parse_stages(settings)
     model["n_experts"] = experts[0]
     train.validate(settings, emo.Config(**model), world=8, n_stages=len(experts))
 
@@ -232,7 +232,7 @@ def grouped_mm_shapes_ok(cfg, experts):
                          ids=lambda p: "defaults" if p is None else p.name)
 def test_every_shipped_config_fits_the_grouped_matmul(path):
     settings, model, _ = train.parse([f"--config={path}"] if path else [])
-    experts, _ = plan.parse_stages(settings)
+    experts, _ = train.parse_stages(settings)
     assert grouped_mm_shapes_ok(emo.Config(**{**model, "n_experts": experts[0]}), experts)
 
 

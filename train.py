@@ -29,7 +29,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import emo
-import plan
 import report
 import runs
 import flags
@@ -56,7 +55,7 @@ class Settings:
     replan: bool = True  # closed loop: at each stage end refit the law to this run's evals, move the later ends
     # (the law's own split only, --grow_by=0: an explicit --stages split or a --grow_by one is kept as given)
     replan_params: str = "auto"  # what each re-plan may refit: auto, every coefficient the run's evals determine
-    # (plan.identified); or names, e.g. delta (what a larger pool is worth: alone, it also takes the early fall)
+    # (emo.identified); or names, e.g. delta (what a larger pool is worth: alone, it also takes the early fall)
     growth_init: str = "silent"  # silent (function-preserving), gaussian (the paper), copy, upcycle: emo.grow_experts
     growth_optimizer: str = "keep"  # keep the old experts' Adam moments, or reset them all (the paper)
     # optimisation
@@ -160,7 +159,7 @@ def check_memory(cfg, device_setting):
         have, where = torch.cuda.get_device_properties(device).total_memory, torch.cuda.get_device_name(device)
     else:
         have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
-    need = plan.BYTES_PER_PARAM * emo.count_params(cfg)[0]
+    need = emo.BYTES_PER_PARAM * emo.count_params(cfg)[0]
     require(need <= have, "the model", f"{emo.count_params(cfg)[0]:.3g} parameters at E={cfg.n_experts}",
             f"one whose weights, gradients and Adam moments ({need / 2**30:,.1f} GiB) fit {where} "
             f"({have / 2**30:,.1f} GiB): make it smaller (--d_model, --n_layer, --d_expert, --experts)")
@@ -172,6 +171,27 @@ class Stage:
     experts: int  # E during the stage
     start: int  # first optimizer step
     end: int  # the step after its last
+
+
+def parse_stages(s):
+    """train.py's --stages (E:fraction,...) or --experts (E,...) -> (the E of each stage, fractions or None).
+    s: anything with train.py's stages, experts and schedule settings."""
+    key, text = ("stages", s.stages) if s.stages else ("experts", s.experts)
+    try:
+        parts = [part.split(":") for part in text.split(",")]
+        experts = [int(part[0]) for part in parts]
+        fractions = [float(part[1]) if len(part) == 2 else math.nan for part in parts] if s.stages else None
+    except ValueError:
+        raise SettingError(f"--{key}={text}: expected comma-separated {'E:fraction' if s.stages else 'integers'}") from None
+    if s.stages and s.schedule == "fixed":
+        raise SettingError("--stages gives a progressive schedule: --schedule=fixed takes --experts=E instead")
+    if any(E < 1 for E in experts) or any(b <= a for a, b in zip(experts, experts[1:])):
+        raise SettingError(f"--{key}={text}: expert counts must be positive and strictly increasing")
+    if s.schedule == "fixed":
+        experts = experts[-1:]
+    if fractions and (any(not f > 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6):
+        raise SettingError(f"--stages={s.stages}: each stage needs E:fraction, fractions > 0 summing to 1")
+    return experts, fractions
 
 
 def plan_schedule(s, cfg, batch_tokens, experts, fractions, law=None):
@@ -481,10 +501,10 @@ def loop_eval(s, stages, stage, step):
 
 def replan(s, stages, done, run, cfg, batch_tokens, evals, law):
     """--replan, at the end of stage `done`: the law refit to this run's evals so far moves the later stage ends
-    (plan.replan_run, on rank 0 for all); the new ends travel in every later checkpoint, and a "replan" record
+    (emo.replan_run, on rank 0 for all); the new ends travel in every later checkpoint, and a "replan" record
     in metrics.jsonl says why."""
     settle = (s.warmup_steps, max(s.rewarm_steps, cfg.phase_in_steps if s.growth_init in emo.PHASED_INITS else 0))
-    found = plan.replan_run(evals, law, s.replan_params, stages, done, cfg, batch_tokens, settle) if run.master else None
+    found = emo.replan_run(evals, law, s.replan_params, stages, done, cfg, batch_tokens, settle) if run.master else None
     ends, record = runs.from_rank0(found)
     run.record("replan", step=stages[done - 1].end, **record)
     why = record["unchanged_because"]
@@ -519,9 +539,9 @@ def setup(argv):
         out_dir, branching = runs.check_resume(state, path, s.data, "out_dir" in given and s.out_dir, world)
         s.out_dir = str(out_dir)
         resume = runs.Resume(state, path, branching)
-    experts, fractions = plan.parse_stages(s)
+    experts, fractions = parse_stages(s)
     # the law the schedule plans with, as values: a resume keeps its checkpoint's, whatever its --law file says now
-    law = emo.ScalingLaw(**resume.state["law"]) if resume else plan.read_law(s.law) if s.law else emo.ScalingLaw()
+    law = emo.ScalingLaw(**resume.state["law"]) if resume else flags.read_law(s.law) if s.law else emo.ScalingLaw()
     if not resume:  # a new run starts at the first stage's E, sized for its corpus's tokenizer
         size_for_corpus(model_settings, s.data)
         first = experts[0]
