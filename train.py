@@ -222,9 +222,11 @@ def stages_at(experts, ends):
 
 
 def lr_at(step, s, total_steps, stage):
-    """Base schedule times a linear (re-)warmup from the stage's first step (the paper re-warms at growth)."""
-    warm_steps = s.warmup_steps if stage.index == 1 else s.rewarm_steps
-    warm = min(1.0, (step - stage.start + 1) / warm_steps) if warm_steps else 1.0
+    """Base schedule times the run's linear warmup from step 0 and, after a growth, a linear re-warm from the
+    stage's first step (the paper re-warms at growth). A growth inside the warmup does not cut it short."""
+    warm = min(1.0, (step + 1) / s.warmup_steps) if s.warmup_steps else 1.0
+    if stage.index > 1 and s.rewarm_steps:
+        warm = min(warm, (step - stage.start + 1) / s.rewarm_steps)
     low = s.lr * s.min_lr_frac
     if s.lr_schedule == "wsd":
         decay_start = total_steps * (1 - s.decay_frac)
