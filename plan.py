@@ -153,6 +153,7 @@ def build_plan(args):
                                         args.top_k, args.batch_tokens or None)
         before = emo.plan_stages(n_law, int(args.total_tokens), experts, args.top_k, law=base,
                                  batch_tokens=args.batch_tokens or None)
+    no_split = None
     try:
         stages = emo.plan_stages(n_law, int(args.total_tokens), experts, args.top_k, law=law,
                                  batch_tokens=args.batch_tokens or None)
@@ -161,10 +162,10 @@ def build_plan(args):
             raise
         optimal = [law.optimal_tokens(n_law, E / args.top_k) for E in experts]
         ends = ", ".join(f"E={E} to {d / optimal[-1]:.2%}" for E, d in zip(experts, optimal))
-        raise SettingError(f"--fit={args.fit}: the law refit from these runs ({emo.law_text(law)}) gives no usable "
-                           f"stages ({err}); its stage ends as shares of the run: {ends}. A share near 0% says "
-                           f"a larger pool pays at once at this scale; otherwise fit runs that span more tokens "
-                           f"and E, or free fewer coefficients (--fit_params)") from None
+        no_split = (f"the refit law gives no usable stages ({err}); its stage ends as shares of the run: {ends}. A "
+                    f"share near 0% says a larger pool pays at once at this scale; otherwise fit runs that span "
+                    f"more tokens and E, or free fewer coefficients (--fit_params)")
+        stages = before  # costs below are Table 3's (or --law's) plan; the refit's split is not one
     if args.save_law:
         values = {k: float(getattr(law, k)) for k in emo.LAW_COEFFICIENTS}
         why = emo.law_problem(values)
@@ -184,7 +185,7 @@ def build_plan(args):
     return dict(n_law=n_law, n_active=n_active, law={k: getattr(law, k) for k in emo.LAW_COEFFICIENTS}, stages=stages,
                 base_law={k: getattr(base, k) for k in emo.LAW_COEFFICIENTS} if before else None, fit=fit,
                 base_split=[s["fraction"] for s in before] if before else None,
-                fixed=fixed, gpu_hours=hours, gpu_hours_saving=1 - hours / hours_fixed,
+                no_split=no_split, fixed=fixed, gpu_hours=hours, gpu_hours_saving=1 - hours / hours_fixed,
                 early_memory_saving=1 - sum(s["memory_bytes"] * s["fraction"] for s in stages) / fixed["memory_bytes"])
 
 
@@ -276,6 +277,9 @@ def human(x):
 
 
 def print_plan(plan, args):
+    if plan["no_split"]:  # a refit whose law plans no stages: what it measured, and why there is no plan
+        print_fit(plan, args)
+        return
     stages, fixed = plan["stages"], plan["fixed"]
     print(f"EMO-progressive plan: N={human(plan['n_law'])} for the law ({human(plan['n_active'])} active parameters), "
           f"{human(args.total_tokens)} tokens, "
@@ -322,6 +326,9 @@ def print_fit(plan, args):
     print(f"uncertainty: {fit['bootstrap']} refits to the evals resampled within each E, "
           f"{fit['usable_splits']} of them give a split")
     for label, split in ((args.law or "Table 3", plan["base_split"]), ("refit", [s["fraction"] for s in stages])):
+        if label == "refit" and plan["no_split"]:
+            print(f"split, refit: none: {plan['no_split']}")
+            continue
         print(f"split, {label}: " + "  ".join(f"E={s['experts']}: {100 * f:.1f}%" for s, f in zip(stages, split)))
     if fit["end_ranges"]:
         total = args.total_tokens

@@ -88,6 +88,22 @@ def test_plan_py_measures_the_law_from_fixed_e_pilots_prints_both_splits_and_sav
     assert [st.end for st in stages] == [p["end"] // 1000 for p in expected]  # train.py plans with the saved law
 
 
+def test_plan_py_fit_prints_what_it_measured_when_the_refit_law_plans_no_stages(tmp_path, capsys):
+    """A larger pool worth so much that every growth belongs in the run's first steps: no split to print, but
+    the fit itself (each coefficient with its range) and why there is no plan."""
+    true = emo.ScalingLaw(delta=-1.0)
+    pilots = [write_fixed_run(tmp_path / f"fixed-{E}", true, 1e6, E, 200) for E in (2, 32)]
+    args = [f"--fit={pilots[0]},{pilots[1]}", "--fit_params=delta", "--experts=2,4,8,16,32", "--top_k=2",
+            "--n_active=1e6", "--total_tokens=2e6", "--batch_tokens=1000"]
+    plan.main(args)
+    out = capsys.readouterr().out
+    assert "split, refit: none: the refit law gives no usable stages" in out and "E=2 to 0.01%" in out
+    assert re.search(r"refit .* -1\.0?\d* ", out) and "10-90 %" in out and "split, Table 3: E=2:" in out
+    plan.main(args + ["--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["no_split"] and result["fit"]["values"]["delta"] == pytest.approx(-1.0, abs=0.05)
+
+
 def test_plan_py_fit_frees_what_fixed_runs_determine_and_prints_each_with_its_range(tmp_path, capsys):
     true = emo.ScalingLaw(delta=-0.5)
     pilots = [write_fixed_run(tmp_path / f"fixed-{E}", true, 1e6, E, 200) for E in (2, 32)]
