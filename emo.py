@@ -629,10 +629,12 @@ def update_router_bias(model):
     for router, load in zip(routers, loads):
         if router.cfg.router == "sigmoid":
             # experts still held out by silent growth's ramp are not balanced yet: their bias would climb
-            # every step they get nothing, and they would enter above every old expert and take all tokens
-            on = router.ramp >= 0
-            router.bias[on] += router.cfg.bias_rate * torch.sign(load[on].mean() - load[on])
-            router.bias[on] -= router.bias[on].mean()  # re-centre: only differences between experts matter
+            # every step they get nothing, and they would enter above every old expert and take all tokens.
+            # Masked arithmetic, not indexing by the mask: a boolean index waits for the device every step
+            on = (router.ramp >= 0).to(router.bias.dtype)  # [E]: 1 for the experts being balanced
+            n_on = on.sum().clamp(min=1)
+            router.bias += on * router.cfg.bias_rate * torch.sign((load * on).sum() / n_on - load)
+            router.bias -= on * ((router.bias * on).sum() / n_on)  # re-centre: only differences matter
             router.ramp.add_(1.0 / router.cfg.phase_in_steps).clamp_(max=0.0)
         if hasattr(router, "load_history"):  # the balancing window moves on by one step
             router.load_history.copy_(torch.cat([router.load_history[1:], load[None]]))

@@ -145,16 +145,28 @@ def plot_losses(arms, png, title="validation bits per byte (dotted: expert growt
 # ---------------------------------------------------------------------------------------------
 
 
-def collapse_warnings(idle, loads, s, check_cv):
+def step_summary(idle, loads, new_from, collapse_steps):
+    """What a step's record and warnings need of the loads, in one transfer from the device (each .item()
+    would wait for it): the mean load CV over layers, the share of tokens the newest experts (new_from on)
+    got, each layer's load CV, and each layer's experts idle for exactly collapse_steps steps."""
+    cv = loads.std(dim=1) / loads.mean(dim=1)  # [n_layer]
+    dead = idle == collapse_steps  # [n_layer, E]
+    values = torch.cat([cv.mean().reshape(1), (loads[:, new_from:].sum() / loads.sum()).reshape(1), cv,
+                        dead.flatten().to(cv.dtype)]).tolist()
+    n_layer, E = dead.shape
+    flags = values[2 + n_layer:]
+    return dict(load_cv=values[0], new_share=values[1], layer_cv=values[2:2 + n_layer],
+                dead=[[e for e in range(E) if flags[layer * E + e]] for layer in range(n_layer)])
+
+
+def collapse_warnings(summary, s, check_cv):
     """Router collapse, per layer: experts that got no token for collapse_steps steps (said once, when
-    they reach it), or (when check_cv, at log steps) a load CV above max_load_cv."""
+    they reach it), or (when check_cv, at log steps) a load CV above max_load_cv. summary: step_summary's."""
     warnings = []
-    for layer, (layer_idle, load) in enumerate(zip(idle, loads)):
-        dead = (layer_idle == s.collapse_steps).nonzero().flatten().tolist()
+    for layer, (dead, cv) in enumerate(zip(summary["dead"], summary["layer_cv"])):
         if dead:
             warnings.append(f"layer {layer}: experts {dead} got no token for {s.collapse_steps} steps")
-        cv = (load.std() / load.mean()).item() if check_cv else 0.0
-        if cv > s.max_load_cv:
+        if check_cv and cv > s.max_load_cv:
             warnings.append(f"layer {layer}: expert load CV {cv:.2f} > --max_load_cv={s.max_load_cv}")
     return warnings
 
@@ -186,14 +198,14 @@ class Meter:
         """The step's record, router-collapse warnings, and the progress line every log_interval steps."""
         s, run, total = self.s, self.run, self.total_steps
         self.idle = (self.idle + 1) * (loads == 0) if self.idle.shape == loads.shape else (loads == 0).long()
-        for warning in collapse_warnings(self.idle, loads, s, check_cv=step % s.log_interval == 0):
+        new_from = self.stages[stage.index - 2].experts if stage.index > 1 else stage.experts
+        summary = step_summary(self.idle, loads, new_from, s.collapse_steps)
+        for warning in collapse_warnings(summary, s, check_cv=step % s.log_interval == 0):
             run.log(f"step {step}: warning: {warning}")
             run.record("warning", step=step, message=warning)
-        new_from = self.stages[stage.index - 2].experts if stage.index > 1 else stage.experts
         run.record("step", step=step, stage=stage.index, experts=stage.experts, loss=loss, ce=ce, lr=lr,
-                   grad_norm=grad_norm.item(), tokens=step * self.batch_tokens,
-                   load_cv=(loads.std(dim=1) / loads.mean(dim=1)).mean().item(),
-                   new_share=(loads[:, new_from:].sum() / loads.sum()).item())
+                   grad_norm=grad_norm, tokens=step * self.batch_tokens, load_cv=summary["load_cv"],
+                   new_share=summary["new_share"])
         if step % s.log_interval == 0 or step == total:
             clock, now = self.clock, time.time()
             tps = clock["tokens"] / (now - clock["last"])

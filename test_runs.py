@@ -71,8 +71,10 @@ def test_collapse_warnings_name_the_layer_and_the_idle_experts():
     s = train.Settings(collapse_steps=3, max_load_cv=1.0)
     idle = torch.tensor([[0, 3, 0, 0], [0, 0, 0, 2]])
     loads = torch.tensor([[9.0, 0, 1, 1], [1.0, 1, 1, 1]])
-    assert report.collapse_warnings(idle, loads, s, check_cv=False) == ["layer 0: experts [1] got no token for 3 steps"]
-    assert "layer 0: expert load CV 1.52 > --max_load_cv=1.0" == report.collapse_warnings(idle, loads, s, check_cv=True)[1]
+    summary = report.step_summary(idle, loads, 2, s.collapse_steps)
+    assert report.collapse_warnings(summary, s, check_cv=False) == ["layer 0: experts [1] got no token for 3 steps"]
+    assert "layer 0: expert load CV 1.52 > --max_load_cv=1.0" == report.collapse_warnings(summary, s, check_cv=True)[1]
+    assert summary["new_share"] == pytest.approx(4 / 15) and summary["load_cv"] == pytest.approx(1.52 / 2, abs=0.01)
 
 
 def test_retention_keeps_stage_ends_and_the_latest_n_checkpoints(corpus, tmp_path):

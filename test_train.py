@@ -19,10 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import emo
 import eval as evaluate
 import plan
+import report
 import runs
 import train
 from data.corpus import Corpus, prepare
@@ -280,6 +282,50 @@ def test_a_step_with_a_non_finite_gradient_changes_nothing():
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights, bias and counts untouched
     assert not optimizer.state and all(p.grad is None for p in model.parameters())
+
+
+class HostWaits(TorchDispatchMode):
+    """Counts what would make the host wait for a GPU: .item() (aten._local_scalar_dense), .tolist() (patched
+    in: on CPU it never dispatches), and ops whose output size depends on values (nonzero, a boolean index)."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.count, tolist = 0, torch.Tensor.tolist
+
+        def counted_tolist(tensor):
+            self.count += 1
+            return tolist(tensor)
+        monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        bool_index = func is torch.ops.aten.index.Tensor and any(
+            i is not None and i.dtype == torch.bool for i in args[1])
+        self.count += func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default) or bool_index
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_step_waits_for_the_device_once_and_its_record_once(monkeypatch):
+    """The step's one wait decides whether to take it (a non-finite loss or gradient); the record's one wait
+    brings its numbers over. Not counted: AdamW's step counter, which lives on the host unless fused (it is
+    fused on CUDA)."""
+    model = seeded_model(n_experts=4)  # sigmoid router: the balancing update runs
+    emo.grow_experts(model, 8, init="silent")  # 4 experts still phased in: the masked balancing too
+    optimizer = train.make_optimizer(model, train.Settings(), torch.device("cpu"))
+    x = torch.randint(0, 128, (4, 33))
+    batches = [(x[:2, :-1], x[:2, 1:]), (x[2:, :-1], x[2:, 1:])]
+    train.train_step(model, optimizer, batches, 1e-3, 1.0, None)  # AdamW's state exists from here on
+    step = optimizer.step
+
+    def uncounted_step():
+        with _disable_current_modes():
+            step()
+    monkeypatch.setattr(optimizer, "step", uncounted_step)
+    waits = HostWaits(monkeypatch)
+    with waits:
+        _, _, _, loads = train.train_step(model, optimizer, batches, 1e-3, 1.0, None)
+        in_step = waits.count
+        report.step_summary(torch.zeros_like(loads, dtype=torch.long), loads, 4, 200)
+    assert (in_step, waits.count - in_step) == (1, 1)
 
 
 def final_weights(out_dir):

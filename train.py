@@ -343,8 +343,8 @@ def train_step(model, optimizer, micro_batches, lr, grad_clip, dtype):
     """One optimizer step: forward and backward over the micro-batches (DDP syncs gradients on the last),
     gradient clipping, AdamW, then the balancing update. A non-finite loss or gradient raises NonFiniteLoss
     before anything changes, so the weights stay those of the last good step.
-    micro_batches: [(x, y)] on the model's device. Returns (loss, cross-entropy, gradient norm, expert
-    loads [n_layer, E]), the losses averaged over micro-batches and ranks."""
+    micro_batches: [(x, y)] on the model's device. Returns (loss, cross-entropy, gradient norm: floats, expert
+    loads [n_layer, E] on the device), the losses averaged over micro-batches and ranks."""
     raw = emo.unwrap(model)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -358,12 +358,14 @@ def train_step(model, optimizer, micro_batches, lr, grad_clip, dtype):
         loss_sum += losses["loss"].detach()
         ce_sum += losses["ce"].detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip or float("inf"))
-    loss_value, ce_value = runs.mean_over_ranks(torch.stack([loss_sum, ce_sum]).double() / len(micro_batches)).tolist()
-    if not (math.isfinite(loss_value) and math.isfinite(grad_norm.item())):
+    losses = runs.mean_over_ranks(torch.stack([loss_sum, ce_sum]).double() / len(micro_batches))
+    # the step's one wait for the device: whether to take the step depends on these values
+    loss_value, ce_value, grad_norm = torch.cat([losses, grad_norm.detach().double().reshape(1)]).tolist()
+    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         for moe in raw.moe_layers():  # forget this step's routing counts too: nothing of it remains
             moe.router.expert_counts.zero_()
-        raise NonFiniteLoss(f"loss {loss_value}, gradient norm {grad_norm.item()}")
+        raise NonFiniteLoss(f"loss {loss_value}, gradient norm {grad_norm}")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     loads = emo.update_router_bias(raw)
