@@ -21,6 +21,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule
 
 import emo
 import folders
@@ -215,14 +218,48 @@ def restore_rng(rng, rank, device):
         torch.cuda.set_rng_state(rng[rank]["cuda"], device)
 
 
-def save_checkpoint(path, raw, optimizer, settings, step, world_size, retained, rng, run, data, ends, law, evals):
+def full_state_dicts(raw, optimizer):
+    """(model state, optimizer state) as one process holds them, whatever the sharding. Under FSDP2 (--shard=
+    fsdp) every rank takes part in gathering the full tensors to rank 0's CPU (the others get None), and the
+    optimizer state is keyed by position as optimizer.state_dict() keys it: a sharded run's checkpoint is the
+    same file as an unsharded one, so it evaluates, exports and loads in one process. Call on every rank."""
+    if not isinstance(raw, FSDPModule):
+        return raw.state_dict(), optimizer.state_dict()
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model, by_name = get_model_state_dict(raw, options=options), get_optimizer_state_dict(raw, optimizer, options=options)
+    if not model:  # not rank 0
+        return None, None
+    position = {name: i for i, name in enumerate(parameter_names(raw, optimizer))}
+    groups = [{**group, "params": [position[name] for name in group["params"]]} for group in by_name["param_groups"]]
+    return model, {"state": {position[name]: v for name, v in by_name["state"].items()}, "param_groups": groups}
+
+
+def parameter_names(raw, optimizer):
+    """The names of the optimizer's parameters in its order (the positions optimizer.state_dict() keys by)."""
+    names = {id(p): name for name, p in raw.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def load_optimizer_state(raw, optimizer, state):
+    """optimizer.load_state_dict for a state keyed by position; under FSDP2 each rank keeps its own shard."""
+    if not isinstance(raw, FSDPModule):
+        return optimizer.load_state_dict(state)
+    names = parameter_names(raw, optimizer)
+    by_name = {"state": {names[i]: v for i, v in state["state"].items()},
+               "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in state["param_groups"]]}
+    set_optimizer_state_dict(raw, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
+def save_checkpoint(path, model, optimizer, config, settings, step, world_size, retained, rng, run, data, ends, law,
+                    evals):
     """Everything a resume needs, as tensors, numbers, strings, lists and dicts (loadable with weights_only);
-    run: the run's id (config.json has it too), data: the corpus's fingerprint, both checked on resume. The
-    schedule travels as values: ends, each stage's end step as the closed loop last moved them; law, the
-    coefficients it plans with (a --law file edited later changes nothing); evals, the validation evals it
-    refits to. metrics.jsonl is only a log: a resume never reads its state back from it."""
-    state = {"format": CHECKPOINT_FORMAT, "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
-             "config": asdict(raw.config), "settings": asdict(settings), "step": step, "world_size": world_size,
+    model and optimizer: full_state_dicts'; run: the run's id (config.json has it too), data: the corpus's
+    fingerprint, both checked on resume. The schedule travels as values: ends, each stage's end step as the
+    closed loop last moved them; law, the coefficients it plans with (a --law file edited later changes
+    nothing); evals, the validation evals it refits to. metrics.jsonl is only a log: a resume never reads its
+    state back from it."""
+    state = {"format": CHECKPOINT_FORMAT, "model": model, "optimizer": optimizer,
+             "config": asdict(config), "settings": asdict(settings), "step": step, "world_size": world_size,
              "retained": list(retained), "rng": rng, "run": run, "data": data, "ends": list(ends),
              "law": {k: float(getattr(law, k)) for k in emo.LAW_COEFFICIENTS}, "evals": [dict(e) for e in evals]}
     atomic_write(path, lambda f: torch.save(state, f))
@@ -241,7 +278,9 @@ def load_checkpoint(path, flag="--resume", settings_type=None):
                                f"is nothing to resume: run the same command without {flag} to start it over")
         raise SettingError(f"{flag}={path}: no such checkpoint")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: tensors are read from the page cache as they are used, shared by every rank that resumes from
+        # the same file, instead of each rank reading its own copy of the whole file into memory
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # any unpickling failure: a corrupt, truncated or foreign (maybe hostile) file
         raise SettingError(f"{flag}={path}: not a loadable emo checkpoint ({type(err).__name__}); corrupt, "
                            f"truncated, or not made by train.py") from None
@@ -383,12 +422,12 @@ class Resume:
 
 
 def resume_from(resume, raw, optimizer, run):
-    """Weights, optimizer moments, this rank's random state and the retention list from a checkpoint; returns
-    its step. The loaded weights are dropped once copied (a copy kept for the run would double host memory)."""
+    """Optimizer moments, this rank's random state and the retention list from a checkpoint whose weights
+    load_weights has put in raw (before any sharding); returns its step. The loaded state is dropped once
+    copied (a copy kept for the run would double host memory)."""
     state, path, branching = resume.state, resume.path, resume.branching
-    load_weights(raw, state["model"], path)
     try:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(raw, optimizer, state["optimizer"])
     except (ValueError, KeyError, RuntimeError) as err:
         raise SettingError(f"--resume={path}: its optimizer state does not fit the model ({err}): corrupt") from None
     restore_rng(state["rng"], run.rank, run.device)
@@ -693,8 +732,11 @@ class Run:
         so a user's own files in the folder are never touched. Every rank waits for the file: torchrun ends
         all ranks when one exits with a non-zero status, rank 0 mid-write included."""
         rng = rng_states(self.device)
+        raw, optimizer = state.pop("raw"), state.pop("optimizer")
+        model_state, optimizer_state = full_state_dicts(raw, optimizer)
         if self.master:
-            self.save(step, ended_stage, {**state, "rng": rng})
+            self.save(step, ended_stage, {**state, "model": model_state, "optimizer": optimizer_state,
+                                          "config": raw.config, "rng": rng})
         if dist.is_initialized():
             dist.barrier()
 

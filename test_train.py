@@ -165,6 +165,55 @@ def test_torchrun_with_two_cpu_processes_matches_one_process(corpus, tmp_path, e
         assert a["load_cv"] == pytest.approx(b["load_cv"], abs=1e-6)  # balancing saw the global counts
 
 
+def two_processes(args, check=True):
+    """train.py under torchrun with two CPU processes (gloo)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args]
+    done = subprocess.run(cmd, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=300)
+    assert not check or done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def fixed_pool(corpus, out, *extra):
+    """A tiny fixed-E run for two processes (FSDP2 shards fixed pools only)."""
+    return [f for f in tiny_run(corpus, out, "--schedule=fixed", "--experts=4", "--batch_size=4", "--batch_tokens=256",
+                                *extra) if not f.startswith("--stages")]
+
+
+def test_fsdp_with_two_cpu_processes_trains_as_ddp_does_and_writes_an_ordinary_checkpoint(corpus, tmp_path):
+    for shard in ("ddp", "fsdp"):
+        two_processes(fixed_pool(corpus, tmp_path / shard, f"--shard={shard}"))
+    ddp, fsdp = records(tmp_path / "ddp", "step"), records(tmp_path / "fsdp", "step")
+    assert len(ddp) == len(fsdp) == 24
+    # the same sums in another order (reduce-scatter instead of all-reduce). clip_grad_norm_'s float32 norm is
+    # itself ~5e-5 off the float64 one here (the 8192-row embedding), differently for whole and sharded tensors
+    for a, b in zip(ddp, fsdp):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=5e-4)
+    states = [runs.load_checkpoint(tmp_path / shard)[0] for shard in ("ddp", "fsdp")]
+    raw = emo.Transformer(emo.Config(**states[1]["config"]))
+    raw.load_state_dict(states[1]["model"])  # gathered whole: it loads in one process, as a DDP one does
+    train.make_optimizer(raw, train.Settings(), torch.device("cpu")).load_state_dict(states[1]["optimizer"])
+    # the clip factors differ by ~5e-5 a step (above): weights drift 1e-5 apart, Adam's moments 1e-4; a moment
+    # stored at another parameter's position would differ by its whole size
+    close = lambda a, b, tol: torch.equal(a, b) or ((a.double() - b.double()).norm() / b.double().norm()).item() < tol
+    for name, weight in states[0]["model"].items():
+        if "expert_counts" not in name:  # each rank's own routing counts: rank 0's are saved
+            assert close(states[1]["model"][name], weight, 1e-4), name
+    moments = [[s[key] for s in state["optimizer"]["state"].values() for key in ("exp_avg", "exp_avg_sq")]
+               for state in states]
+    assert len(moments[0]) == len(moments[1]) == 40 and all(close(a, b, 2e-3) for a, b in zip(*moments))
+
+
+def test_an_fsdp_run_resumes_exactly_and_growth_under_fsdp_is_refused_in_one_line(corpus, tmp_path):
+    two_processes(fixed_pool(corpus, tmp_path / "full", "--shard=fsdp"))
+    two_processes(fixed_pool(corpus, tmp_path / "cut", "--shard=fsdp", "--stop_at=9"), check=False)  # torchrun: 1
+    assert torch.load(tmp_path / "cut" / "latest.pt", weights_only=True)["step"] == 9
+    two_processes([f"--resume={tmp_path / 'cut'}"])
+    full, cut = records(tmp_path / "full", "step"), records(tmp_path / "cut", "step")
+    assert [(r["step"], r["loss"]) for r in full] == [(r["step"], r["loss"]) for r in cut]
+    with pytest.raises(emo.SettingError, match="--shard=.fsdp. is not allowed: must be ddp for a run that grows"):
+        train.setup(tiny_run(corpus, tmp_path / "grow", "--shard=fsdp"))
+
+
 def test_the_loss_is_averaged_over_ranks_on_the_training_device(monkeypatch):
     """NCCL has no CPU backend: a CPU tensor handed to a collective of a CUDA run fails at the first step. The
     meta device stands in for a GPU here; a recording all-reduce sees what would reach NCCL."""
@@ -221,8 +270,17 @@ def test_a_resumed_run_keeps_no_copy_of_the_checkpoint(corpus, tmp_path):
     weight = weakref.ref(resume.state["model"]["blocks.0.moe.w_in"])
     raw = emo.Transformer(cfg)
     run = argparse.Namespace(rank=0, device=torch.device("cpu"), out_dir=tmp_path, log=print, retained=None)
+    runs.load_weights(raw, resume.state["model"], resume.path)
     step = runs.resume_from(resume, raw, train.make_optimizer(raw, s, run.device), run)
     assert weight() is None and step == 2  # the weights were copied into the model, then let go
+
+
+def test_a_checkpoint_is_read_memory_mapped_so_ranks_resuming_from_it_share_one_copy(corpus, tmp_path, monkeypatch):
+    stopped(tiny_run(corpus, tmp_path, "--stop_at=2"))
+    calls, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: calls.append(kwargs) or load(*args, **kwargs))
+    runs.load_checkpoint(tmp_path)
+    assert calls == [dict(map_location="cpu", weights_only=True, mmap=True)]
 
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.glob("configs/*.json")), ids=lambda p: p.name)

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import emo
@@ -75,6 +77,8 @@ class Settings:
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     dtype: str = "auto"  # autocast: bf16 or fp32 (auto: bf16 on CUDA, fp32 on CPU)
     compile: bool = False  # torch.compile the model (the GPU path; recompiled at each growth)
+    shard: str = "ddp"  # with torchrun: ddp (each process holds the whole model) or fsdp (FSDP2: parameters,
+    # gradients and optimizer state sharded over the processes, for models DDP cannot hold; fixed E for now)
     seed: int = 0  # initial weights and data order: one seed, one run
     eval_interval: int = 100  # steps between validation evals (and at every stage end)
     eval_batches: int = 32  # 65K tokens at the default batch: enough to tell runs apart (RESULTS.md)
@@ -87,10 +91,10 @@ class Settings:
     max_load_cv: float = 2.0  # warn when a layer's expert-load coefficient of variation exceeds this
 
 
-SCHEDULES, LR_SCHEDULES, DTYPES = ("progressive", "fixed"), ("wsd", "cosine"), ("auto", "bf16", "fp32")
+SCHEDULES, LR_SCHEDULES, DTYPES, SHARDS = ("progressive", "fixed"), ("wsd", "cosine"), ("auto", "bf16", "fp32"), ("ddp", "fsdp")
 # settings a resumed run may change; anything else must match the checkpoint. lr and grad_clip may change
 # so that a run that diverged can go on from its last checkpoint more gently.
-RESUMABLE = {"resume", "config", "device", "dtype", "compile", "eval_interval", "eval_batches", "log_interval",
+RESUMABLE = {"resume", "config", "device", "dtype", "compile", "shard", "eval_interval", "eval_batches", "log_interval",
              "sample_tokens", "stop_at", "checkpoint_interval", "keep_latest", "out_dir", "collapse_steps",
              "max_load_cv", "lr", "grad_clip"}
 PER_INVOCATION = {"resume", "config", "stop_at"}  # orders for this command only, never inherited on resume
@@ -112,7 +116,7 @@ def parse(argv):
 def validate(s, cfg, world, n_stages):
     """Everything that can be checked before touching data or a device: one line naming the setting."""
     for key, allowed in (("schedule", SCHEDULES), ("lr_schedule", LR_SCHEDULES), ("growth_init", emo.GROWTH_INITS),
-                         ("growth_optimizer", emo.OPTIMIZER_MODES), ("dtype", DTYPES)):
+                         ("growth_optimizer", emo.OPTIMIZER_MODES), ("dtype", DTYPES), ("shard", SHARDS)):
         require(getattr(s, key) in allowed, f"--{key}", getattr(s, key), f"one of {', '.join(allowed)}")
     for keys, ok, allowed in (  # NaN fails every comparison, so each range check refuses it
             (("total_tokens", "batch_size", "eval_interval", "eval_batches", "log_interval", "collapse_steps",
@@ -141,6 +145,8 @@ def validate(s, cfg, world, n_stages):
              f"{cfg.seq_len} * {world}") + "); or make the batch smaller")
     if n_stages > 1:  # a fixed run never grows: any init is fine there
         emo.check_growth_init(s.growth_init, cfg.router, "--growth_init")
+        require(s.shard == "ddp", "--shard", s.shard, "ddp for a run that grows (growth under FSDP2 is not built "
+                "yet): train a fixed pool with --schedule=fixed, or grow with --shard=ddp")
     runs.resolve_device(s.device)
 
 
@@ -151,18 +157,25 @@ def batch_tokens_of(s, cfg, world):
     return micro_tokens, s.batch_tokens or micro_tokens
 
 
-def check_memory(cfg, device_setting):
-    """Refuse, before anything is allocated, a model whose weights, gradients and Adam moments alone (plan.py's
-    16 bytes a parameter) exceed the memory of the device it would train on."""
-    device = torch.device(runs.resolve_device(device_setting))
+def check_memory(cfg, s, world):
+    """Refuse, before anything is allocated, a model whose weights, gradients and Adam moments alone (16 bytes a
+    parameter) exceed the memory of the device each process trains on: all of it under DDP, 1/world of it under
+    --shard=fsdp. On the CPU the processes of this machine share its memory."""
+    device = torch.device(runs.resolve_device(s.device))
     if device.type == "cuda":
-        have, where = torch.cuda.get_device_properties(device).total_memory, torch.cuda.get_device_name(device)
+        have, where, sharing = (torch.cuda.get_device_properties(device).total_memory,
+                                torch.cuda.get_device_name(device), 1)
     else:
         have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
-    need = emo.BYTES_PER_PARAM * emo.count_params(cfg)[0]
-    require(need <= have, "the model", f"{emo.count_params(cfg)[0]:.3g} parameters at E={cfg.n_experts}",
-            f"one whose weights, gradients and Adam moments ({need / 2**30:,.1f} GiB) fit {where} "
-            f"({have / 2**30:,.1f} GiB): make it smaller (--d_model, --n_layer, --d_expert, --experts)")
+        sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    sharded = s.shard == "fsdp" and world > 1
+    params = emo.count_params(cfg)[0]
+    need = emo.BYTES_PER_PARAM * params / (world if sharded else 1) * sharing
+    require(need <= have, "the model", f"{params:.3g} parameters at E={cfg.n_experts}",
+            f"one whose weights, gradients and Adam moments ({need / 2**30:,.1f} GiB"
+            f"{f' for {sharing} processes' if sharing > 1 else ''}{', sharded' if sharded else ''}) fit {where} "
+            f"({have / 2**30:,.1f} GiB): make it smaller (--d_model, --n_layer, --d_expert, --experts)"
+            + ("" if sharded or world == 1 else ", or shard it over the processes (--shard=fsdp)"))
 
 
 @dataclass(frozen=True)
@@ -293,16 +306,35 @@ def make_optimizer(raw, s, device):
 
 
 def wrap(raw, s, device):
-    """torch.compile and DDP around the model: done once per stage, since growth changes the shapes."""
+    """torch.compile and DDP around the model, done once per stage since growth changes the shapes; or, with
+    --shard=fsdp under torchrun, FSDP2 in place (shard)."""
     if s.compile:
         # drop the last stage's graphs: dead after growth, and they count toward dynamo's recompile limit
         # (8 per function), past which a 5-stage run's last stages silently ran uncompiled
         torch._dynamo.reset()
+    if dist.is_initialized() and s.shard == "fsdp":
+        return shard(raw, s, device)
     model = torch.compile(raw, dynamic=False) if s.compile else raw
     if dist.is_initialized():
         # broadcast_buffers=False: each rank keeps its own expert counts until update_router_bias sums them
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     return model
+
+
+def shard(raw, s, device):
+    """FSDP2 (torch's fully_shard, what torchtitan builds on): each block, then the root (the embedding it
+    shares with the output), keeps 1/world of its parameters, gradients and AdamW moments; a forward gathers a
+    block's parameters just before it runs and frees them after, and gradients are reduce-scattered. Under
+    bf16 the gathered weights are bf16 and gradients reduce in fp32; each block compiles on its own. raw is
+    sharded in place: make the optimizer after this."""
+    bf16 = runs.autocast_dtype(s.dtype, device) == torch.bfloat16
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for block in raw.blocks:
+        if s.compile:
+            block.compile(dynamic=False)
+        fully_shard(block, mp_policy=policy)
+    fully_shard(raw, mp_policy=policy)
+    return raw
 
 
 @torch.no_grad()
@@ -351,6 +383,8 @@ def train_step(model, optimizer, micro_batches, lr, grad_clip, dtype):
     loss_sum = ce_sum = 0.0
     for i, (x, y) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
+        if isinstance(model, FSDPModule):  # reduce-scatter the gradients once, after the last micro-batch
+            model.set_requires_gradient_sync(last)
         sync = model.no_sync() if isinstance(model, DDP) and not last else nullcontext()
         with sync, runs.autocast(x.device, dtype):
             losses = model(x, y)
@@ -358,6 +392,8 @@ def train_step(model, optimizer, micro_batches, lr, grad_clip, dtype):
         loss_sum += losses["loss"].detach()
         ce_sum += losses["ce"].detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip or float("inf"))
+    if isinstance(grad_norm, DTensor):  # sharded gradients: the norm over all shards
+        grad_norm = grad_norm.full_tensor()
     losses = runs.mean_over_ranks(torch.stack([loss_sum, ce_sum]).double() / len(micro_batches))
     # the step's one wait for the device: whether to take the step depends on these values
     loss_value, ce_value, grad_norm = torch.cat([losses, grad_norm.detach().double().reshape(1)]).tolist()
@@ -393,14 +429,16 @@ def train(s, cfg, stages, world, resume, law):
         torch.manual_seed(s.seed)
         runs.keep_freed_memory()
         raw = emo.Transformer(cfg).to(device)
-        optimizer = make_optimizer(raw, s, device)
         # what the run trains on, kept in every checkpoint (a resume checked its own against the corpus)
         step, data = 0, resume.state["data"] if resume else fingerprint(s.data)
         run_id = uuid.uuid4().hex if new else resume.state["run"]  # a branch is a run of its own
         evals = resume.state["evals"] if resume else []  # (step, E, val loss) of every eval: what a re-plan refits
+        if resume:  # the weights before any sharding, the optimizer state after
+            runs.load_weights(raw, resume.state["model"], resume.path)
+        model = wrap(raw, s, device)
+        optimizer = make_optimizer(raw, s, device)
         if resume:
             step = runs.resume_from(resume, raw, optimizer, run)
-        model = wrap(raw, s, device)
         run.log(json.dumps({"settings": asdict(s), "model": asdict(cfg)}))
         run.log("stages: " + ", ".join(f"E={st.experts} steps {st.start}-{st.end}" for st in stages)
                 + f" ({total_steps} steps of {batch_tokens} tokens, {accum} micro-batches each)")
@@ -561,7 +599,7 @@ def setup(argv):
     except SettingError as err:
         raise SettingError(f"--resume={resume.path}: its model config: {err}") if resume else err from None
     validate(s, cfg, world, len(experts))
-    check_memory(emo.Config(**{**model_settings, "n_experts": experts[-1]}), s.device)
+    check_memory(emo.Config(**{**model_settings, "n_experts": experts[-1]}), s, world)
     stages = plan_schedule(s, cfg, batch_tokens_of(s, cfg, world)[1], experts, fractions, law)
     if resume:  # the stage ends as the run last moved them (the closed loop), from its checkpoint
         ends = resume.state["ends"]
