@@ -226,7 +226,8 @@ def full_state_dicts(raw, optimizer):
     if not isinstance(raw, FSDPModule):
         return raw.state_dict(), optimizer.state_dict()
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model, by_name = get_model_state_dict(raw, options=options), get_optimizer_state_dict(raw, optimizer, options=options)
+    model = get_model_state_dict(raw, options=options)
+    by_name = get_optimizer_state_dict(raw, optimizer, options=options)
     if not model:  # not rank 0
         return None, None
     position = {name: i for i, name in enumerate(parameter_names(raw, optimizer))}
@@ -246,7 +247,8 @@ def load_optimizer_state(raw, optimizer, state):
         return optimizer.load_state_dict(state)
     names = parameter_names(raw, optimizer)
     by_name = {"state": {names[i]: v for i, v in state["state"].items()},
-               "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in state["param_groups"]]}
+               "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                                for group in state["param_groups"]]}
     set_optimizer_state_dict(raw, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
 

@@ -91,7 +91,8 @@ class Settings:
     max_load_cv: float = 2.0  # warn when a layer's expert-load coefficient of variation exceeds this
 
 
-SCHEDULES, LR_SCHEDULES, DTYPES, SHARDS = ("progressive", "fixed"), ("wsd", "cosine"), ("auto", "bf16", "fp32"), ("ddp", "fsdp")
+SCHEDULES, LR_SCHEDULES, DTYPES = ("progressive", "fixed"), ("wsd", "cosine"), ("auto", "bf16", "fp32")
+SHARDS = ("ddp", "fsdp")
 # settings a resumed run may change; anything else must match the checkpoint. lr and grad_clip may change
 # so that a run that diverged can go on from its last checkpoint more gently.
 RESUMABLE = {"resume", "config", "device", "dtype", "compile", "shard", "eval_interval", "eval_batches", "log_interval",
@@ -195,7 +196,8 @@ def parse_stages(s):
         experts = [int(part[0]) for part in parts]
         fractions = [float(part[1]) if len(part) == 2 else math.nan for part in parts] if s.stages else None
     except ValueError:
-        raise SettingError(f"--{key}={text}: expected comma-separated {'E:fraction' if s.stages else 'integers'}") from None
+        raise SettingError(f"--{key}={text}: expected comma-separated "
+                           f"{'E:fraction' if s.stages else 'integers'}") from None
     if s.stages and s.schedule == "fixed":
         raise SettingError("--stages gives a progressive schedule: --schedule=fixed takes --experts=E instead")
     if any(E < 1 for E in experts) or any(b <= a for a, b in zip(experts, experts[1:])):
@@ -328,7 +330,8 @@ def shard(raw, s, device):
     bf16 the gathered weights are bf16 and gradients reduce in fp32; each block compiles on its own. raw is
     sharded in place: make the optimizer after this."""
     bf16 = runs.autocast_dtype(s.dtype, device) == torch.bfloat16
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
+              else MixedPrecisionPolicy())
     for block in raw.blocks:
         if s.compile:
             block.compile(dynamic=False)
