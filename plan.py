@@ -29,6 +29,9 @@ PRESETS = {
                   experts="8,16,32,64,128", top_k=8, batch_tokens=8_388_608, d_model=2048, n_layer=16,
                   n_head=16, d_expert=768, n_shared=1, seq_len=8192),
 }
+PRESETS["paper-modular"] = dict(n_active=None, total_tokens=1.3e11, experts="128", top_k=7,
+                                batch_tokens=4_194_304, d_model=2048, n_layer=16, n_head=16, d_expert=1024,
+                                n_shared=1, seq_len=4096, gpus=8)  # EMO-modular's model (configs/paper-modular.json)
 PAPER_SPLIT = {8: 23.5, 16: 9.5, 32: 16.5, 64: 21.8, 128: 28.6}  # % of tokens per stage, as reported
 
 
@@ -48,6 +51,7 @@ def parse_args(argv):
     p.add_argument("--n_shared", type=int, default=1, help="always-on shared experts")
     p.add_argument("--seq_len", type=int, default=1024, help="tokens per window")
     p.add_argument("--vocab_size", type=int, default=50304, help="padded vocabulary")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs the run is spread over: per-GPU memory under DDP and FSDP2")
     p.add_argument("--law", metavar="JSON", help="plan with these coefficients (a --save_law file) instead of "
                    "Table 3's")
     p.add_argument("--fit", metavar="RUN,...", help="refit the law first to train.py runs (folders or their "
@@ -110,6 +114,7 @@ def check_args(args):
             "--total_tokens", args.total_tokens, "a whole number of tokens >= 1")
     require(args.n_active is None or (finite(args.n_active) and args.n_active > 0), "--n_active", args.n_active,
             "a finite number > 0")
+    require(args.gpus >= 1, "--gpus", args.gpus, "an integer >= 1")
     require(args.batch_tokens >= 0, "--batch_tokens", args.batch_tokens, "an integer >= 0 (0: no rounding)")
     require(finite(args.peak_flops) and args.peak_flops > 0, "--peak_flops", args.peak_flops, "a finite number > 0")
     require(0 < args.mfu <= 1, "--mfu", args.mfu, "a fraction in (0, 1]")
@@ -185,7 +190,8 @@ def build_plan(args):
     return dict(n_law=n_law, n_active=n_active, law={k: getattr(law, k) for k in emo.LAW_COEFFICIENTS}, stages=stages,
                 base_law={k: getattr(base, k) for k in emo.LAW_COEFFICIENTS} if before else None, fit=fit,
                 base_split=[s["fraction"] for s in before] if before else None,
-                no_split=no_split, fixed=fixed, gpu_hours=hours, gpu_hours_saving=1 - hours / hours_fixed,
+                no_split=no_split, fixed=fixed, memory_per_gpu=dict(gpus=args.gpus, ddp=fixed["memory_bytes"],
+                                                                     fsdp=fixed["memory_bytes"] / args.gpus), gpu_hours=hours, gpu_hours_saving=1 - hours / hours_fixed,
                 early_memory_saving=1 - sum(s["memory_bytes"] * s["fraction"] for s in stages) / fixed["memory_bytes"])
 
 
@@ -297,6 +303,10 @@ def print_plan(plan, args):
     print(f"progressive vs fixed E={fixed['experts']}: {plan['gpu_hours_saving']:.1%} fewer GPU-hours, "
           f"{plan['early_memory_saving']:.1%} less weight+optimizer memory (token-weighted), predicted final "
           f"loss {stages[-1]['loss'] - fixed['loss']:+.4f}")
+    memory = plan["memory_per_gpu"]
+    print(f"memory per GPU at E={fixed['experts']} (fp32 weights, gradients, AdamW moments; activations not counted): "
+          f"DDP {memory['ddp'] / 1e9:.1f} GB, FSDP2 over {memory['gpus']} GPUs {memory['fsdp'] / 1e9:.1f} GB "
+          f"(train.py --shard=fsdp)")
     print(f"memory: fp32 weights + grads + Adam (16 B/param), activations excluded; step time ~ "
           f"E^{args.step_time_exponent:.4f}{' (fitted to --step_times)' if args.step_times else ''}; GPU-hours at {args.mfu:.0%} MFU of {args.peak_flops:.3g} FLOP/s")
     if plan["base_law"]:

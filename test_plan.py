@@ -120,6 +120,15 @@ def test_plan_py_fit_frees_what_fixed_runs_determine_and_prints_each_with_its_ra
     assert fit["values"]["delta"] == pytest.approx(-0.5, abs=0.05)
 
 
+def test_plan_py_prints_per_gpu_memory_under_ddp_and_fsdp2(capsys):
+    plan.main(["--preset=paper-modular", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    memory, params = out["memory_per_gpu"], out["stages"][-1]["params_total"]
+    assert memory["ddp"] == 16 * params and memory["fsdp"] == memory["ddp"] / 8 == pytest.approx(26.7e9, rel=0.01)
+    plan.main(["--preset=paper-modular", "--gpus=16"])
+    assert "FSDP2 over 16 GPUs 13.4 GB" in capsys.readouterr().out
+
+
 PLAN_BAD = [
     (["--mfu=0"], "--mfu=0.0 is not allowed: must be a fraction in \\(0, 1\\]"), (["--mfu=1.5"], "--mfu=1.5 is not allowed"),
     (["--mfu=-0.4"], "--mfu=-0.4 is not allowed"), (["--mfu=nan"], "--mfu=nan is not allowed"),

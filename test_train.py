@@ -293,10 +293,19 @@ def test_shipped_configs_parse_and_validate(path):
 
 
 def test_each_shipped_gpu_recipe_writes_to_its_own_run_folder():
-    recipes = [train.parse([f"--config={p}"])[0] for p in sorted(Path(__file__).parent.glob("configs/gpu*.json"))
-               + sorted(Path(__file__).parent.glob("configs/repro*.json"))]
+    recipes = [train.parse([f"--config={p}"])[0] for p in sorted(Path(__file__).parent.glob("configs/*.json"))
+               if p.name != "modular.json"]  # a recipe of settings, not a run of its own
     folders = [s.out_dir for s in recipes] + [train.Settings().out_dir]
-    assert len(recipes) == 2 and len(set(folders)) == len(folders)  # a second recipe is never refused
+    assert len(recipes) == 3 and len(set(folders)) == len(folders)  # a second recipe is never refused
+
+
+def test_the_paper_modular_recipe_is_emo_modulars_model_sharded_over_eight_gpus():
+    s, model, _ = train.parse(["--config=configs/paper-modular.json"])
+    cfg = emo.Config(**{**model, "n_experts": 128})
+    total, active = emo.count_params(cfg)
+    assert 13e9 < total < 14e9 and 1.0e9 < active < 1.4e9  # the paper: ~14B total, ~1B active (its head untied)
+    assert s.shard == "fsdp" and s.batch_tokens == 4 * 2**20 and s.batch_tokens % (s.batch_size * cfg.seq_len * 8) == 0
+    assert emo.BYTES_PER_PARAM * total / 8 < 40e9 < emo.BYTES_PER_PARAM * total  # fits 80 GB GPUs only when sharded
 
 
 def test_a_run_longer_than_its_train_split_is_warned_with_the_epochs(corpus):
