@@ -124,6 +124,17 @@ def _is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def pool_count(value, cfg):
+    """Experts in a document pool: an int is a count (capped at E); a float is a share of E, so it scales
+    with growth, and never below top_k (early stages have few experts). 0 for a value of the wrong kind,
+    which validation then rejects."""
+    if _is_int(value):
+        return min(value, cfg.n_experts)
+    if _is_number(value) and 0 < value <= 1:
+        return max(round(value * cfg.n_experts), cfg.top_k)
+    return 0
+
+
 # 2. Attention and the feed-forward --------------------------------------------------------------------------
 
 
@@ -366,17 +377,6 @@ class MoE(nn.Module):
 
 
 # 5. Document pools (EMO-modular) ----------------------------------------------------------------------------
-
-
-def pool_count(value, cfg):
-    """Experts in a document pool: an int is a count (capped at E); a float is a share of E, so it scales
-    with growth, and never below top_k (early stages have few experts). 0 for a value of the wrong kind,
-    which validation then rejects."""
-    if _is_int(value):
-        return min(value, cfg.n_experts)
-    if _is_number(value) and 0 < value <= 1:
-        return max(round(value * cfg.n_experts), cfg.top_k)
-    return 0
 
 
 def pool_sizes(cfg, n_segments, training, device):

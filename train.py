@@ -460,7 +460,7 @@ def train(s, cfg, stages, world, resume, law):
                 continue
             meter.start_stage(stage, device)
             if raw.config.n_experts != stage.experts:  # the stage's first step
-                model = grow(raw, optimizer, stage, s, device, run, step, evaluate_now, batch(0)[0])
+                model = grow(raw, optimizer, stage, s, run, evaluate_now, batch(0)[0])
             while step < stage.end:
                 lr = lr_at(step, s, total_steps, stage)
                 micro_batches = [tuple(t.to(device) for t in batch(i)) for i in range(accum)]
@@ -507,14 +507,15 @@ def train(s, cfg, stages, world, resume, law):
     return raw, True
 
 
-def grow(raw, optimizer, stage, s, device, run, step, evaluate_now, x):
-    """A stage's first step: grow every layer's experts (emo.grow_experts), fit the optimizer to them, re-wrap
-    (compile and DDP see new shapes). Records the val loss right after, and per rank the weights' sum (all drew
-    the same new experts) and its first micro-batch's sum x (each reads its own data). Returns the model."""
-    t0, old = time.time(), raw.config.n_experts
+def grow(raw, optimizer, stage, s, run, evaluate_now, x):
+    """At the stage's first step: grow every layer's experts (emo.grow_experts), fit the optimizer to them,
+    re-wrap (compile and DDP see new shapes). Records the val loss right after, and per rank the weights' sum
+    (all drew the same new experts) and its first micro-batch's sum x (each reads its own data). Returns the
+    model."""
+    t0, old, step = time.time(), raw.config.n_experts, stage.start
     emo.grow_experts(raw, stage.experts, init=s.growth_init)
     emo.grow_optimizer(optimizer, s.growth_optimizer)
-    model = wrap(raw, s, device)
+    model = wrap(raw, s, run.device)
     seconds = time.time() - t0
     val = evaluate_now(model)
     run.log(f"step {step}: grew E {old} -> {stage.experts} ({s.growth_init} init, optimizer {s.growth_optimizer}) "
