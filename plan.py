@@ -32,6 +32,7 @@ PRESETS = {
 PRESETS["paper-modular"] = dict(n_active=None, total_tokens=1.3e11, experts="128", top_k=7,
                                 batch_tokens=4_194_304, d_model=2048, n_layer=16, n_head=16, d_expert=1024,
                                 n_shared=1, seq_len=4096, gpus=8)  # EMO-modular's model (configs/paper-modular.json)
+CHECKPOINT_BYTES = 12  # a checkpoint keeps fp32 weights and both AdamW moments of every parameter
 PAPER_SPLIT = {8: 23.5, 16: 9.5, 32: 16.5, 64: 21.8, 128: 28.6}  # % of tokens per stage, as reported
 
 
@@ -191,7 +192,8 @@ def build_plan(args):
                 base_law={k: getattr(base, k) for k in emo.LAW_COEFFICIENTS} if before else None, fit=fit,
                 base_split=[s["fraction"] for s in before] if before else None,
                 no_split=no_split, fixed=fixed, memory_per_gpu=dict(gpus=args.gpus, ddp=fixed["memory_bytes"],
-                                                                     fsdp=fixed["memory_bytes"] / args.gpus), gpu_hours=hours, gpu_hours_saving=1 - hours / hours_fixed,
+                                                                     fsdp=fixed["memory_bytes"] / args.gpus,
+                                                                     checkpoint=CHECKPOINT_BYTES * fixed["params_total"]), gpu_hours=hours, gpu_hours_saving=1 - hours / hours_fixed,
                 early_memory_saving=1 - sum(s["memory_bytes"] * s["fraction"] for s in stages) / fixed["memory_bytes"])
 
 
@@ -306,7 +308,7 @@ def print_plan(plan, args):
     memory = plan["memory_per_gpu"]
     print(f"memory per GPU at E={fixed['experts']} (fp32 weights, gradients, AdamW moments; activations not counted): "
           f"DDP {memory['ddp'] / 1e9:.1f} GB, FSDP2 over {memory['gpus']} GPUs {memory['fsdp'] / 1e9:.1f} GB "
-          f"(train.py --shard=fsdp)")
+          f"(train.py --shard=fsdp); a checkpoint (weights and moments) {memory['checkpoint'] / 1e9:.1f} GB")
     print(f"memory: fp32 weights + grads + Adam (16 B/param), activations excluded; step time ~ "
           f"E^{args.step_time_exponent:.4f}{' (fitted to --step_times)' if args.step_times else ''}; GPU-hours at {args.mfu:.0%} MFU of {args.peak_flops:.3g} FLOP/s")
     if plan["base_law"]:

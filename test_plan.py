@@ -126,7 +126,8 @@ def test_plan_py_prints_per_gpu_memory_under_ddp_and_fsdp2(capsys):
     memory, params = out["memory_per_gpu"], out["stages"][-1]["params_total"]
     assert memory["ddp"] == 16 * params and memory["fsdp"] == memory["ddp"] / 8 == pytest.approx(26.7e9, rel=0.01)
     plan.main(["--preset=paper-modular", "--gpus=16"])
-    assert "FSDP2 over 16 GPUs 13.4 GB" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "FSDP2 over 16 GPUs 13.4 GB" in out and "a checkpoint (weights and moments) 160.3 GB" in out
 
 
 PLAN_BAD = [
