@@ -52,8 +52,8 @@ class Settings:
     experts: str = "2,4,8,16,32"  # E per stage; the fixed schedule uses the last
     stages: str = ""  # explicit stages "E:fraction,...", e.g. "8:0.235,16:0.095,...": overrides the solver
     law: str = ""  # the solver's scaling law: a JSON file of coefficients (plan.py --save_law); empty: Table 3's
-    grow_by: float = 0.1  # reach the last E by this share of the run, the law's stage ratios kept (0: the law's
-    # own split). Table 3 was fitted on 100M+-parameter models; at the default's 2M a larger pool pays early (RESULTS)
+    grow_by: float = 0.1  # reach the last E by this share of the run, the law's ratios kept; 0: the law's split
+    # (Table 3 was fitted on 100M+-parameter models; at the default's 2M a larger pool pays early: RESULTS.md)
     replan: bool = True  # closed loop: at each stage end refit the law to this run's evals, move the later ends
     # (the law's own split only, --grow_by=0: an explicit --stages split or a --grow_by one is kept as given)
     replan_params: str = "auto"  # what each re-plan may refit: auto, every coefficient the run's evals determine
@@ -77,8 +77,8 @@ class Settings:
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     dtype: str = "auto"  # autocast: bf16 or fp32 (auto: bf16 on CUDA, fp32 on CPU)
     compile: bool = False  # torch.compile the model (the GPU path; recompiled at each growth)
-    shard: str = "ddp"  # with torchrun: ddp (each process holds the whole model) or fsdp (FSDP2: parameters,
-    # gradients and optimizer state sharded over the processes, for models DDP cannot hold; fixed E for now)
+    shard: str = "ddp"  # with torchrun: ddp (each process holds the whole model) or fsdp (sharded; fixed E)
+    # (FSDP2: parameters, gradients and AdamW moments split over the processes, for models DDP cannot hold)
     seed: int = 0  # initial weights and data order: one seed, one run
     eval_interval: int = 100  # steps between validation evals (and at every stage end)
     eval_batches: int = 32  # 65K tokens at the default batch: enough to tell runs apart (RESULTS.md)
