@@ -197,9 +197,9 @@ def model_setting(args, key):
 
 
 def growth_flags(init, seed, out, args):
-    """train.py flags of one growth run, on Table 3's split as the law plans it (no --grow_by, no closed loop),
+    """train.py flags of one growth run, on Table 3's split as the law plans it (no --grow_after, no closed loop),
     so that each growth has steps of its own to show its spike and adoption."""
-    return [f"--out_dir={out}", f"--growth_init={init}", "--grow_by=0", "--replan=false",
+    return [f"--out_dir={out}", f"--growth_init={init}", "--grow_after=0", "--replan=false",
             f"--total_tokens={args.total_tokens}", f"--seed={seed}", "--eval_interval=5", "--eval_batches=4",
             "--log_interval=1000000", "--sample_tokens=0", *shlex.split(args.train_args)]
 
@@ -361,7 +361,7 @@ def print_step(result, args):
 
 # EMO-progressive's own recipe at each growth, as train.py flags: fresh Gaussian experts and router rows, the
 # balancing bias and the optimizer state reset, the learning rate re-warmed; stage budgets from Table 3's law
-PAPER_RECIPE = ("--grow_by=0", "--growth_init=gaussian", "--growth_optimizer=reset", "--rewarm_steps=20",
+PAPER_RECIPE = ("--grow_after=0", "--growth_init=gaussian", "--growth_optimizer=reset", "--rewarm_steps=20",
                 "--replan=false")  # Table 3's split as the law plans it, fresh experts, reset moments, re-warm
 
 

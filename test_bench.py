@@ -77,7 +77,7 @@ def test_the_default_arms_of_bench_pass_no_flag_that_changes_a_train_py_default(
     _, command = bench.arm_command("progressive", bench.repro_arms(args)["progressive"], 1, args)
     assert changed_defaults(command[2:]) <= per_run
     growth = bench.growth_flags("gaussian", 1, "runs/x", args)
-    assert changed_defaults(growth) <= per_run | {"growth_init", "grow_by", "replan", "eval_interval", "eval_batches",
+    assert changed_defaults(growth) <= per_run | {"growth_init", "grow_after", "replan", "eval_interval", "eval_batches",
                                                   "log_interval"}
 
 

@@ -694,7 +694,7 @@ def test_runs_of_one_model_size_identify_the_token_term_and_delta_but_not_alpha_
 
 
 # The closed loop on synthetic runs: the default model's first two stages (Table 3's plan for 4M tokens,
-# train.py --grow_by=0), evals where train.py makes them, losses drawn from a law plus an early transient plus eval noise.
+# train.py --grow_after=0), evals where train.py makes them, losses drawn from a law plus an early transient plus eval noise.
 DEFAULT_N = emo.law_active_params(emo.Config(n_experts=32))
 DEFAULT_ENDS = [76, 162, 380, 890, 1953]  # Table 3's plan for train.py's default model (steps of 2,048 tokens)
 

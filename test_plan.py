@@ -79,7 +79,7 @@ def test_plan_py_measures_the_law_from_fixed_e_pilots_prints_both_splits_and_sav
     refit = emo.plan_stages(1e6, 2_000_000, [2, 4, 8, 16, 32], 2, law=flags.read_law(tmp_path / "law.json"),
                             batch_tokens=1000)
     assert refit[-1]["start"] < table3[-1]["start"]  # the measured law grows to E_max sooner
-    s, model, _ = train.parse([f"--law={tmp_path / 'law.json'}", "--grow_by=0", "--total_tokens=2000000"])
+    s, model, _ = train.parse([f"--law={tmp_path / 'law.json'}", "--grow_after=0", "--total_tokens=2000000"])
     n_law = emo.law_active_params(emo.Config(**model, n_experts=32))
     expected = emo.plan_stages(n_law, 2_000_000, [2, 4, 8, 16, 32], 2, law=flags.read_law(tmp_path / "law.json"),
                                batch_tokens=1000)

@@ -76,22 +76,23 @@ def test_bits_per_byte_divide_the_loss_of_text_tokens_by_the_bytes_they_stand_fo
 def test_the_law_counts_a_tied_embedding_twice_and_the_solver_uses_that(corpus, tmp_path):
     cfg = tiny(vocab_size=1000)
     assert emo.law_active_params(cfg) == emo.count_params(cfg)[1] + 1000 * 64
-    s = train.Settings(experts="2,4,8", total_tokens=2048 * 1000, grow_by=0)
+    s = train.Settings(experts="2,4,8", total_tokens=2048 * 1000, grow_after=0)
     stages = train.plan_schedule(s, tiny(n_experts=2, vocab_size=8192), 2048, [2, 4, 8], None)
     n_law = emo.law_active_params(tiny(n_experts=8, vocab_size=8192))
     expected = emo.plan_stages(n_law, 2048 * 1000, [2, 4, 8], 2, batch_tokens=2048)
     assert [st.end for st in stages] == [p["end"] // 2048 for p in expected]
 
 
-def test_grow_by_moves_every_growth_earlier_in_proportion_so_the_last_e_starts_at_that_share_of_the_run():
-    s, model, _ = train.parse(["--grow_by=0"])
+def test_grow_after_keeps_the_laws_first_stages_then_brings_every_later_e_at_once():
+    s, model, _ = train.parse(["--grow_after=0"])
     cfg = emo.Config(**{**model, "n_experts": 2, "vocab_size": 8192})
     law = [st.end for st in train.plan_schedule(s, cfg, 2048, [2, 4, 8, 16, 32], None)]
-    s.grow_by = 0.1
+    s.grow_after = 2
     early = [st.end for st in train.plan_schedule(s, cfg, 2048, [2, 4, 8, 16, 32], None)]
     assert law == [76, 162, 380, 890, 1953]  # Table 3's split of 4M tokens for the default model
-    assert early[3] == round(0.1 * 1953) and early[-1] == 1953
-    assert [round(e / early[3], 2) for e in early[:3]] == [round(e / law[3], 2) for e in law[:3]]
+    assert early == [76, 162, 163, 164, 1953]
+    s.grow_after = 4  # no stage after the fourth but the last: the law's split
+    assert [st.end for st in train.plan_schedule(s, cfg, 2048, [2, 4, 8, 16, 32], None)] == law
 
 
 def test_the_warmup_runs_its_steps_whatever_the_stages_and_each_growth_re_warms_from_its_own_first_step():
@@ -108,7 +109,7 @@ def test_the_warmup_runs_its_steps_whatever_the_stages_and_each_growth_re_warms_
 
 def test_a_replanned_run_records_each_replan_and_resumes_on_its_new_schedule(corpus, tmp_path):
     # delta alone: the loop's mechanics, on a run too short for the default to tell anything (it keeps the plan)
-    flags = ["--experts=2,4,8,16", "--grow_by=0", "--total_tokens=16384", "--eval_interval=4", "--replan",
+    flags = ["--experts=2,4,8,16", "--grow_after=0", "--total_tokens=16384", "--eval_interval=4", "--replan",
              "--replan_params=delta", "--phase_in_steps=2"]
 
     def law_planned(out, *extra):  # the tiny run, its stages from the law instead of --stages
@@ -564,7 +565,7 @@ def test_a_signal_that_breaks_a_step_stops_the_run_with_the_stop_status(corpus, 
 def replanned_run(corpus, out, *extra):
     """A run whose closed loop moves its stage ends: 4 stages planned by the law, a re-plan at each end (the one
     at the end of stage 2 moves stage 3's end from step 27 to 12)."""
-    return [a for a in tiny_run(corpus, out, "--experts=2,4,8,16", "--grow_by=0", "--total_tokens=16384",
+    return [a for a in tiny_run(corpus, out, "--experts=2,4,8,16", "--grow_after=0", "--total_tokens=16384",
                                 "--eval_interval=4", "--replan_params=delta", "--phase_in_steps=2", *extra)
             if not a.startswith("--stages")]
 

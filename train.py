@@ -52,10 +52,10 @@ class Settings:
     experts: str = "2,4,8,16,32"  # E per stage; the fixed schedule uses the last
     stages: str = ""  # explicit stages "E:fraction,...", e.g. "8:0.235,16:0.095,...": overrides the solver
     law: str = ""  # the solver's scaling law: a JSON file of coefficients (plan.py --save_law); empty: Table 3's
-    grow_by: float = 0.1  # reach the last E by this share of the run, the law's ratios kept; 0: the law's split
-    # (Table 3 was fitted on 100M+-parameter models; at the default's 2M a larger pool pays early: RESULTS.md)
+    grow_after: int = 2  # the law's split up to the end of this stage, then every later E at once; 0: the law's
+    # split throughout (Table 3 was fitted on 100M+-parameter models; at the default's 2M a larger pool pays early)
     replan: bool = True  # closed loop: at each stage end refit the law to this run's evals, move the later ends
-    # (the law's own split only, --grow_by=0: an explicit --stages split or a --grow_by one is kept as given)
+    # (the law's own split only, --grow_after=0: an explicit --stages split or --grow_after's is kept as given)
     replan_params: str = "auto"  # what each re-plan may refit: auto, every coefficient the run's evals determine
     # (emo.identified); or names, e.g. delta (what a larger pool is worth: alone, it also takes the early fall)
     growth_init: str = "silent"  # silent (function-preserving), gaussian (the paper), copy, upcycle: emo.grow_experts
@@ -122,13 +122,13 @@ def validate(s, cfg, world, n_stages):
     for keys, ok, allowed in (  # NaN fails every comparison, so each range check refuses it
             (("total_tokens", "batch_size", "eval_interval", "eval_batches", "log_interval", "collapse_steps",
               "keep_latest"), lambda v: v >= 1, "a positive integer"),
-            (("batch_tokens", "warmup_steps", "rewarm_steps", "sample_tokens", "stop_at", "checkpoint_interval"),
+            (("batch_tokens", "warmup_steps", "rewarm_steps", "sample_tokens", "stop_at", "checkpoint_interval",
+              "grow_after"),
              lambda v: v >= 0, "an integer >= 0"),
             (("seed",), lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
             (("lr", "max_load_cv"), lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
             (("weight_decay", "grad_clip"), lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
             (("min_lr_frac", "decay_frac"), lambda v: 0 <= v <= 1, "in [0, 1]"),
-            (("grow_by",), lambda v: 0 <= v < 1, "a share of the run in [0, 1) (0: the law's own split)"),
             (("beta1", "beta2"), lambda v: 0 <= v < 1, "in [0, 1)")):
         for key in keys:
             require(ok(getattr(s, key)), f"--{key}", getattr(s, key), allowed)
@@ -211,8 +211,8 @@ def parse_stages(s):
 
 def plan_schedule(s, cfg, batch_tokens, experts, fractions, law=None):
     """The run's stages in optimizer steps: explicit --stages fractions, one fixed stage, or the scaling-law
-    solver (emo.plan_stages, with law: a ScalingLaw, default Table 3's) for this model's active size, its
-    growths moved earlier in proportion so that the last E starts at --grow_by of the run."""
+    solver (emo.plan_stages, with law: a ScalingLaw, default Table 3's) for this model's active size, kept up
+    to the end of stage --grow_after, after which every later E comes at once, one step apart."""
     total_steps = s.total_tokens // batch_tokens
     if fractions:
         ends = [round(total_steps * sum(fractions[:i + 1])) for i in range(len(fractions))]
@@ -221,8 +221,9 @@ def plan_schedule(s, cfg, batch_tokens, experts, fractions, law=None):
         planned = emo.plan_stages(n_active, total_steps * batch_tokens, experts, cfg.top_k, law=law,
                                   batch_tokens=batch_tokens)
         ends = [p["end"] // batch_tokens for p in planned]
-        if s.grow_by and len(ends) > 1:
-            ends = [round(end * s.grow_by * total_steps / ends[-2]) for end in ends[:-1]] + ends[-1:]
+        if 0 < s.grow_after < len(ends) - 1:
+            grown = ends[s.grow_after - 1]
+            ends = ends[:s.grow_after] + [grown + i for i in range(1, len(ends) - s.grow_after)] + ends[-1:]
     if any(e <= b for b, e in zip([0] + ends[:-1], ends)):
         raise SettingError(f"the schedule gives a stage no steps (ends at steps {ends}); give more --total_tokens")
     return stages_at(experts, ends)
@@ -532,9 +533,9 @@ LOOP_EVAL_BATCHES = 8  # each on the first 8 of the eval batches: ~1/4 of an eva
 
 
 def loop_on(s):
-    """Does the closed loop re-plan this run? Only a split the law made as it stands: --stages and --grow_by
+    """Does the closed loop re-plan this run? Only a split the law made as it stands: --stages and --grow_after
     splits are the user's (or a measurement's), kept as given."""
-    return s.replan and not s.stages and not s.grow_by
+    return s.replan and not s.stages and not s.grow_after
 
 
 def loop_eval(s, stages, stage, step):
