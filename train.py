@@ -146,8 +146,6 @@ def validate(s, cfg, world, n_stages):
              f"{cfg.seq_len} * {world}") + "); or make the batch smaller")
     if n_stages > 1:  # a fixed run never grows: any init is fine there
         emo.check_growth_init(s.growth_init, cfg.router, "--growth_init")
-        require(s.shard == "ddp", "--shard", s.shard, "ddp for a run that grows (growth under FSDP2 is not built "
-                "yet): train a fixed pool with --schedule=fixed, or grow with --shard=ddp")
     runs.resolve_device(s.device)
 
 
@@ -461,7 +459,7 @@ def train(s, cfg, stages, world, resume, law):
                 continue
             meter.start_stage(stage, device)
             if raw.config.n_experts != stage.experts:  # the stage's first step
-                model = grow(raw, optimizer, stage, s, run, evaluate_now, batch(0)[0])
+                model, raw, optimizer = grow(raw, optimizer, stage, s, run, evaluate_now, batch(0)[0])
             while step < stage.end:
                 lr = lr_at(step, s, total_steps, stage)
                 micro_batches = [tuple(t.to(device) for t in batch(i)) for i in range(accum)]
@@ -510,22 +508,28 @@ def train(s, cfg, stages, world, resume, law):
 
 def grow(raw, optimizer, stage, s, run, evaluate_now, x):
     """At the stage's first step: grow every layer's experts (emo.grow_experts), fit the optimizer to them,
-    re-wrap (compile and DDP see new shapes). Records the val loss right after, and per rank the weights' sum
-    (all drew the same new experts) and its first micro-batch's sum x (each reads its own data). Returns the
-    model."""
+    re-wrap (compile and DDP see new shapes; FSDP2 shards the grown model afresh). Records the val loss right
+    after, and per rank the weights' sum (all drew the same new experts) and its first micro-batch's sum x
+    (each reads its own data). Returns (the model, the unwrapped model, the optimizer): under FSDP2 new ones."""
     t0, old, step = time.time(), raw.config.n_experts, stage.start
+    sharded = isinstance(raw, FSDPModule)
+    if sharded:
+        raw, optimizer = runs.whole_copies(raw, optimizer, lambda m: make_optimizer(m, s, run.device))
     emo.grow_experts(raw, stage.experts, init=s.growth_init)
     emo.grow_optimizer(optimizer, s.growth_optimizer)
+    weights = sum(p.detach().double().sum().item() for p in raw.parameters())
     model = wrap(raw, s, run.device)
+    if sharded:  # the grown state into a fresh optimizer over the new shards
+        grown, optimizer = optimizer.state_dict(), make_optimizer(raw, s, run.device)
+        runs.load_optimizer_state(raw, optimizer, grown)
     seconds = time.time() - t0
     val = evaluate_now(model)
     run.log(f"step {step}: grew E {old} -> {stage.experts} ({s.growth_init} init, optimizer {s.growth_optimizer}) "
             f"in {seconds:.2f}s; val loss right after: {val['loss']:.4f}")
-    weights = sum(p.detach().double().sum().item() for p in raw.parameters())
     run.record("growth", step=step, stage=stage.index, experts_from=old, experts=stage.experts, init=s.growth_init,
                seconds=seconds, val_loss=val["loss"], val_bpb=val["bpb"], weights_per_rank=runs.per_rank(weights),
                tokens_per_rank=runs.per_rank(int(x.sum())))
-    return model
+    return model, raw, optimizer
 
 
 LOOP_EVALS = 6  # evals the closed loop takes in each stage it re-plans after: enough for the stage's own curve
