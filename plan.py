@@ -5,6 +5,7 @@ python plan.py                                  # configs/gpu-8x.json's run (8 G
 python plan.py --preset=paper                   # the paper's main run: ~1.1B active, 1.92T tokens, 8..128
 python plan.py --n_active=3e8 --total_tokens=2e10 --experts=8,16,32,64 --top_k=8 --batch_tokens=524288
 python plan.py --fit=runs/repro/fixed-2-seed0,runs/repro/fixed-32-seed0 --fit_params=delta --save_law=law.json
+python plan.py --config=configs/paper-modular.json --world_size=8   # a train.py recipe: memory per GPU
 python plan.py --step_times=step.json           # step time ~ E^rho measured: bench.py step --json > step.json
 python plan.py --json                           # the same as JSON
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 import emo
 import flags
 import runs
+import train
 from emo import SettingError, require
 
 # The paper's main run (as reported): 16 layers, d_model 2048, fine-grained experts of hidden 768,
@@ -29,9 +31,6 @@ PRESETS = {
                   experts="8,16,32,64,128", top_k=8, batch_tokens=8_388_608, d_model=2048, n_layer=16,
                   n_head=16, d_expert=768, n_shared=1, seq_len=8192),
 }
-PRESETS["paper-modular"] = dict(n_active=None, total_tokens=1.3e11, experts="128", top_k=7,
-                                batch_tokens=4_194_304, d_model=2048, n_layer=16, n_head=16, d_expert=1024,
-                                n_shared=1, seq_len=4096, gpus=8)  # EMO-modular's model (configs/paper-modular.json)
 CHECKPOINT_BYTES = 12  # a checkpoint keeps fp32 weights and both AdamW moments of every parameter
 PAPER_SPLIT = {8: 23.5, 16: 9.5, 32: 16.5, 64: 21.8, 128: 28.6}  # % of tokens per stage, as reported
 
@@ -52,7 +51,11 @@ def parse_args(argv):
     p.add_argument("--n_shared", type=int, default=1, help="always-on shared experts")
     p.add_argument("--seq_len", type=int, default=1024, help="tokens per window")
     p.add_argument("--vocab_size", type=int, default=50304, help="padded vocabulary")
-    p.add_argument("--gpus", type=int, default=8, help="GPUs the run is spread over: per-GPU memory under DDP and FSDP2")
+    p.add_argument("--config", metavar="JSON", help="a train.py config file: its model, stages, tokens and batch "
+                   "(train.py's defaults for what it leaves out); other flags override its values")
+    p.add_argument("--world_size", type=int, default=8, help="GPUs the run is spread over: per-GPU memory under "
+                   "DDP and FSDP2, and the batch of a --config that sets no batch_tokens")
+    p.add_argument("--gpu_memory", type=float, default=80, help="GB of memory a GPU has (H100: 80)")
     p.add_argument("--law", metavar="JSON", help="plan with these coefficients (a --save_law file) instead of "
                    "Table 3's")
     p.add_argument("--fit", metavar="RUN,...", help="refit the law first to train.py runs (folders or their "
@@ -70,12 +73,24 @@ def parse_args(argv):
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     defaults = vars(p.parse_args([]))
     args = p.parse_args(argv)
-    if args.preset:  # preset values replace the defaults, flags given explicitly still win
-        explicit = {k for k, v in vars(args).items() if v != defaults[k]}
-        for key, value in PRESETS[args.preset].items():
-            if key not in explicit:
-                setattr(args, key, value)
+    explicit = {k for k, v in vars(args).items() if v != defaults[k]}
+    # a preset's or a config file's values replace the defaults, flags given explicitly still win
+    for key, value in {**(PRESETS[args.preset] if args.preset else {}),
+                       **(config_shape(args.config, args.world_size) if args.config else {})}.items():
+        if key not in explicit:
+            setattr(args, key, value)
     return args
+
+
+def config_shape(path, world_size):
+    """What plan.py needs of a train.py config file, as train.py resolves it (its defaults filled in)."""
+    s, model, _ = train.parse([f"--config={path}"])
+    experts, _ = train.parse_stages(s)
+    cfg = emo.Config(**{**model, "n_experts": experts[-1]})
+    return dict(experts=",".join(map(str, experts)), total_tokens=float(s.total_tokens), top_k=cfg.top_k,
+                batch_tokens=train.batch_tokens_of(s, cfg, world_size)[1], d_model=cfg.d_model, n_layer=cfg.n_layer,
+                n_head=cfg.n_head, d_expert=cfg.d_expert, n_shared=cfg.n_shared, seq_len=cfg.seq_len,
+                vocab_size=cfg.vocab_size)
 
 
 # Step time grows slowly with E at fixed k (more, smaller GEMMs; router; optimizer). The paper measured
@@ -115,7 +130,8 @@ def check_args(args):
             "--total_tokens", args.total_tokens, "a whole number of tokens >= 1")
     require(args.n_active is None or (finite(args.n_active) and args.n_active > 0), "--n_active", args.n_active,
             "a finite number > 0")
-    require(args.gpus >= 1, "--gpus", args.gpus, "an integer >= 1")
+    require(args.world_size >= 1, "--world_size", args.world_size, "an integer >= 1")
+    require(finite(args.gpu_memory) and args.gpu_memory > 0, "--gpu_memory", args.gpu_memory, "GB, a number > 0")
     require(args.batch_tokens >= 0, "--batch_tokens", args.batch_tokens, "an integer >= 0 (0: no rounding)")
     require(finite(args.peak_flops) and args.peak_flops > 0, "--peak_flops", args.peak_flops, "a finite number > 0")
     require(0 < args.mfu <= 1, "--mfu", args.mfu, "a fraction in (0, 1]")
@@ -191,8 +207,8 @@ def build_plan(args):
     return dict(n_law=n_law, n_active=n_active, law={k: getattr(law, k) for k in emo.LAW_COEFFICIENTS}, stages=stages,
                 base_law={k: getattr(base, k) for k in emo.LAW_COEFFICIENTS} if before else None, fit=fit,
                 base_split=[s["fraction"] for s in before] if before else None,
-                no_split=no_split, fixed=fixed, memory_per_gpu=dict(gpus=args.gpus, ddp=fixed["memory_bytes"],
-                                                                     fsdp=fixed["memory_bytes"] / args.gpus,
+                no_split=no_split, fixed=fixed, memory_per_gpu=dict(gpus=args.world_size, ddp=fixed["memory_bytes"],
+                                                                     fsdp=fixed["memory_bytes"] / args.world_size,
                                                                      checkpoint=CHECKPOINT_BYTES * fixed["params_total"]), gpu_hours=hours, gpu_hours_saving=1 - hours / hours_fixed,
                 early_memory_saving=1 - sum(s["memory_bytes"] * s["fraction"] for s in stages) / fixed["memory_bytes"])
 
@@ -306,9 +322,11 @@ def print_plan(plan, args):
           f"{plan['early_memory_saving']:.1%} less weight+optimizer memory (token-weighted), predicted final "
           f"loss {stages[-1]['loss'] - fixed['loss']:+.4f}")
     memory = plan["memory_per_gpu"]
+    fits = lambda b: "fits" if b <= args.gpu_memory * 1e9 else "does not fit"
     print(f"memory per GPU at E={fixed['experts']} (fp32 weights, gradients, AdamW moments; activations not counted): "
-          f"DDP {memory['ddp'] / 1e9:.1f} GB, FSDP2 over {memory['gpus']} GPUs {memory['fsdp'] / 1e9:.1f} GB "
-          f"(train.py --shard=fsdp); a checkpoint (weights and moments) {memory['checkpoint'] / 1e9:.1f} GB")
+          f"DDP {memory['ddp'] / 1e9:.1f} GB ({fits(memory['ddp'])} {args.gpu_memory:g} GB), FSDP2 over "
+          f"{memory['gpus']} GPUs {memory['fsdp'] / 1e9:.1f} GB ({fits(memory['fsdp'])}; train.py --shard=fsdp); "
+          f"a checkpoint (weights and moments) {memory['checkpoint'] / 1e9:.1f} GB")
     print(f"memory: fp32 weights + grads + Adam (16 B/param), activations excluded; step time ~ "
           f"E^{args.step_time_exponent:.4f}{' (fitted to --step_times)' if args.step_times else ''}; GPU-hours at {args.mfu:.0%} MFU of {args.peak_flops:.3g} FLOP/s")
     if plan["base_law"]:

@@ -121,13 +121,18 @@ def test_plan_py_fit_frees_what_fixed_runs_determine_and_prints_each_with_its_ra
 
 
 def test_plan_py_prints_per_gpu_memory_under_ddp_and_fsdp2(capsys):
-    plan.main(["--preset=paper-modular", "--json"])
+    plan.main(["--config=configs/paper-modular.json", "--world_size=8", "--json"])
     out = json.loads(capsys.readouterr().out)
     memory, params = out["memory_per_gpu"], out["stages"][-1]["params_total"]
     assert memory["ddp"] == 16 * params and memory["fsdp"] == memory["ddp"] / 8 == pytest.approx(26.7e9, rel=0.01)
-    plan.main(["--preset=paper-modular", "--gpus=16"])
+    assert out["fixed"]["tokens"] == pytest.approx(130e9, rel=1e-4) and [s["experts"] for s in out["stages"]] == [128]
+    plan.main(["--config=configs/paper-modular.json", "--world_size=16"])
     out = capsys.readouterr().out
-    assert "FSDP2 over 16 GPUs 13.4 GB" in out and "a checkpoint (weights and moments) 160.3 GB" in out
+    assert "DDP 213.8 GB (does not fit 80 GB)" in out and "FSDP2 over 16 GPUs 13.4 GB (fits;" in out
+    assert "a checkpoint (weights and moments) 160.3 GB" in out
+    plan.main(["--config=configs/modular.json", "--world_size=1", "--json"])  # train.py fills in the rest
+    out = json.loads(capsys.readouterr().out)
+    assert [s["experts"] for s in out["stages"]] == [2, 4, 8, 16, 32] and out["fixed"]["tokens"] == 1953 * 2048
 
 
 PLAN_BAD = [
