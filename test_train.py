@@ -220,6 +220,14 @@ def test_an_fsdp_run_stopped_before_its_growth_resumes_exactly_through_it(corpus
     assert [r["experts"] for r in full] == [2] * 12 + [4] * 12
 
 
+def test_fsdp_with_torch_compile_and_bf16_grows_and_trains_with_two_processes(corpus, tmp_path):
+    """Each block compiled on its own inside FSDP2, recompiled after the growth (the GPU recipe's path)."""
+    two_processes(two_process_run(corpus, tmp_path, "grown", "--shard=fsdp", "--compile", "--dtype=bf16",
+                                  "--total_tokens=3072"))
+    steps = records(tmp_path, "step")
+    assert [r["experts"] for r in steps] == [2] * 6 + [4] * 6 and steps[-1]["loss"] < 0.8 * steps[0]["loss"]
+
+
 def test_the_loss_is_averaged_over_ranks_on_the_training_device(monkeypatch):
     """NCCL has no CPU backend: a CPU tensor handed to a collective of a CUDA run fails at the first step. The
     meta device stands in for a GPU here; a recording all-reduce sees what would reach NCCL."""
