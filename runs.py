@@ -212,10 +212,12 @@ def rng_states(device):
 
 
 def restore_rng(rng, rank, device):
-    """This rank's entry of rng_states: its CPU generator, and its own CUDA device's where it trained on one."""
-    torch.set_rng_state(rng[rank]["cpu"])
-    if device.type == "cuda" and rng[rank]["cuda"] is not None:
-        torch.cuda.set_rng_state(rng[rank]["cuda"], device)
+    """This rank's entry of rng_states: its CPU generator, and its own CUDA device's where it trained on one.
+    A run resumed on another number of processes takes entry rank mod the count it was saved by."""
+    mine = rng[rank % len(rng)]
+    torch.set_rng_state(mine["cpu"])
+    if device.type == "cuda" and mine["cuda"] is not None:
+        torch.cuda.set_rng_state(mine["cuda"], device)
 
 
 def full_state_dicts(raw, optimizer):
@@ -419,15 +421,15 @@ def resumed_settings(state, s, model, given, resumable, per_invocation):
 
 
 def check_resume(state, path, data, out_dir, world):
-    """What a resume must meet before anything loads: the same number of processes, the same corpus, and a
-    destination that loses nothing. out_dir: the --out_dir given (else a false value). Returns (out_dir,
-    whether the run branches into a new folder)."""
-    if state["world_size"] != world:
+    """What a resume must meet before anything loads: a batch that the number of processes leaves unchanged,
+    the same corpus, and a destination that loses nothing. out_dir: the --out_dir given (else a false value).
+    Returns (out_dir, whether the run branches into a new folder)."""
+    if state["world_size"] != world and not state["settings"].get("batch_tokens"):
         raise SettingError(f"--resume={path}: the run used {state['world_size']} process(es), this one has "
-                           f"{world}: resume with the same torchrun --nproc_per_node (the data order and the "
-                           f"batch depend on it)")
-    require(len(state["rng"]) == world, f"--resume={path}: its random states", len(state["rng"]),
-            f"one per process, {world} (corrupt or edited)")
+                           f"{world}, and its step is one micro-batch a process (batch_tokens=0), so the batch "
+                           f"depends on the count: resume with the same torchrun --nproc_per_node")
+    require(len(state["rng"]) == state["world_size"], f"--resume={path}: its random states", len(state["rng"]),
+            f"one per process, {state['world_size']} (corrupt or edited)")
     changed = (Path(data) / "meta.json").exists() and fingerprint_change(state["data"], fingerprint(data))
     if changed:
         raise SettingError(f"--resume={path}: the corpus in {data} is not the one the run was trained on "
@@ -457,7 +459,9 @@ def resume_from(resume, raw, optimizer, run):
     run.retained = [] if branching else list(state["retained"])
     del state["model"], state["optimizer"]
     run.log(f"resumed from {path} at step {state['step']} (E={raw.config.n_experts})"
-            + (f"; writing to {run.out_dir}" if branching else ""))
+            + (f"; writing to {run.out_dir}" if branching else "")
+            + (f"; saved by {state['world_size']} process(es), resumed on {run.world}: each step reads the same "
+               f"windows (batch_tokens fixed)" if state["world_size"] != run.world else ""))
     return state["step"]
 
 

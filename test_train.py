@@ -228,6 +228,18 @@ def test_fsdp_with_torch_compile_and_bf16_grows_and_trains_with_two_processes(co
     assert [r["experts"] for r in steps] == [2] * 6 + [4] * 6 and steps[-1]["loss"] < 0.8 * steps[0]["loss"]
 
 
+def test_a_checkpoint_saved_by_two_sharded_processes_continues_in_one(corpus, tmp_path):
+    """With batch_tokens fixed, one process reads in two micro-batches the windows two processes read in one
+    each: the continuation is the same run, up to the order of the sums."""
+    two_processes(two_process_run(corpus, tmp_path / "two", "grown", "--shard=fsdp"))
+    two_processes(two_process_run(corpus, tmp_path / "cut", "grown", "--shard=fsdp", "--stop_at=9"), check=False)
+    train.main([f"--resume={tmp_path / 'cut'}", f"--out_dir={tmp_path / 'one'}"])
+    two, one = records(tmp_path / "two", "step"), records(tmp_path / "one", "step")
+    assert [r["step"] for r in one] == list(range(1, 25)) and [r["experts"] for r in one] == [r["experts"] for r in two]
+    for a, b in zip(two[9:], one[9:]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+
+
 def test_the_loss_is_averaged_over_ranks_on_the_training_device(monkeypatch):
     """NCCL has no CPU backend: a CPU tensor handed to a collective of a CUDA run fails at the first step. The
     meta device stands in for a GPU here; a recording all-reduce sees what would reach NCCL."""
@@ -283,7 +295,7 @@ def test_a_resumed_run_keeps_no_copy_of_the_checkpoint(corpus, tmp_path):
     s, cfg, stages, world, resume, law = train.setup([f"--resume={tmp_path}"])
     weight = weakref.ref(resume.state["model"]["blocks.0.moe.w_in"])
     raw = emo.Transformer(cfg)
-    run = argparse.Namespace(rank=0, device=torch.device("cpu"), out_dir=tmp_path, log=print, retained=None)
+    run = argparse.Namespace(rank=0, world=1, device=torch.device("cpu"), out_dir=tmp_path, log=print, retained=None)
     runs.load_weights(raw, resume.state["model"], resume.path)
     step = runs.resume_from(resume, raw, train.make_optimizer(raw, s, run.device), run)
     assert weight() is None and step == 2  # the weights were copied into the model, then let go
@@ -523,12 +535,12 @@ def test_resume_refuses_a_step_past_the_end_and_a_stop_before_the_checkpoint(cor
     assert_one_line(err, "its step=1000000 is not allowed: must be at most the run's last step 24")
 
 
-def test_resume_refuses_another_world_size_or_batch(corpus, tmp_path):
+def test_resume_refuses_another_world_size_when_the_batch_depends_on_it_or_another_batch(corpus, tmp_path):
     stopped(tiny_run(corpus, tmp_path, "--stop_at=2"))
-    two = write_checkpoint(tmp_path / "latest.pt", lambda s: s.update(world_size=2))
+    two = write_checkpoint(tmp_path / "latest.pt", lambda s: s.update(world_size=2, rng=s["rng"] * 2))
     with pytest.raises(SystemExit) as err:
         train.main([f"--resume={two}", f"--out_dir={tmp_path / 'branch'}"])
-    assert_one_line(err, "the run used 2 process\\(es\\), this one has 1")
+    assert_one_line(err, "the run used 2 process\\(es\\), this one has 1, and its step is one micro-batch a process")
     with pytest.raises(SystemExit) as err:
         train.main([f"--resume={tmp_path}", "--batch_size=4"])
     assert_one_line(err, "cannot change mid-run: batch_size \\(checkpoint 8\\)")
