@@ -149,8 +149,9 @@ def test_a_resumed_run_continues_exactly(corpus, tmp_path, stop_at, extra):
 def test_torchrun_with_two_cpu_processes_matches_one_process(corpus, tmp_path, extra):
     """Also through the closed loop: rank 0 re-plans at each stage end and every rank follows its plan; and
     with a balancing window, which every rank fills with the same global loads."""
-    law_planned = [f for f in tiny_run(corpus, "x", "--total_tokens=6144", "--experts=2,4,8,16", "--replan_params=delta",
-                                       "--phase_in_steps=1", "--warmup_steps=1", "--rewarm_steps=1", *extra)
+    law_planned = [f for f in tiny_run(corpus, "x", "--total_tokens=6144", "--experts=2,4,8,16", "--grow_after=0",
+                                       "--replan_params=delta", "--phase_in_steps=1", "--warmup_steps=1",
+                                       "--rewarm_steps=1", *extra)
                    if not f.startswith(("--stages", "--out"))]
     train.main([*law_planned, f"--out_dir={tmp_path / 'one'}"])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
