@@ -400,11 +400,12 @@ def strip_prefixes(state_dict):
     return out
 
 
-def resumed_settings(state, s, model, given, resumable, per_invocation):
+def resumed_settings(state, s, model, given, resumable, per_invocation, older):
     """The checkpoint's settings (of the dataclass type(s)) and model: flags may change only the `resumable`
-    settings, else one clear line; the `per_invocation` ones are this command's, never inherited."""
+    settings, else one clear line; the `per_invocation` ones are this command's, never inherited. older:
+    settings added since some checkpoints were written, with the value those runs ran with."""
     try:
-        old = type(s)(**state["settings"])
+        old = type(s)(**{**older, **state["settings"]})
     except TypeError:
         raise SettingError("--resume: the checkpoint's settings are not this train.py's (made by another "
                            "version?)") from None

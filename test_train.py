@@ -302,6 +302,14 @@ def test_a_resumed_run_keeps_no_copy_of_the_checkpoint(corpus, tmp_path):
     assert weight() is None and step == 2  # the weights were copied into the model, then let go
 
 
+def test_a_checkpoint_from_before_grow_after_resumes_on_the_split_it_ran(corpus, tmp_path):
+    """A run saved before --grow_after existed ran the law's own split with the closed loop: it keeps both."""
+    stopped(tiny_run(corpus, tmp_path, "--stop_at=2"))
+    older = write_checkpoint(tmp_path / "latest.pt", lambda s: s["settings"].pop("grow_after"))
+    s = train.setup([f"--resume={older}", f"--out_dir={tmp_path / 'branch'}"])[0]
+    assert s.grow_after == 0 and train.loop_on(s) == (not s.stages)
+
+
 def test_a_checkpoint_is_read_memory_mapped_so_ranks_resuming_from_it_share_one_copy(corpus, tmp_path, monkeypatch):
     stopped(tiny_run(corpus, tmp_path, "--stop_at=2"))
     calls, load = [], torch.load

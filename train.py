@@ -99,6 +99,7 @@ RESUMABLE = {"resume", "config", "device", "dtype", "compile", "shard", "eval_in
              "sample_tokens", "stop_at", "checkpoint_interval", "keep_latest", "out_dir", "collapse_steps",
              "max_load_cv", "lr", "grad_clip"}
 PER_INVOCATION = {"resume", "config", "stop_at"}  # orders for this command only, never inherited on resume
+OLDER = {"grow_after": 0, "shard": "ddp"}  # settings added later: what a checkpoint without them ran with
 
 
 # --- Settings: flags and config files -> validated Settings + emo.Config ------------------------------------
@@ -586,7 +587,8 @@ def setup(argv):
     resume = None
     if s.resume:
         state, path = runs.load_checkpoint(s.resume, settings_type=Settings)
-        s, model_settings = runs.resumed_settings(state, s, model_settings, given, RESUMABLE, PER_INVOCATION)
+        s, model_settings = runs.resumed_settings(state, s, model_settings, given, RESUMABLE, PER_INVOCATION,
+                                                   OLDER)
         out_dir, branching = runs.check_resume(state, path, s.data, "out_dir" in given and s.out_dir, world)
         s.out_dir = str(out_dir)
         resume = runs.Resume(state, path, branching)
