@@ -30,6 +30,11 @@ python bench.py frontier [--seeds=0,1] [--experts=2,4,8,16,32] [--total_tokens=2
     modular + progressive growth, each pruned per domain to 100/50/25/12.5 % of its experts, beside MoE and
     dense models trained from scratch at the pruned sizes; validation bits per byte (mean over domains) against the
     parameters kept, seed by seed, and frontier.png. Runs are reused as in repro.
+python bench.py modular [--leads=paper,window,...] [--seeds=0,1,2] [--total_tokens=1e6] [--json]
+    where EMO-modular's two gaps come from: per lead (one change to the paper's recipe), a standard MoE, EMO-modular
+    and an MoE trained at the 25 % subset's size; seed by seed, modular - standard (whole models, and the modular
+    model in causal pools), pruned to 25 % - trained at that size, the 12.5 % subset, and how much the chosen
+    experts reveal a token's domain and surface form; specialization.png. Runs are reused as in repro.
 """
 
 import argparse
@@ -654,8 +659,10 @@ PAPER_MODULAR = ("--router=softmax", "--lb_coef=0.1", "--z_coef=0.001", "--lb_wi
                  "--pool_size_range=0.0625,1.0", "--doc_attention=true")
 # each lead: the flags it changes from the paper's recipe, for the standard MoE and EMO-modular alike
 MODULAR_LEADS = {"paper": (), "window": ("--lb_window=100",), "floor": ("--pool_size_range=0.25,1.0",),
-                 "sigmoid": ("--router=sigmoid",), "fine": ("--experts=128", "--top_k=8", "--d_expert=16")}
+                 "sigmoid": ("--router=sigmoid",), "sigmoid-floor": ("--router=sigmoid", "--pool_size_range=0.25,1.0"),
+                 "fine": ("--experts=128", "--top_k=8", "--d_expert=16")}
 MODULAR_KEEP = 0.25  # the share of experts the subsets keep (the paper's 32 of 128)
+SMALLEST_KEEP = 0.125  # the smallest subset the frontier measures: what a pool floor above it may cost
 # evaluation inside document pools as training routes, but fair for a loss: each token's pool from its
 # document's tokens so far, half the experts (training draws pool sizes from 6.25 to 100 %)
 CAUSAL_POOLS = dict(pool_size=0.5, pool_size_range=None, pool_causal=True)
@@ -664,19 +671,22 @@ CAUSAL_POOLS = dict(pool_size=0.5, pool_size_range=None, pool_causal=True)
 def modular_arms(args):
     """{lead: {role: (run name, train.py flags)}} for the leads asked for. Roles: "standard" (no pools),
     "modular" (pools), "trained" (no pools, MODULAR_KEEP of the experts: the pruned subset's shape, trained from
-    scratch). A lead that changes nothing for a role shares that role's run with the paper's recipe."""
+    scratch). The runs without pools are named by the lead whose flags they share: a lead that changes the
+    pools and something else (sigmoid-floor) reuses the standard and trained runs of the lead without the pool
+    change (sigmoid), one that changes only the pools reuses the paper's."""
     recipe, no_pools = f"--config={HERE / 'configs' / 'modular.json'}", "--pool_size_range=none"
     arms = {}
     for lead in args.leads.split(","):
         flags = [f for f in MODULAR_LEADS[lead] if not f.startswith("--experts=")]
         E = next((int(f.split("=")[1]) for f in MODULAR_LEADS[lead] if f.startswith("--experts=")), 32)
-        pools_only = all(f.startswith("--pool_size") for f in flags) and flags
-        base = "paper" if pools_only else lead
+        unpooled = tuple(f for f in MODULAR_LEADS[lead] if not f.startswith("--pool_size"))
+        base = next((name for name, changes in MODULAR_LEADS.items() if changes == unpooled), lead)
+        no_pool_flags = [f for f in unpooled if not f.startswith("--experts=")]
         arms[lead] = {
-            "standard": (f"standard-{base}", [recipe, *PAPER_MODULAR, *([] if pools_only else flags), no_pools,
+            "standard": (f"standard-{base}", [recipe, *PAPER_MODULAR, *no_pool_flags, no_pools,
                                               "--schedule=fixed", f"--experts={E}"]),
             "modular": (f"modular-{lead}", [recipe, *PAPER_MODULAR, *flags, "--schedule=fixed", f"--experts={E}"]),
-            "trained": (f"trained-{base}", [recipe, *PAPER_MODULAR, *([] if pools_only else flags), no_pools,
+            "trained": (f"trained-{base}", [recipe, *PAPER_MODULAR, *no_pool_flags, no_pools,
                                             "--schedule=fixed", f"--experts={round(MODULAR_KEEP * E)}"])}
     return arms
 
@@ -692,7 +702,7 @@ def bench_modular(args):
         for roles in arms.values():
             for role, (name, flags) in roles.items():
                 if (name, seed) not in measured:
-                    shares = (1.0, MODULAR_KEEP) if role == "modular" else (1.0,)
+                    shares = (1.0, MODULAR_KEEP, SMALLEST_KEEP) if role == "modular" else (1.0,)
                     out = run_arm(name, flags, seed, args)
                     measured[name, seed] = frontier_rows(name, seed, out, shares)
                     if role != "trained":
@@ -712,6 +722,7 @@ def bench_modular(args):
         leads.append(dict(lead=lead, flags=list(MODULAR_LEADS[lead]), seeds=seeds,
                           standard=[bpb[std, s, 1.0] for s in seeds], modular=[bpb[mod, s, 1.0] for s in seeds],
                           full_gap=full, pruned_gap=pruned, nmi=nmi,
+                          smallest=[bpb[mod, s, SMALLEST_KEEP] for s in seeds],
                           causal_gap=[bpb[mod, s, "causal"] - bpb[std, s, 1.0] for s in seeds]))
     first = min(seed for _, seed in routing)
     paper = arms[next(iter(arms))]
@@ -760,12 +771,14 @@ def print_modular(result, args):
     print(f"modular: {args.total_tokens:,} tokens per run, configs/modular.json with the paper's recipe "
           f"({' '.join(PAPER_MODULAR)}) and each lead's change; train.py flags: {args.train_args or '(none)'}; "
           f"{machine(torch.device('cpu'))}, torch {torch.__version__}")
-    print(f"{'lead':>8} {'flags':>44} {'standard bpb':>13} {'modular - standard':>28} {'in causal pools':>28} "
-          f"{'pruned to ' + format(MODULAR_KEEP, '.0%') + ' - trained at that size':>40}")
+    print(f"{'lead':>13} {'flags':>44} {'standard bpb':>13} {'modular - standard':>28} {'in causal pools':>28} "
+          f"{'pruned to ' + format(MODULAR_KEEP, '.0%') + ' - trained at that size':>40} "
+          f"{'modular pruned to ' + format(SMALLEST_KEEP, '.1%'):>26}")
     for lead in result["leads"]:
-        print(f"{lead['lead']:>8} {' '.join(lead['flags']) or '(the paper)':>44} "
+        print(f"{lead['lead']:>13} {' '.join(lead['flags']) or '(the paper)':>44} "
               f"{statistics.mean(lead['standard']):>13.4f} {spread(lead['full_gap']):>28} "
-              f"{spread(lead['causal_gap']):>28} {spread(lead['pruned_gap']):>40}")
+              f"{spread(lead['causal_gap']):>28} {spread(lead['pruned_gap']):>40} "
+              f"{statistics.mean(lead['smallest']):>26.4f}")
     print("bpb: validation bits per byte, the mean of the domains' (64 validation windows each); gaps seed by seed: "
           "mean (min..max) over seeds; in causal pools: the modular model routed inside pools of half its experts, "
           "each token's from its document's tokens so far; pruned: each domain's experts chosen from 8 of its "

@@ -175,6 +175,8 @@ def test_each_modular_lead_compares_arms_that_differ_only_by_their_pools():
         assert all(f in mod_flags for f in bench.PAPER_MODULAR)
     assert arms["floor"]["standard"][0] == arms["paper"]["standard"][0] == "standard-paper"
     assert arms["floor"]["trained"][0] == "trained-paper" and arms["window"]["standard"][0] == "standard-window"
+    assert arms["sigmoid-floor"]["standard"] == arms["sigmoid"]["standard"]  # the same command, the same run
+    assert arms["sigmoid-floor"]["trained"] == arms["sigmoid"]["trained"]
 
 
 def test_bench_modular_measures_both_gaps_seed_by_seed_and_how_routing_specialises(corpus, tmp_path):
@@ -189,6 +191,7 @@ def test_bench_modular_measures_both_gaps_seed_by_seed_and_how_routing_specialis
     bpb = {(r["arm"], r["keep"]): r["bpb"] for r in result["runs"]}
     assert paper["full_gap"] == [pytest.approx(bpb["modular-paper", 1.0] - bpb["standard-paper", 1.0])]
     assert paper["pruned_gap"] == [pytest.approx(bpb["modular-paper", 0.25] - bpb["trained-paper", 1.0])]
+    assert paper["smallest"] == [pytest.approx(bpb["modular-paper", bench.SMALLEST_KEEP])]
     assert paper["causal_gap"] == [pytest.approx(bpb["modular-paper", "causal"] - bpb["standard-paper", 1.0])]
     assert all(0 <= v[0] <= 1 for v in paper["nmi"].values()) and len(paper["nmi"]) == 4
 
