@@ -897,6 +897,7 @@ BOOTSTRAP_ROUNDS = 24
 
 
 def fit_columns(records):
+    """The fit's data as float64 columns, one per FIT_KEYS entry, a value per (run, stage) record."""
     return {key: torch.tensor([float(r[key]) for r in records], dtype=torch.float64) for key in FIT_KEYS}
 
 
@@ -908,6 +909,7 @@ def fit_start(law, records):
 
 
 def fitted_values(start, free, theta):
+    """The law's coefficients with the free ones read from theta (the optimiser's vector; exp of the log-scaled)."""
     return {**start, **{k: (v.exp() if k in LOG_SCALE else v) for k, v in zip(free, theta)}}
 
 
@@ -922,6 +924,7 @@ def log_predictions(law, start, free, theta, cols):
 
 
 def theta_of(start, free):
+    """The optimiser's vector for the free coefficients at their start values (logs of the log-scaled ones)."""
     return torch.tensor([math.log(start[k]) if k in LOG_SCALE else start[k] for k in free], dtype=torch.float64)
 
 
