@@ -601,6 +601,23 @@ def law_active_params(cfg):
 BYTES_PER_PARAM = 16  # fp32 weights 4 + gradients 4 + Adam moments 8 (bf16 autocast keeps fp32 masters)
 
 
+def activation_bytes(cfg, windows, bf16=False):
+    """Bytes autograd keeps for the backward of one micro-batch of `windows` windows of seq_len, run eagerly (a
+    compiled graph may recompute some and keep less). Per token and layer: the residual stream, the norms and
+    attention's q, k, v and output (~12 d-vectors in fp32), the routed slots' and the shared experts' inputs
+    and hidden activations (bf16 under bf16), the router's scores [E]; document attention's [T, T] mask; at the
+    head, the loss's precomputed dL/dh and dL/dW (LinearCrossEntropy). Not counted: the weights' bf16 copies
+    (train.memory_need). The coefficients are least squares over the bytes autograd saves on a CPU at ten
+    shapes; test_emo checks the estimate against those bytes at other shapes, within 15 %."""
+    d, h, k, s, E, V = cfg.d_model, cfg.d_expert, cfg.top_k, cfg.n_shared, cfg.n_experts, cfg.vocab_size
+    if bf16:
+        per_layer, head, loss_grad = 37 * d + 9 * k * d + 5 * k * h + 9 * s * h + 10 * E, 10 * d, 8 * V * d
+    else:
+        per_layer, head, loss_grad = 48 * d + 12 * k * d + 16 * k * h + 16 * s * h + 4 * E, 12 * d, 4 * V * d
+    mask = cfg.seq_len if cfg.doc_attention else 0  # one bool [T, T] per window, shared by the layers
+    return windows * cfg.seq_len * (cfg.n_layer * per_layer + head + mask) + loss_grad
+
+
 def flops_per_token(cfg):
     """Training FLOPs per token: 6 * N_active (Kaplan et al. 2020) + attention scores 12 * n_layer * d * T."""
     return 6 * count_params(cfg)[1] + 12 * cfg.n_layer * cfg.d_model * cfg.seq_len

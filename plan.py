@@ -56,6 +56,10 @@ def parse_args(argv):
     p.add_argument("--world_size", type=int, default=8, help="GPUs the run is spread over: per-GPU memory under "
                    "DDP and FSDP2, and the batch of a --config that sets no batch_tokens")
     p.add_argument("--gpu_memory", type=float, default=80, help="GB of memory a GPU has (H100: 80)")
+    p.add_argument("--batch_size", type=int, default=16, help="windows of seq_len in one GPU's micro-batch (its "
+                   "activation memory)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="the GPU run's autocast dtype")
+    p.add_argument("--doc_attention", action="store_true", help="attention kept inside documents (a [T, T] mask)")
     p.add_argument("--law", metavar="JSON", help="plan with these coefficients (a --save_law file) instead of "
                    "Table 3's")
     p.add_argument("--fit", metavar="RUN,...", help="refit the law first to train.py runs (folders or their "
@@ -82,6 +86,15 @@ def parse_args(argv):
     return args
 
 
+def memory_per_gpu(cfg, fixed, args):
+    """Bytes one GPU holds at the last stage's E under DDP and under FSDP2 (train.memory_need's parts), and the
+    size of a checkpoint."""
+    bf16 = args.dtype == "bf16"
+    ddp, fsdp = (train.memory_need(cfg, args.batch_size, bf16, args.world_size, sharded) for sharded in (False, True))
+    return dict(gpus=args.world_size, ddp=sum(ddp.values()), fsdp=sum(fsdp.values()), ddp_parts=ddp,
+                fsdp_parts=fsdp, checkpoint=CHECKPOINT_BYTES * fixed["params_total"])
+
+
 def config_shape(path, world_size):
     """What plan.py needs of a train.py config file, as train.py resolves it (its defaults filled in)."""
     s, model, _ = train.parse([f"--config={path}"])
@@ -90,7 +103,8 @@ def config_shape(path, world_size):
     return dict(experts=",".join(map(str, experts)), total_tokens=float(s.total_tokens), top_k=cfg.top_k,
                 batch_tokens=train.batch_tokens_of(s, cfg, world_size)[1], d_model=cfg.d_model, n_layer=cfg.n_layer,
                 n_head=cfg.n_head, d_expert=cfg.d_expert, n_shared=cfg.n_shared, seq_len=cfg.seq_len,
-                vocab_size=cfg.vocab_size)
+                vocab_size=cfg.vocab_size, batch_size=s.batch_size, dtype="fp32" if s.dtype == "fp32" else "bf16",
+                doc_attention=cfg.doc_attention)
 
 
 # Step time grows slowly with E at fixed k (more, smaller GEMMs; router; optimizer). The paper measured
@@ -162,7 +176,7 @@ def build_plan(args):
         args.total_tokens = int(args.total_tokens) // args.batch_tokens * args.batch_tokens
     cfg = emo.Config(vocab_size=args.vocab_size, seq_len=args.seq_len, n_layer=args.n_layer, n_head=args.n_head,
                      d_model=args.d_model, n_experts=experts[-1], top_k=min(args.top_k, experts[-1]),
-                     d_expert=args.d_expert, n_shared=args.n_shared)
+                     d_expert=args.d_expert, n_shared=args.n_shared, doc_attention=args.doc_attention)
     n_law = args.n_active or emo.law_active_params(cfg)  # the law's N; the costs count the model's own
     n_active = emo.count_params(cfg)[1]
     if args.step_times:
@@ -207,9 +221,8 @@ def build_plan(args):
     return dict(n_law=n_law, n_active=n_active, law={k: getattr(law, k) for k in emo.LAW_COEFFICIENTS}, stages=stages,
                 base_law={k: getattr(base, k) for k in emo.LAW_COEFFICIENTS} if before else None, fit=fit,
                 base_split=[s["fraction"] for s in before] if before else None,
-                no_split=no_split, fixed=fixed, memory_per_gpu=dict(gpus=args.world_size, ddp=fixed["memory_bytes"],
-                                                                     fsdp=fixed["memory_bytes"] / args.world_size,
-                                                                     checkpoint=CHECKPOINT_BYTES * fixed["params_total"]), gpu_hours=hours, gpu_hours_saving=1 - hours / hours_fixed,
+                no_split=no_split, fixed=fixed, memory_per_gpu=memory_per_gpu(cfg, fixed, args), gpu_hours=hours,
+                gpu_hours_saving=1 - hours / hours_fixed,
                 early_memory_saving=1 - sum(s["memory_bytes"] * s["fraction"] for s in stages) / fixed["memory_bytes"])
 
 
@@ -323,11 +336,16 @@ def print_plan(plan, args):
           f"loss {stages[-1]['loss'] - fixed['loss']:+.4f}")
     memory = plan["memory_per_gpu"]
     fits = lambda b: "fits" if b <= args.gpu_memory * 1e9 else "does not fit"
-    print(f"memory per GPU at E={fixed['experts']} (fp32 weights, gradients, AdamW moments; activations not counted): "
-          f"DDP {memory['ddp'] / 1e9:.1f} GB ({fits(memory['ddp'])} {args.gpu_memory:g} GB), FSDP2 over "
-          f"{memory['gpus']} GPUs {memory['fsdp'] / 1e9:.1f} GB ({fits(memory['fsdp'])}; train.py --shard=fsdp); "
-          f"a checkpoint (weights and moments) {memory['checkpoint'] / 1e9:.1f} GB")
-    print(f"memory: fp32 weights + grads + Adam (16 B/param), activations excluded; step time ~ "
+    print(f"memory per GPU at E={fixed['experts']}: DDP {memory['ddp'] / 1e9:.1f} GB ({fits(memory['ddp'])} "
+          f"{args.gpu_memory:g} GB), FSDP2 over {memory['gpus']} GPUs {memory['fsdp'] / 1e9:.1f} GB "
+          f"({fits(memory['fsdp'])}; train.py --shard=fsdp); a checkpoint (weights and moments) "
+          f"{memory['checkpoint'] / 1e9:.1f} GB")
+    ddp, fsdp = memory["ddp_parts"], memory["fsdp_parts"]
+    print(f"  of which fp32 weights, gradients and AdamW moments {ddp['states'] / 1e9:.1f} GB (DDP) / "
+          f"{fsdp['states'] / 1e9:.1f} GB (FSDP2); activations of {args.batch_size} windows of {args.seq_len} "
+          f"({args.dtype}, eager) {ddp['activations'] / 1e9:.1f} GB; bf16 weight copies {ddp['copies'] / 1e9:.1f} GB "
+          f"(DDP) / {fsdp['copies'] / 1e9:.1f} GB (FSDP2: two blocks gathered)")
+    print(f"memory: fp32 weights + grads + Adam (16 B/param) and eager activations (emo.activation_bytes); step time ~ "
           f"E^{args.step_time_exponent:.4f}{' (fitted to --step_times)' if args.step_times else ''}; GPU-hours at {args.mfu:.0%} MFU of {args.peak_flops:.3g} FLOP/s")
     if plan["base_law"]:
         print_fit(plan, args)

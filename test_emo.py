@@ -308,6 +308,36 @@ def test_parameter_counts_from_shapes_match_the_model():
     assert emo.flops_per_token(model.config) == 6 * model.num_params(active=True) + 12 * 2 * 64 * 32
 
 
+def saved_for_backward(model, idx, bf16):
+    """Bytes of the tensors autograd saves in one training forward, each storage once, the weights left out."""
+    weights, seen = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *model.buffers()]}, {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", enabled=bf16):
+        model(idx, idx)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [dict(d_model=128, d_expert=64, n_experts=16, top_k=4, n_shared=2, n_layer=3),
+                                   dict(d_model=192, d_expert=96, n_experts=32, top_k=8, n_shared=0, n_layer=2,
+                                        router="softmax", doc_attention=True, pool_size_range=(0.25, 1.0))],
+                         ids=["shared", "pools"])
+def test_the_activation_estimate_is_within_15_percent_of_what_autograd_saves(shape, bf16):
+    """emo.activation_bytes (the memory check's and plan.py's per-micro-batch activations) against the bytes
+    autograd keeps, at shapes its coefficients were not fitted to; under bf16 autocast's weight copies are
+    part of what it saves, and train.memory_need counts them apart."""
+    cfg = emo.Config(**shape, n_head=4, seq_len=64, vocab_size=1024, eot_id=0)
+    model = emo.Transformer(cfg)
+    measured = saved_for_backward(model, torch.randint(1, 1024, (6, 64)), bf16)
+    estimate = emo.activation_bytes(cfg, 6, bf16) + (2 * model.num_params() if bf16 else 0)
+    assert estimate == pytest.approx(measured, rel=0.15)
+
+
 def test_generate_appends_tokens_and_greedy_is_deterministic():
     model = seeded_model()
     prompt = torch.randint(0, 128, (1, 5))

@@ -124,12 +124,17 @@ def test_plan_py_prints_per_gpu_memory_under_ddp_and_fsdp2(capsys):
     plan.main(["--config=configs/paper-modular.json", "--world_size=8", "--json"])
     out = json.loads(capsys.readouterr().out)
     memory, params = out["memory_per_gpu"], out["stages"][-1]["params_total"]
-    assert memory["ddp"] == 16 * params and memory["fsdp"] == memory["ddp"] / 8 == pytest.approx(26.7e9, rel=0.01)
+    ddp, fsdp = memory["ddp_parts"], memory["fsdp_parts"]
+    assert ddp["states"] == 16 * params and fsdp["states"] == ddp["states"] / 8 == pytest.approx(26.7e9, rel=0.01)
+    assert ddp["activations"] == fsdp["activations"] > 0 and ddp["copies"] == 2 * params > fsdp["copies"]
+    assert memory["ddp"] == sum(ddp.values()) > 80e9 > memory["fsdp"] == sum(fsdp.values())  # the recipe fits sharded
     assert out["fixed"]["tokens"] == pytest.approx(130e9, rel=1e-4) and [s["experts"] for s in out["stages"]] == [128]
     plan.main(["--config=configs/paper-modular.json", "--world_size=16"])
     out = capsys.readouterr().out
-    assert "DDP 213.8 GB (does not fit 80 GB)" in out and "FSDP2 over 16 GPUs 13.4 GB (fits;" in out
-    assert "a checkpoint (weights and moments) 160.3 GB" in out
+    assert re.search(r"DDP [\d.]+ GB \(does not fit 80 GB\), FSDP2 over 16 GPUs [\d.]+ GB \(fits;", out)
+    assert "a checkpoint (weights and moments) 160.3 GB" in out and "/ 13.4 GB (FSDP2)" in out
+    plan.main(["--config=configs/paper-modular.json", "--world_size=8", "--batch_size=8"])  # 4x the activations
+    assert "FSDP2 over 8 GPUs" in (out := capsys.readouterr().out) and "(does not fit; train.py --shard=fsdp)" in out
     plan.main(["--config=configs/modular.json", "--world_size=1", "--json"])  # train.py fills in the rest
     out = json.loads(capsys.readouterr().out)
     assert [s["experts"] for s in out["stages"]] == [2, 4, 8, 16, 32] and out["fixed"]["tokens"] == 1953 * 2048

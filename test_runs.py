@@ -403,7 +403,7 @@ RELIABILITY_BAD = [
     ("train", ["--replan_params=delta,delta"], "--replan_params='delta,delta' is not allowed: must be auto, or names of the "
                                                "law's coefficients, each once"),
     ("train", ["--d_model=1048576", "--n_head=4"], "the model=.*parameters at E=4.* is not allowed: must be one whose "
-                                                   "weights, gradients and Adam moments"),
+                                                   "weights, gradients, Adam moments and activations"),
     ("train", ["--out_dir={tmp}/lockdir"], "lockdir/.lock is a folder, where train.py keeps its lock file"),
     ("plan", ["--save_law={tmp}"], "--save_law=.* is not allowed: must be a file plan.py can write \\(it is a folder\\)"),
     ("plan", ["--save_law={tmp}/no/law.json"], "a file plan.py can write \\(no folder .*no\\)"),

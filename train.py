@@ -157,10 +157,23 @@ def batch_tokens_of(s, cfg, world):
     return micro_tokens, s.batch_tokens or micro_tokens
 
 
+def memory_need(cfg, windows, bf16, world, sharded):
+    """Bytes one process holds while it trains cfg on micro-batches of `windows` windows: fp32 weights,
+    gradients and AdamW moments (16 bytes a parameter; 1/world of them under FSDP2), the activations of one
+    micro-batch (emo.activation_bytes), and under bf16 the weights' bf16 copies: all of them under DDP
+    (autocast casts each weight once per step), under FSDP2 the gathered bf16 weights of two blocks (the one
+    running and the next, prefetched) and of the root (the embedding)."""
+    total = emo.count_params(cfg)[0]
+    states = emo.BYTES_PER_PARAM * total / (world if sharded else 1)
+    root = cfg.vocab_size * cfg.d_model
+    copies = 0 if not bf16 else 2 * total if not sharded else 2 * (root + 2 * (total - root) / cfg.n_layer)
+    return dict(states=states, activations=emo.activation_bytes(cfg, windows, bf16), copies=copies)
+
+
 def check_memory(cfg, s, world):
-    """Refuse, before anything is allocated, a model whose weights, gradients and Adam moments alone (16 bytes a
-    parameter) exceed the memory of the device each process trains on: all of it under DDP, 1/world of it under
-    --shard=fsdp. On the CPU the processes of this machine share its memory."""
+    """Refuse, before anything is allocated, a run whose weights, gradients, Adam moments and one micro-batch's
+    activations (memory_need) exceed the memory of the device each process trains on. On the CPU the
+    processes of this machine share its memory."""
     device = torch.device(runs.resolve_device(s.device))
     if device.type == "cuda":
         have, where, sharing = (torch.cuda.get_device_properties(device).total_memory,
@@ -169,13 +182,14 @@ def check_memory(cfg, s, world):
         have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
         sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     sharded = s.shard == "fsdp" and world > 1
-    params = emo.count_params(cfg)[0]
-    need = emo.BYTES_PER_PARAM * params / (world if sharded else 1) * sharing
-    require(need <= have, "the model", f"{params:.3g} parameters at E={cfg.n_experts}",
-            f"one whose weights, gradients and Adam moments ({need / 2**30:,.1f} GiB"
+    bf16 = runs.autocast_dtype(s.dtype, device) == torch.bfloat16
+    need = sum(memory_need(cfg, s.batch_size, bf16, world, sharded).values()) * sharing
+    require(need <= have, "the model", f"{emo.count_params(cfg)[0]:.3g} parameters at E={cfg.n_experts}",
+            f"one whose weights, gradients, Adam moments and activations ({need / 2**30:,.1f} GiB"
             f"{f' for {sharing} processes' if sharing > 1 else ''}{', sharded' if sharded else ''}) fit {where} "
-            f"({have / 2**30:,.1f} GiB): make it smaller (--d_model, --n_layer, --d_expert, --experts)"
-            + ("" if sharded or world == 1 else ", or shard it over the processes (--shard=fsdp)"))
+            f"({have / 2**30:,.1f} GiB): make it smaller (--d_model, --n_layer, --d_expert, --experts) or its "
+            f"micro-batch (--batch_size)" + ("" if sharded or world == 1 else ", or shard it over the processes "
+                                             "(--shard=fsdp)"))
 
 
 @dataclass(frozen=True)
