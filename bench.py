@@ -539,12 +539,23 @@ def print_repro(result, args):
 # ---------------------------------------------------------------------------------------------
 
 FRONTIER_KEEP = (1.0, 0.5, 0.25, 0.125)  # shares of each layer's experts kept (the paper: 128/64/32/16 of 128)
+# the paper's recipe (EMO-modular sec. 3, at emo's size) as flags over configs/modular.json
+PAPER_MODULAR = ("--router=softmax", "--lb_coef=0.1", "--z_coef=0.001", "--lb_window=1",
+                 "--pool_size_range=0.0625,1.0", "--doc_attention=true")
+
+
+def recipe_is_papers():
+    """Does configs/modular.json train exactly the paper's recipe (PAPER_MODULAR)?"""
+    recipe = f"--config={HERE / 'configs' / 'modular.json'}"
+    (s, model, _), (paper_s, paper_model, _) = train.parse([recipe]), train.parse([recipe, *PAPER_MODULAR])
+    return s == paper_s and emo.Config(**model) == emo.Config(**paper_model)
 
 
 def frontier_arms(args):
     """{name: (train.py flags, share)}, all on configs/modular.json's recipe (softmax router and its
     balancing, document attention). share None: a standard MoE (pools off), EMO-modular (pools on) and modular
-    with progressive growth, all ending at E_max, to be pruned to every share. share s, pools off, trained
+    with progressive growth, all ending at E_max, to be pruned to every share (and EMO-modular with the
+    paper's recipe, where configs/modular.json's differs from it). share s, pools off, trained
     from scratch to match the model pruned to s: "trained-En" with its shape (n = s * E_max experts, top-k:
     the same memory and compute per token), and "dense-n" with the same parameters all active (E = top_k
     routed experts and enough shared ones that the feed-forward width matches)."""
@@ -554,6 +565,8 @@ def frontier_arms(args):
     arms = {"standard": ([recipe, no_pools, "--schedule=fixed", f"--experts={E}"], None),
             "modular": ([recipe, "--schedule=fixed", f"--experts={E}"], None),
             "modular-progressive": ([recipe, f"--experts={args.experts}"], None)}
+    if not recipe_is_papers():  # the paper's own recipe beside emo's, one flag set away
+        arms["modular-paper"] = ([recipe, *PAPER_MODULAR, "--schedule=fixed", f"--experts={E}"], None)
     for share in FRONTIER_KEEP[1:]:
         n = round(share * E)
         if n >= top_k:  # a model needs top_k experts to train
@@ -617,6 +630,7 @@ def plot_frontier(summary, rows, png):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     labels = {"standard": "standard MoE, pruned per domain", "modular": "EMO-modular, pruned per domain",
               "modular-progressive": "modular + progressive, pruned per domain",
+              "modular-paper": "EMO-modular with the paper's recipe, pruned per domain",
               "trained-E": "MoE trained at that size (its shape)", "dense-": "dense trained at that size"}
     for i, (arm, label) in enumerate(labels.items()):
         family = lambda name: name == arm or (arm.endswith(("-E", "-")) and name.startswith(arm))
@@ -654,9 +668,6 @@ def print_frontier(result, args):
 # bench.py modular: where EMO-modular's gaps to a standard MoE and to a model trained at the pruned size come from
 # ---------------------------------------------------------------------------------------------
 
-# the paper's recipe (EMO-modular sec. 3, at emo's size) as flags over configs/modular.json
-PAPER_MODULAR = ("--router=softmax", "--lb_coef=0.1", "--z_coef=0.001", "--lb_window=1",
-                 "--pool_size_range=0.0625,1.0", "--doc_attention=true")
 # each lead: the flags it changes from the paper's recipe, for the standard MoE and EMO-modular alike
 MODULAR_LEADS = {"paper": (), "window": ("--lb_window=100",), "floor": ("--pool_size_range=0.25,1.0",),
                  "sigmoid": ("--router=sigmoid",), "sigmoid-floor": ("--router=sigmoid", "--pool_size_range=0.25,1.0"),

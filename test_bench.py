@@ -158,6 +158,16 @@ def test_bench_frontier_prunes_each_arm_and_compares_it_with_models_trained_at_t
     assert config["model"]["pool_size_range"] == [0.0625, 1.0] and config["model"]["router"] == "softmax"
 
 
+def test_the_frontier_trains_the_papers_recipe_beside_emos_only_when_they_differ(monkeypatch):
+    args = argparse.Namespace(experts="2,4,8,16,32", train_args="")
+    assert ("modular-paper" in bench.frontier_arms(args)) != bench.recipe_is_papers()
+    monkeypatch.setattr(bench, "recipe_is_papers", lambda: False)
+    flags, share = bench.frontier_arms(args)["modular-paper"]
+    s, model, _ = train.parse(flags)
+    assert share is None and all(f in flags for f in bench.PAPER_MODULAR)
+    assert (model["router"], model["pool_size_range"], s.schedule, s.experts) == ("softmax", (0.0625, 1.0), "fixed", "32")
+
+
 def test_each_modular_lead_compares_arms_that_differ_only_by_their_pools():
     """Per lead: the standard MoE and EMO-modular share every setting but the pools, the MoE trained at the
     subset's size differs from the standard one only in E; a lead that changes only the pools reuses the paper's
