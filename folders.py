@@ -24,7 +24,7 @@ MADE_BY = {"run": "train.py", "arm": "bench.py", "corpus": "data/prepare.py", "e
 KIND_WORDS = {"run": "train.py run folder", "arm": "bench.py run folder", "corpus": "corpus folder (data/prepare.py)",
               "export": "Hugging Face export folder (eval.py --export)"}
 
-RUN_FILE = re.compile(r"config\.json|metrics\.jsonl|loss\.png|(latest|stage\d+|step\d+)\.pt")  # what a run writes
+RUN_FILE = re.compile(r"config\.json|metrics\.jsonl|loss\.png|(latest|stage\d+|step\d+)\.pt|shards")  # what a run writes
 TEMP_NAME = re.compile(r"(latest|stage\d+|step\d+)\.pt\.tmp\.\d+|(config\.json|metrics\.jsonl)\.tmp\.\d+")
 ARM_FILES = {".lock", MARKERS["arm"], "command.json", "train.log"}  # bench.py's own, beside the run's
 CORPUS_FILES = {"meta.json", "train.bin", "train_docs.npy", "val.bin", "val_docs.npy"}

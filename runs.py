@@ -3,7 +3,9 @@ and its lock, atomic files, checkpoints and the rules for resuming them, metrics
 signals. What a run reports of itself is in report.py. bench.py and eval.py use both.
 
 A run folder holds config.json, metrics.jsonl, latest.pt, stageN.pt (and stepN.pt with --keep_latest); one
-process at a time owns it (.lock). Checkpoints load with weights_only=True and are checked field by field.
+process at a time owns it (.lock). Checkpoints load with weights_only=True and are checked field by field. A
+sharded run's (--shard=fsdp) checkpoint files name a folder in shards/ that holds its weights and AdamW moments,
+each rank's part written by that rank (torch.distributed.checkpoint).
 """
 
 import errno
@@ -21,8 +23,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule
 
 import emo
@@ -220,19 +223,57 @@ def restore_rng(rng, rank, device):
         torch.cuda.set_rng_state(mine["cuda"], device)
 
 
-def full_state_dicts(raw, optimizer):
-    """(model state, optimizer state) as one process holds them, whatever the sharding. Under FSDP2 (--shard=
-    fsdp) every rank takes part in gathering the full tensors to rank 0's CPU (the others get None), and the
-    optimizer state is keyed by position as optimizer.state_dict() keys it: a sharded run's checkpoint is the
-    same file as an unsharded one, so it evaluates, exports and loads in one process. Call on every rank."""
-    if not isinstance(raw, FSDPModule):
-        return raw.state_dict(), optimizer.state_dict()
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model = get_model_state_dict(raw, options=options)
-    by_name = get_optimizer_state_dict(raw, optimizer, options=options)
-    if not model:  # not rank 0
-        return None, None
-    return model, position_keyed(by_name, raw, optimizer)
+SHARDS = "shards"  # the run folder's sub-folder of sharded checkpoints' weights and moments
+SHARD_NAME = re.compile(r"\.?\d+-[0-9a-f]{8}(\.tmp)?")  # save_shards' names: step-id, .step-id.tmp while written
+
+
+def save_shards(out_dir, step, raw, optimizer):
+    """An FSDP2-sharded model's weights and AdamW moments, each rank writing its own part of every tensor
+    (torch.distributed.checkpoint), into out_dir/shards/.NAME.tmp, which rank 0 renames to NAME once every rank
+    has written: a save killed midway leaves no folder a checkpoint names. NAME (step and a random id, the
+    same on every rank) is never reused. Returns NAME. Call on every rank."""
+    name = from_rank0(f"{step}-{os.urandom(4).hex()}")
+    folder = Path(out_dir) / SHARDS
+    dcp.save({"model": get_model_state_dict(raw), "optimizer": get_optimizer_state_dict(raw, optimizer)},
+             checkpoint_id=folder / f".{name}.tmp")  # returns on every rank once the last has written
+    if dist.get_rank() == 0:
+        (folder / f".{name}.tmp").rename(folder / name)
+        fsync_folder(folder)
+    return name
+
+
+def shards_of(state, path):
+    """The folder of a checkpoint's sharded weights and moments, or None for a checkpoint that holds them."""
+    return Path(path).parent / SHARDS / state["shards"] if state.get("shards") else None
+
+
+def load_shards(raw, optimizer, folder):
+    """Weights and, given an optimizer, its AdamW moments from save_shards' folder into raw, sharded or not, in
+    any number of processes: each reads the parts of every tensor it keeps (8 ranks' save loads in 1 to
+    evaluate or export, or in 2 to go on training)."""
+    state = {"model": get_model_state_dict(raw)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(raw, optimizer)
+    dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
+    set_model_state_dict(raw, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(raw, optimizer, state["optimizer"])
+
+
+def drop_unnamed_shards(out_dir):
+    """Delete the folders in out_dir/shards that no checkpoint in out_dir names (superseded, or a save killed
+    midway): only names save_shards makes, and nothing at all when a checkpoint there cannot be read."""
+    folder, named = Path(out_dir) / SHARDS, set()
+    if not folder.is_dir():
+        return
+    for path in Path(out_dir).glob("*.pt"):
+        try:
+            named.add(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("shards"))
+        except Exception:  # unreadable: it might name any of them
+            return
+    for shard in folder.iterdir():
+        if SHARD_NAME.fullmatch(shard.name) and shard.name not in named:
+            shutil.rmtree(shard)
 
 
 def position_keyed(by_name, raw, optimizer):
@@ -276,9 +317,9 @@ def load_optimizer_state(raw, optimizer, state):
 
 
 def save_checkpoint(path, model, optimizer, config, settings, step, world_size, retained, rng, run, data, ends, law,
-                    evals):
+                    evals, shards=None):
     """Everything a resume needs, as tensors, numbers, strings, lists and dicts (loadable with weights_only);
-    model and optimizer: full_state_dicts'; run: the run's id (config.json has it too), data: the corpus's
+    model and optimizer: their state dicts, or None with shards, the name of save_shards' folder; run: the run's id (config.json has it too), data: the corpus's
     fingerprint, both checked on resume. The schedule travels as values: ends, each stage's end step as the
     closed loop last moved them; law, the coefficients it plans with (a --law file edited later changes
     nothing); evals, the validation evals it refits to. metrics.jsonl is only a log: a resume never reads its
@@ -286,7 +327,8 @@ def save_checkpoint(path, model, optimizer, config, settings, step, world_size, 
     state = {"format": CHECKPOINT_FORMAT, "model": model, "optimizer": optimizer,
              "config": asdict(config), "settings": asdict(settings), "step": step, "world_size": world_size,
              "retained": list(retained), "rng": rng, "run": run, "data": data, "ends": list(ends),
-             "law": {k: float(getattr(law, k)) for k in emo.LAW_COEFFICIENTS}, "evals": [dict(e) for e in evals]}
+             "law": {k: float(getattr(law, k)) for k in emo.LAW_COEFFICIENTS}, "evals": [dict(e) for e in evals],
+             "shards": shards}
     atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -321,10 +363,12 @@ def load_checkpoint(path, flag="--resume", settings_type=None):
     if wrong:
         raise SettingError(f"{flag}={path}: the checkpoint's {wrong!r} is not what train.py writes (corrupt or "
                            f"edited): {str(state[wrong])[:60]}")
-    broken = next((name for name, t in state["model"].items() if t.is_floating_point() and not t.isfinite().all()), None)
-    if broken:
-        raise SettingError(f"{flag}={path}: its weight {broken} holds NaN or inf (a damaged file, or saved from a run "
-                           f"that diverged): go on from an earlier checkpoint of the run (stageN.pt, stepN.pt)")
+    if state.get("shards"):
+        if not shards_of(state, path).is_dir():
+            raise SettingError(f"{flag}={path}: its weights and moments are in {shards_of(state, path)}, which is "
+                               f"missing (a sharded checkpoint is its file and that folder: copy or move both)")
+    else:
+        check_finite(state["model"], f"{flag}={path}")
     unknown = set(state["config"]) - set(emo.Config.__dataclass_fields__)
     if unknown:
         raise SettingError(f"{flag}={path}: its model config has fields this emo.py does not know: "
@@ -341,8 +385,12 @@ def checkpoint_field_checks(state, settings_type):
     def is_state(v):
         return torch.is_tensor(v) and v.dtype == torch.uint8
 
-    return [("model", lambda: isinstance(state["model"], dict) and all(map(torch.is_tensor, state["model"].values()))),
-            ("optimizer", lambda: isinstance(state["optimizer"], dict)),
+    sharded = state.get("shards") is not None
+    return [("shards", lambda: not sharded or (isinstance(state["shards"], str) and SHARD_NAME.fullmatch(state["shards"])
+                                                and not state["shards"].startswith("."))),
+            ("model", lambda: state["model"] is None if sharded else
+                isinstance(state["model"], dict) and all(map(torch.is_tensor, state["model"].values()))),
+            ("optimizer", lambda: state["optimizer"] is None if sharded else isinstance(state["optimizer"], dict)),
             ("config", lambda: isinstance(state["config"], dict)),
             ("settings", lambda: isinstance(state["settings"], dict) and (settings_type is None or all(
                 type(state["settings"][f.name]) is type(getattr(settings_type(), f.name))
@@ -372,8 +420,24 @@ def model_from_checkpoint(state, path, **overrides):
     except SettingError as err:
         raise SettingError(f"{path}: its model config: {err}") from None
     raw = emo.Transformer(cfg)
-    load_weights(raw, state["model"], path)
+    if state.get("shards"):
+        try:
+            load_shards(raw, None, shards_of(state, path))
+        except Exception as err:  # torch.distributed.checkpoint's errors name every tensor: one line instead
+            raise SettingError(f"{path}: its sharded weights do not load into its config ({type(err).__name__}): "
+                               f"corrupt") from None
+        check_finite(raw.state_dict(), str(path))
+    else:
+        load_weights(raw, state["model"], path)
     return raw
+
+
+def check_finite(state_dict, where):
+    """Refuse weights that hold NaN or inf, in one line that says where to go on from."""
+    broken = next((name for name, t in state_dict.items() if t.is_floating_point() and not t.isfinite().all()), None)
+    if broken:
+        raise SettingError(f"{where}: its weight {broken} holds NaN or inf (a damaged file, or saved from a run "
+                           f"that diverged): go on from an earlier checkpoint of the run (stageN.pt, stepN.pt)")
 
 
 def load_weights(raw, state_dict, path):
@@ -449,13 +513,18 @@ class Resume:
 
 def resume_from(resume, raw, optimizer, run):
     """Optimizer moments, this rank's random state and the retention list from a checkpoint whose weights
-    load_weights has put in raw (before any sharding); returns its step. The loaded state is dropped once
-    copied (a copy kept for the run would double host memory)."""
+    load_weights has put in raw (before any sharding), or, from a sharded checkpoint, weights and moments both
+    (load_shards, after sharding); returns its step. The loaded state is dropped once copied (a copy kept for
+    the run would double host memory)."""
     state, path, branching = resume.state, resume.path, resume.branching
     try:
-        load_optimizer_state(raw, optimizer, state["optimizer"])
-    except (ValueError, KeyError, RuntimeError) as err:
-        raise SettingError(f"--resume={path}: its optimizer state does not fit the model ({err}): corrupt") from None
+        if state.get("shards"):
+            load_shards(raw, optimizer, shards_of(state, path))
+        else:
+            load_optimizer_state(raw, optimizer, state["optimizer"])
+    except Exception as err:  # a state that does not fit; DCP's errors can name every tensor: one line
+        raise SettingError(f"--resume={path}: its {'sharded weights and ' if state.get('shards') else ''}optimizer "
+                           f"state does not fit the model ({type(err).__name__}: {str(err)[:200]}): corrupt") from None
     restore_rng(state["rng"], run.rank, run.device)
     run.retained = [] if branching else list(state["retained"])
     del state["model"], state["optimizer"]
@@ -761,10 +830,15 @@ class Run:
         all ranks when one exits with a non-zero status, rank 0 mid-write included."""
         rng = rng_states(self.device)
         raw, optimizer = state.pop("raw"), state.pop("optimizer")
-        model_state, optimizer_state = full_state_dicts(raw, optimizer)
+        if isinstance(raw, FSDPModule):  # every rank writes its own part: no rank gathers the whole state
+            shards, model_state, optimizer_state = save_shards(self.out_dir, step, raw, optimizer), None, None
+        else:
+            shards, model_state, optimizer_state = None, raw.state_dict(), optimizer.state_dict()
         if self.master:
             self.save(step, ended_stage, {**state, "model": model_state, "optimizer": optimizer_state,
-                                          "config": raw.config, "rng": rng})
+                                          "config": raw.config, "rng": rng, "shards": shards})
+            if shards:
+                drop_unnamed_shards(self.out_dir)
         if dist.is_initialized():
             dist.barrier()
 

@@ -210,6 +210,11 @@ CHECKPOINT_BAD = [
      "its weights do not match its config \\(blocks.0.moe.w_in has shape \\[3, 3\\], the config needs \\[2, 64, 64\\]"),
     (lambda p, m: write_checkpoint(p, lambda s: s["model"].pop("norm.weight")), "norm.weight is missing"),
     (lambda p, m: write_checkpoint(p, lambda s: s["config"].update({"n_kv_head": 2})), "fields this emo.py does not know: n_kv_head"),
+    (lambda p, m: write_checkpoint(p, lambda s: s.update(model=None, optimizer=None, shards="2-0123abcd")),
+     "its weights and moments are in .*shards/2-0123abcd, which is missing \\(a sharded checkpoint is its file and "
+     "that folder: copy or move both\\)"),
+    (lambda p, m: write_checkpoint(p, lambda s: s.update(shards="../../etc")), "the checkpoint's 'shards' is not"),
+    (lambda p, m: write_checkpoint(p, lambda s: s.update(shards="2-0123abcd")), "the checkpoint's 'model' is not"),
 ]
 
 
@@ -226,6 +231,24 @@ def test_a_bad_or_hostile_checkpoint_is_refused_in_one_line_and_runs_no_code(cor
             evaluate.main([f"--checkpoint={path}"])
         assert_one_line(err, "eval.py: (--checkpoint=)?.*" + match)
     assert not marker.exists()
+
+
+def test_only_shard_folders_no_checkpoint_names_are_dropped_and_none_when_a_checkpoint_is_unreadable(tmp_path):
+    """Sharded saves write shards/.NAME.tmp and rename it NAME; a save killed midway, or one no checkpoint file
+    names any more, is removed after the next save; a user's folder there, or anything while some checkpoint in
+    the run folder cannot be read (it might name any of them), is kept."""
+    shards = tmp_path / "shards"
+    names = ["12-0123abcd", "8-00000000", ".16-1111aaaa.tmp", "mine", "24-2222bbbb"]
+    for name in names:
+        (shards / name).mkdir(parents=True)
+    torch.save({"shards": "12-0123abcd"}, tmp_path / "stage1.pt")
+    torch.save({"shards": "24-2222bbbb"}, tmp_path / "latest.pt")
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    runs.drop_unnamed_shards(tmp_path)
+    assert sorted(p.name for p in shards.iterdir()) == sorted(names)
+    (tmp_path / "broken.pt").unlink()
+    runs.drop_unnamed_shards(tmp_path)
+    assert sorted(p.name for p in shards.iterdir()) == ["12-0123abcd", "24-2222bbbb", "mine"]
 
 
 def test_a_checkpoint_of_another_run_dropped_into_a_run_folder_is_not_continued_there(corpus, tmp_path):

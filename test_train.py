@@ -183,7 +183,8 @@ def two_process_run(corpus, out, schedule, *extra):
 
 
 @pytest.mark.parametrize("schedule", ["fixed", "grown"])
-def test_fsdp_with_two_cpu_processes_trains_as_ddp_does_and_writes_an_ordinary_checkpoint(corpus, tmp_path, schedule):
+def test_fsdp_with_two_cpu_processes_trains_as_ddp_does_and_its_sharded_checkpoint_loads_in_one(corpus, tmp_path,
+                                                                                               schedule):
     for shard in ("ddp", "fsdp"):
         two_processes(two_process_run(corpus, tmp_path / shard, schedule, f"--shard={shard}"))
     ddp, fsdp = records(tmp_path / "ddp", "step"), records(tmp_path / "fsdp", "step")
@@ -196,9 +197,15 @@ def test_fsdp_with_two_cpu_processes_trains_as_ddp_does_and_writes_an_ordinary_c
     for growth in records(tmp_path / "fsdp", "growth"):  # every rank grew the same experts
         assert len(set(growth["weights_per_rank"])) == 1
     states = [runs.load_checkpoint(tmp_path / shard)[0] for shard in ("ddp", "fsdp")]
-    raw = emo.Transformer(emo.Config(**states[1]["config"]))
-    raw.load_state_dict(states[1]["model"])  # gathered whole: it loads in one process, as a DDP one does
-    train.make_optimizer(raw, train.Settings(), torch.device("cpu")).load_state_dict(states[1]["optimizer"])
+    assert states[1]["model"] is None and (tmp_path / "fsdp" / "shards" / states[1]["shards"]).is_dir()
+    named = {runs.load_checkpoint(pt)[0]["shards"] for pt in (tmp_path / "fsdp").glob("*.pt")}  # latest, stageN
+    assert {p.name for p in (tmp_path / "fsdp" / "shards").iterdir()} == named  # superseded saves dropped
+    assert len(named) == (1 if schedule == "fixed" else 2)
+    # each rank wrote its own part; one process reads them all back, weights and moments, as eval.py does
+    raw = runs.model_from_checkpoint(states[1], tmp_path / "fsdp" / "latest.pt")
+    optimizer = train.make_optimizer(raw, train.Settings(), torch.device("cpu"))
+    runs.load_shards(raw, optimizer, runs.shards_of(states[1], tmp_path / "fsdp" / "latest.pt"))
+    states[1] = dict(model=raw.state_dict(), optimizer=optimizer.state_dict())
     # the clip factors differ by ~5e-5 a step (above): weights drift 1e-5 apart, Adam's moments 1e-4; a moment
     # stored at another parameter's position would differ by its whole size
     close = lambda a, b, tol: torch.equal(a, b) or ((a.double() - b.double()).norm() / b.double().norm()).item() < tol

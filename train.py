@@ -450,7 +450,7 @@ def train(s, cfg, stages, world, resume, law):
         step, data = 0, resume.state["data"] if resume else fingerprint(s.data)
         run_id = uuid.uuid4().hex if new else resume.state["run"]  # a branch is a run of its own
         evals = resume.state["evals"] if resume else []  # (step, E, val loss) of every eval: what a re-plan refits
-        if resume:  # the weights before any sharding, the optimizer state after
+        if resume and not resume.state.get("shards"):  # the weights before any sharding, the moments after
             runs.load_weights(raw, resume.state["model"], resume.path)
         model = wrap(raw, s, device)
         optimizer = make_optimizer(raw, s, device)
