@@ -202,6 +202,8 @@ def test_bench_modular_measures_both_gaps_seed_by_seed_and_how_routing_specialis
     assert paper["full_gap"] == [pytest.approx(bpb["modular-paper", 1.0] - bpb["standard-paper", 1.0])]
     assert paper["pruned_gap"] == [pytest.approx(bpb["modular-paper", 0.25] - bpb["trained-paper", 1.0])]
     assert paper["smallest"] == [pytest.approx(bpb["modular-paper", bench.SMALLEST_KEEP])]
+    assert result["best"] == {"standard": "standard-paper", "trained": "trained-paper"}  # the only ones here
+    assert floor["full_gap_best"] == floor["full_gap"] and floor["pruned_gap_best"] == floor["pruned_gap"]
     assert paper["causal_gap"] == [pytest.approx(bpb["modular-paper", "causal"] - bpb["standard-paper", 1.0])]
     assert all(0 <= v[0] <= 1 for v in paper["nmi"].values()) and len(paper["nmi"]) == 4
 
