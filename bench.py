@@ -829,7 +829,7 @@ GPU_RUN = ["--n_layer=2", "--d_model=256", "--n_head=4", "--d_expert=128", "--to
            "--rewarm_steps=10"]
 GPU_SIZE = dict(d_model=768, d_expert=384, top_k=8, n_head=12, n_layer=4, seq_len=1024, batch_size=16,
                 vocab_size=50304)  # the GPU recipes' width and vocabulary, so step time, MFU and memory are theirs
-CUDA_ONLY = ["torchrun with NCCL (2 GPUs where there are)", "bench moe at d_model 768, d_expert 384, top-8, "
+CUDA_ONLY = ["torchrun with NCCL, DDP and FSDP2 (2 GPUs where there are)", "bench moe at d_model 768, d_expert 384, top-8, "
              "E 8..128 (bf16, compiled)", "bench step at the same size, 4 layers, V 50304 (bf16, compiled)"]
 
 
@@ -842,7 +842,8 @@ def bench_gpu(args):
     out.mkdir(parents=True, exist_ok=True)
     report = dict(machine=machine(device), torch=torch.__version__, checks=[],
                   skipped=[] if cuda else [f"{name}: needs CUDA" for name in CUDA_ONLY])
-    sections = [dispatch_numerics, empty_experts, compiled_run] + ([torchrun_nccl, gpu_moe, gpu_step] if cuda else [])
+    sections = [dispatch_numerics, empty_experts, compiled_run, compiled_modular_run] + \
+        ([torchrun_nccl, gpu_moe, gpu_step] if cuda else [])
     for section in sections:
         start = time.time()
         section(args, device, report)
@@ -958,31 +959,10 @@ def compiled_run(args, device, report):
     compiled bf16 runs already differ, by 6-7e-4 relative on a 2-core CPU (bit for bit equal under
     torch.use_deterministic_algorithms, which makes inductor fall back to ATen's ordered kernels). Eager
     resumes are exact, and tested so."""
-    from torch._dynamo.utils import counters
-
-    size = GPU_RUN if device.type == "cuda" else CPU_RUN
-    flags = [f"--device={device}", "--dtype=bf16", "--compile", *size, "--eval_interval=1000", "--eval_batches=2",
-             "--log_interval=1000", "--sample_tokens=0", *shlex.split(args.train_args)]
     full, branch = Path(args.out_dir) / "compiled", Path(args.out_dir) / "compiled-resumed"
-    for folder in (full, branch):
-        clear_run_folder(folder)
-    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
-    start = time.time()
-    train.run(flags + [f"--out_dir={full}"])
-    seconds = time.time() - start
-    graphs, breaks = counters["stats"]["unique_graphs"] - graphs, sum(counters["graph_break"].values()) - breaks
-    records = runs.read_metrics(full)
+    records = compiled_progressive("compiled bf16 progressive run", [], full, args, device, report)
     stages = [r for r in records if r["kind"] == "stage"]
-    evals = [r for r in records if r["kind"] == "eval"]
-    report["checks"].append(dict(
-        check="compiled bf16 progressive run: one training and one evaluation graph per stage",
-        ok=graphs == 2 * len(stages) and breaks == 0 and len(stages) >= 3,
-        detail=f"{len(stages)} stages (E {' -> '.join(str(s['experts']) for s in stages)}), {graphs} graphs "
-               f"compiled, {breaks} graph breaks, {seconds:.0f} s with compilation", seconds=seconds))
-    report["checks"].append(dict(
-        check="compiled bf16 progressive run: validation loss falls", ok=evals[-1]["val_loss"] < evals[0]["val_loss"],
-        detail=" -> ".join(f"{e['val_loss']:.3f}" for e in evals),
-        stages=[{k: s[k] for k in ("experts", "val_loss", "tokens_per_second", "peak_memory")} for s in stages]))
+    clear_run_folder(branch)
     train.run([f"--resume={full / 'stage2.pt'}", f"--out_dir={branch}", *shlex.split(args.train_args)])
     boundary = stages[1]["step"]
     first = {r["step"]: r["loss"] for r in records if r["kind"] == "step" and r["step"] > boundary}
@@ -996,31 +976,109 @@ def compiled_run(args, device, report):
                f"allowed {COMPILED_REPEAT:g}, the spread of compiled runs"))
 
 
+def compiled_progressive(name, extra, out, args, device, report):
+    """A compiled bf16 progressive run of the GPU path (train.run in this process, so dynamo's graphs and graph
+    breaks can be counted) with `extra` train.py flags, checked: one training and one evaluation graph per
+    stage, no graph break, a falling validation loss. Returns its metrics records."""
+    from torch._dynamo.utils import counters
+
+    size = GPU_RUN if device.type == "cuda" else CPU_RUN
+    flags = [f"--device={device}", "--dtype=bf16", "--compile", *size, "--eval_interval=1000", "--eval_batches=2",
+             "--log_interval=1000", "--sample_tokens=0", *extra, *shlex.split(args.train_args)]
+    clear_run_folder(out)
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    start = time.time()
+    train.run(flags + [f"--out_dir={out}"])
+    seconds = time.time() - start
+    graphs, breaks = counters["stats"]["unique_graphs"] - graphs, sum(counters["graph_break"].values()) - breaks
+    records = runs.read_metrics(out)
+    stages = [r for r in records if r["kind"] == "stage"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    report["checks"].append(dict(
+        check=f"{name}: one training and one evaluation graph per stage",
+        ok=graphs == 2 * len(stages) and breaks == 0 and len(stages) >= 3,
+        detail=f"{len(stages)} stages (E {' -> '.join(str(s['experts']) for s in stages)}), {graphs} graphs "
+               f"compiled, {breaks} graph breaks, {seconds:.0f} s with compilation", seconds=seconds))
+    report["checks"].append(dict(
+        check=f"{name}: validation loss falls", ok=evals[-1]["val_loss"] < evals[0]["val_loss"],
+        detail=" -> ".join(f"{e['val_loss']:.3f}" for e in evals),
+        stages=[{k: s[k] for k in ("experts", "val_loss", "tokens_per_second", "peak_memory")} for s in stages]))
+    return records
+
+
+def compiled_modular_run(args, device, report):
+    """EMO-modular's path under compile: the softmax router (its balancing loss), document pools and attention
+    kept inside documents, with two micro-batches a step (gradient accumulation), through two growths."""
+    size = dict(f.lstrip("-").split("=") for f in (GPU_RUN if device.type == "cuda" else CPU_RUN))
+    micro = int(size["batch_size"]) * int(size["seq_len"])
+    compiled_progressive("compiled bf16 modular run (softmax, pools, document attention, 2 micro-batches a step)",
+                         ["--router=softmax", "--pool_size_range=0.25,1.0", "--doc_attention=true",
+                          "--growth_init=gaussian", f"--batch_tokens={2 * micro}"],
+                         Path(args.out_dir) / "compiled-modular", args, device, report)
+
+
 def torchrun_nccl(args, device, report):
     """A few compiled steps under torchrun on up to 2 GPUs, as the GPU recipes run: the process group (NCCL),
-    DDP around the compiled model and its all-reduces, through a growth after which the ranks must hold the
-    same weights and read different batches (the growth record carries both, per rank)."""
-    folder = Path(args.out_dir) / "torchrun"
-    clear_run_folder(folder)
+    two micro-batches a step (DDP's no_sync on the first), through a growth after which the ranks must hold
+    the same weights and read different batches (the growth record carries both, per rank); with 2 GPUs the
+    same under FSDP2 (--shard=fsdp), growing and writing a sharded checkpoint."""
     ranks = min(2, torch.cuda.device_count())
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-               str(HERE / "train.py"), "--device=cuda", "--compile", *GPU_RUN, f"--batch_size={32 // ranks}",
-               "--batch_tokens=8192", "--total_tokens=163840", "--stages=8:0.5,16:0.5", "--sample_tokens=0",
-               f"--out_dir={folder}", *shlex.split(args.train_args)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    records = runs.read_metrics(folder) if (folder / "metrics.jsonl").exists() else []
-    steps = [r for r in records if r["kind"] == "step"]
-    growths = [r for r in records if r["kind"] == "growth"]
-    agree = bool(growths) and all(len(set(g["weights_per_rank"])) == 1 for g in growths)
-    distinct = bool(growths) and all(len(set(g["tokens_per_rank"])) == ranks for g in growths)
-    ok = done.returncode == 0 and len(steps) == 20 and all(math.isfinite(r["loss"]) for r in steps) and agree \
-        and distinct
-    last_line = (done.stderr.strip().splitlines() or [""])[-1]
-    report["checks"].append(dict(
-        check=f"torchrun --nproc_per_node={ranks} --compile (NCCL, DDP) through a growth", ok=ok,
-        detail=f"exit {done.returncode}, {len(steps)} steps, " +
-               (f"loss {steps[0]['loss']:.3f} -> {steps[-1]['loss']:.3f}; ranks hold the same weights after the "
-                f"growth: {agree}; read different batches: {distinct}" if steps else last_line)))
+    for shard in ("ddp", "fsdp") if ranks == 2 else ("ddp",):
+        folder = Path(args.out_dir) / f"torchrun-{shard}"
+        clear_run_folder(folder)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                   str(HERE / "train.py"), "--device=cuda", "--compile", *GPU_RUN, f"--batch_size={16 // ranks}",
+                   "--batch_tokens=8192", "--total_tokens=163840", "--stages=8:0.5,16:0.5", "--sample_tokens=0",
+                   f"--shard={shard}", f"--out_dir={folder}", *shlex.split(args.train_args)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        records = runs.read_metrics(folder) if (folder / "metrics.jsonl").exists() else []
+        steps = [r for r in records if r["kind"] == "step"]
+        growths = [r for r in records if r["kind"] == "growth"]
+        agree = bool(growths) and all(len(set(g["weights_per_rank"])) == 1 for g in growths)
+        distinct = bool(growths) and all(len(set(g["tokens_per_rank"])) == ranks for g in growths)
+        ok = done.returncode == 0 and len(steps) == 20 and all(math.isfinite(r["loss"]) for r in steps) and agree \
+            and distinct
+        last_line = (done.stderr.strip().splitlines() or [""])[-1]
+        report["checks"].append(dict(
+            check=f"torchrun --nproc_per_node={ranks} --compile --shard={shard} (NCCL), 2 micro-batches a step, "
+                  f"through a growth", ok=ok,
+            detail=f"exit {done.returncode}, {len(steps)} steps, " +
+                   (f"loss {steps[0]['loss']:.3f} -> {steps[-1]['loss']:.3f}; ranks hold the same weights after the "
+                    f"growth: {agree}; read different batches: {distinct}" if steps else last_line)))
+
+
+# what one H100 must reach at GPU_SIZE for bench.py gpu to pass (floors that catch a broken path, not targets)
+GPU_FLOORS = dict(
+    grouped_vs_naive=1.0,  # the grouped dispatch at least as fast as the masked per-expert loop, at every E
+    moe_flat=0.5,  # compiled grouped tokens/s at the largest E over the smallest: top-k fixed, so near 1
+    step_flat=1.5,  # step time at the largest E over the smallest (the paper measured 1.08 from 8 to 128)
+    mfu=0.10,  # the training step's model FLOPs utilisation at the smallest E
+    memory=1.15)  # measured peak over train.memory_need's estimate (an eager bound; compiled graphs keep less)
+
+
+def moe_table_checks(rows):
+    """Pass/fail lines for bench.py moe's rows at the GPU size (GPU_FLOORS)."""
+    first, last = rows[0], rows[-1]
+    flat = last["tokens_per_s"]["grouped+compile"] / first["tokens_per_s"]["grouped+compile"]
+    return [dict(check="moe: the grouped dispatch beats the masked per-expert loop at every E",
+                 ok=all(r["grouped_vs_naive"] >= GPU_FLOORS["grouped_vs_naive"] for r in rows),
+                 detail=", ".join(f"E={r['experts']} {r['grouped_vs_naive']:.2f}x" for r in rows)),
+            dict(check=f"moe: compiled throughput at E={last['experts']} at least {GPU_FLOORS['moe_flat']:.0%} of "
+                       f"E={first['experts']}'s", ok=flat >= GPU_FLOORS["moe_flat"], detail=f"{flat:.2f}")]
+
+
+def step_table_checks(rows, estimates):
+    """Pass/fail lines for bench.py step's rows at the GPU size (GPU_FLOORS); estimates: train.memory_need's
+    total per row."""
+    ratio, mfu = rows[-1]["step_time_ratio"], rows[0]["mfu"]
+    memory = [r["peak_memory"] / e for r, e in zip(rows, estimates)]
+    return [dict(check=f"step: time at E={rows[-1]['experts']} at most {GPU_FLOORS['step_flat']}x E={rows[0]['experts']}'s",
+                 ok=ratio <= GPU_FLOORS["step_flat"], detail=f"{ratio:.2f}x"),
+            dict(check=f"step: MFU at E={rows[0]['experts']} at least {GPU_FLOORS['mfu']:.0%}",
+                 ok=mfu is not None and mfu >= GPU_FLOORS["mfu"], detail=percent(mfu)),
+            dict(check=f"step: peak memory within {GPU_FLOORS['memory']}x of train.memory_need's estimate",
+                 ok=max(memory) <= GPU_FLOORS["memory"],
+                 detail=", ".join(f"E={r['experts']} {m:.2f}" for r, m in zip(rows, memory)))]
 
 
 def gpu_moe(args, device, report):
@@ -1030,12 +1088,17 @@ def gpu_moe(args, device, report):
                                                                         ("d_model", "d_expert", "top_k")}})
     report["moe"] = dict(args={k: getattr(moe_args, k) for k in ("tokens", "d_model", "d_expert", "top_k")},
                          rows=bench_moe(moe_args))
+    report["checks"] += moe_table_checks(report["moe"]["rows"])
 
 
 def gpu_step(args, device, report):
     """bench.py step at the same size with 4 layers: E 8, 32, 128, bf16, compiled."""
     flags = " ".join(f"--{k}={v}" for k, v in GPU_SIZE.items()) + " --compile --dtype=bf16 --device=cuda"
     report["step"] = bench_step(argparse.Namespace(experts="8,32,128", repeats=5, train_args=flags))
+    shape = {k: v for k, v in GPU_SIZE.items() if k != "batch_size"}
+    estimates = [sum(train.memory_need(emo.Config(**shape, n_experts=r["experts"]), GPU_SIZE["batch_size"], True, 1,
+                                       False).values()) for r in report["step"]["rows"]]
+    report["checks"] += step_table_checks(report["step"]["rows"], estimates)
 
 
 def percent(value):

@@ -225,10 +225,26 @@ def test_bench_gpu_runs_its_cpu_part_and_names_what_it_skipped(corpus, tmp_path,
     (bf16 autocast + torch.compile) through two growths and a resume, emulated on the CPU."""
     bench.main(["gpu", f"--out_dir={tmp_path}", "--device=cpu", f"--train_args=--data={corpus}"])
     report = json.loads((tmp_path / "gpu.json").read_text())
-    assert report["ok"] and len(report["checks"]) == 14 and all(c["ok"] for c in report["checks"])
+    assert report["ok"] and len(report["checks"]) == 16 and all(c["ok"] for c in report["checks"])
+    assert any(c["check"].startswith("compiled bf16 modular run") for c in report["checks"])
     assert [s.split(":")[0] for s in report["skipped"]] == bench.CUDA_ONLY
     table = capsys.readouterr().out
     assert "| resume at a stage boundary continues the run | ok | " in table and "allowed 0.005" in table
+
+
+def test_the_gpu_tables_pass_or_fail_against_their_floors():
+    """bench.py gpu's acceptance lines for the moe and step tables, on rows as those benchmarks write them."""
+    moe = [dict(experts=8, tokens_per_s={"grouped+compile": 100.0}, grouped_vs_naive=3.0),
+           dict(experts=128, tokens_per_s={"grouped+compile": 80.0}, grouped_vs_naive=1.5)]
+    assert all(c["ok"] for c in bench.moe_table_checks(moe))
+    moe[1]["tokens_per_s"]["grouped+compile"] = 40.0  # E = 128 at 40 % of E = 8: a broken dispatch
+    assert [c["ok"] for c in bench.moe_table_checks(moe)] == [True, False]
+    step = [dict(experts=8, step_time_ratio=1.0, mfu=0.3, peak_memory=10e9),
+            dict(experts=128, step_time_ratio=1.2, mfu=0.25, peak_memory=14e9)]
+    assert all(c["ok"] for c in bench.step_table_checks(step, [11e9, 15e9]))
+    assert [c["ok"] for c in bench.step_table_checks(step, [11e9, 10e9])] == [True, True, False]  # 1.4x the estimate
+    step[0]["mfu"] = None  # a GPU whose peak FLOP/s emo does not know
+    assert [c["ok"] for c in bench.step_table_checks(step, [11e9, 15e9])] == [True, False, True]
 
 
 def unchanged(folder, before):
