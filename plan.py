@@ -60,6 +60,8 @@ def parse_args(argv):
                    "activation memory)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="the GPU run's autocast dtype")
     p.add_argument("--doc_attention", action="store_true", help="attention kept inside documents (a [T, T] mask)")
+    p.add_argument("--checkpoint_interval", type=int, default=1000, help="optimizer steps between checkpoints: "
+                   "how many a run writes, and how much")
     p.add_argument("--law", metavar="JSON", help="plan with these coefficients (a --save_law file) instead of "
                    "Table 3's")
     p.add_argument("--fit", metavar="RUN,...", help="refit the law first to train.py runs (folders or their "
@@ -91,8 +93,10 @@ def memory_per_gpu(cfg, fixed, args):
     size of a checkpoint."""
     bf16 = args.dtype == "bf16"
     ddp, fsdp = (train.memory_need(cfg, args.batch_size, bf16, args.world_size, sharded) for sharded in (False, True))
+    steps = fixed["tokens"] // args.batch_tokens if args.batch_tokens else None
+    saves = steps // args.checkpoint_interval + 1 if steps and args.checkpoint_interval else None  # + the end's
     return dict(gpus=args.world_size, ddp=sum(ddp.values()), fsdp=sum(fsdp.values()), ddp_parts=ddp,
-                fsdp_parts=fsdp, checkpoint=CHECKPOINT_BYTES * fixed["params_total"])
+                fsdp_parts=fsdp, checkpoint=CHECKPOINT_BYTES * fixed["params_total"], saves=saves)
 
 
 def config_shape(path, world_size):
@@ -104,7 +108,7 @@ def config_shape(path, world_size):
                 batch_tokens=train.batch_tokens_of(s, cfg, world_size)[1], d_model=cfg.d_model, n_layer=cfg.n_layer,
                 n_head=cfg.n_head, d_expert=cfg.d_expert, n_shared=cfg.n_shared, seq_len=cfg.seq_len,
                 vocab_size=cfg.vocab_size, batch_size=s.batch_size, dtype="fp32" if s.dtype == "fp32" else "bf16",
-                doc_attention=cfg.doc_attention)
+                doc_attention=cfg.doc_attention, checkpoint_interval=s.checkpoint_interval)
 
 
 # Step time grows slowly with E at fixed k (more, smaller GEMMs; router; optimizer). The paper measured
@@ -339,7 +343,9 @@ def print_plan(plan, args):
     print(f"memory per GPU at E={fixed['experts']}: DDP {memory['ddp'] / 1e9:.1f} GB ({fits(memory['ddp'])} "
           f"{args.gpu_memory:g} GB), FSDP2 over {memory['gpus']} GPUs {memory['fsdp'] / 1e9:.1f} GB "
           f"({fits(memory['fsdp'])}; train.py --shard=fsdp); a checkpoint (weights and moments) "
-          f"{memory['checkpoint'] / 1e9:.1f} GB")
+          f"{memory['checkpoint'] / 1e9:.1f} GB" + (f", {memory['saves']:,} of them at one every "
+          f"{args.checkpoint_interval:,} steps: {memory['saves'] * memory['checkpoint'] / 1e12:.2f} TB written "
+          f"(stage ends add one each)" if memory["saves"] else ""))
     ddp, fsdp = memory["ddp_parts"], memory["fsdp_parts"]
     print(f"  of which fp32 weights, gradients and AdamW moments {ddp['states'] / 1e9:.1f} GB (DDP) / "
           f"{fsdp['states'] / 1e9:.1f} GB (FSDP2); activations of {args.batch_size} windows of {args.seq_len} "

@@ -132,7 +132,8 @@ def test_plan_py_prints_per_gpu_memory_under_ddp_and_fsdp2(capsys):
     plan.main(["--config=configs/paper-modular.json", "--world_size=16"])
     out = capsys.readouterr().out
     assert re.search(r"DDP [\d.]+ GB \(does not fit 80 GB\), FSDP2 over 16 GPUs [\d.]+ GB \(fits;", out)
-    assert "a checkpoint (weights and moments) 160.3 GB" in out and "/ 13.4 GB (FSDP2)" in out
+    assert "a checkpoint (weights and moments) 160.3 GB, 31 of them at one every 1,000 steps: 4.97 TB" in out
+    assert "/ 13.4 GB (FSDP2)" in out
     plan.main(["--config=configs/paper-modular.json", "--world_size=8", "--batch_size=8"])  # 4x the activations
     assert "FSDP2 over 8 GPUs" in (out := capsys.readouterr().out) and "(does not fit; train.py --shard=fsdp)" in out
     plan.main(["--config=configs/modular.json", "--world_size=1", "--json"])  # train.py fills in the rest
