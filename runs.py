@@ -224,7 +224,7 @@ def restore_rng(rng, rank, device):
 
 
 SHARDS = "shards"  # the run folder's sub-folder of sharded checkpoints' weights and moments
-SHARD_NAME = re.compile(r"\.?\d+-[0-9a-f]{8}(\.tmp)?")  # save_shards' names: step-id, .step-id.tmp while written
+SHARD_NAME = re.compile(r"\d+-[0-9a-f]{8}")  # save_shards' names, STEP-ID (.STEP-ID.tmp while being written)
 
 
 def save_shards(out_dir, step, raw, optimizer):
@@ -272,7 +272,8 @@ def drop_unnamed_shards(out_dir):
         except Exception:  # unreadable: it might name any of them
             return
     for shard in folder.iterdir():
-        if SHARD_NAME.fullmatch(shard.name) and shard.name not in named:
+        name = shard.name.removeprefix(".").removesuffix(".tmp") if shard.name.startswith(".") else shard.name
+        if SHARD_NAME.fullmatch(name) and shard.name not in named:
             shutil.rmtree(shard)
 
 
@@ -319,8 +320,8 @@ def load_optimizer_state(raw, optimizer, state):
 def save_checkpoint(path, model, optimizer, config, settings, step, world_size, retained, rng, run, data, ends, law,
                     evals, shards=None):
     """Everything a resume needs, as tensors, numbers, strings, lists and dicts (loadable with weights_only);
-    model and optimizer: their state dicts, or None with shards, the name of save_shards' folder; run: the run's id (config.json has it too), data: the corpus's
-    fingerprint, both checked on resume. The schedule travels as values: ends, each stage's end step as the
+    model and optimizer: their state dicts, or None with shards, the name of save_shards' folder; run: the
+    run's id (config.json has it too), data: the corpus's fingerprint, both checked on resume. The schedule travels as values: ends, each stage's end step as the
     closed loop last moved them; law, the coefficients it plans with (a --law file edited later changes
     nothing); evals, the validation evals it refits to. metrics.jsonl is only a log: a resume never reads its
     state back from it."""
@@ -386,8 +387,7 @@ def checkpoint_field_checks(state, settings_type):
         return torch.is_tensor(v) and v.dtype == torch.uint8
 
     sharded = state.get("shards") is not None
-    return [("shards", lambda: not sharded or (isinstance(state["shards"], str) and SHARD_NAME.fullmatch(state["shards"])
-                                                and not state["shards"].startswith("."))),
+    return [("shards", lambda: not sharded or (isinstance(state["shards"], str) and SHARD_NAME.fullmatch(state["shards"]))),
             ("model", lambda: state["model"] is None if sharded else
                 isinstance(state["model"], dict) and all(map(torch.is_tensor, state["model"].values()))),
             ("optimizer", lambda: state["optimizer"] is None if sharded else isinstance(state["optimizer"], dict)),
