@@ -17,6 +17,7 @@ import re
 import shlex
 import shutil
 import signal
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -254,7 +255,9 @@ def load_shards(raw, optimizer, folder):
     state = {"model": get_model_state_dict(raw)}
     if optimizer is not None:
         state["optimizer"] = get_optimizer_state_dict(raw, optimizer)
-    dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
+    with warnings.catch_warnings():  # DCP warns at every load in one process, which is what eval.py means to do
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
     set_model_state_dict(raw, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(raw, optimizer, state["optimizer"])
