@@ -24,12 +24,13 @@ python bench.py repro [--seeds=0,1,2] [--experts=2,4,8,16,32] [--total_tokens=2.
     train.py process per run. Final val loss and bits per byte (overall, per domain), each arm's difference
     to fixed E_max seed by seed and its ratio to the spread, training time, tokens/s and memory per stage;
     curves.png with every arm and seed. A run folder that already holds a finished run of the same command
-    is reused, not re-run.
-python bench.py frontier [--seeds=0,1] [--experts=2,4,8,16,32] [--total_tokens=2.5e6] [--json]
+    is reused, not re-run: the same settings as config.json wrote them, in any folder of that name.
+python bench.py frontier [--seeds=0,1,2] [--experts=2,4,8,16,32] [--trained_at=0.25] [--total_tokens=2.5e6] [--json]
     EMO-modular's memory-accuracy frontier, on configs/modular.json's recipe: a standard MoE, EMO-modular and
     modular + progressive growth, each pruned per domain to 100/50/25/12.5 % of its experts, beside MoE and
-    dense models trained from scratch at the pruned sizes; validation bits per byte (mean over domains) against the
-    parameters kept, seed by seed, and frontier.png. Runs are reused as in repro.
+    dense models trained from scratch at the pruned sizes --trained_at (the paper's headline 25 % by default, so
+    that 3 seeds take ~1.5 h on 2 CPU cores; 0.5,0.25,0.125 for every size); validation bits per byte (mean over
+    domains) against the parameters kept, seed by seed, and frontier.png. Runs are reused as in repro.
 python bench.py modular [--leads=paper,window,...] [--seeds=0,1,2] [--total_tokens=1e6] [--json]
     where EMO-modular's two gaps come from: per lead (one change to the paper's recipe), a standard MoE, EMO-modular
     and an MoE trained at the 25 % subset's size; seed by seed, modular - standard (whole models, and the modular
@@ -47,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -433,12 +435,28 @@ def bench_repro(args):
 
 
 def finished(out, command):
-    """Does `out` hold a finished run with exactly these train.py flags? (command.json is written last)"""
+    """Does `out` hold a finished run (command.json is written last) with these train.py settings? Compared
+    as the run wrote them down (its config.json), not as spelled: flags in another order, another path to the
+    same --config, or the same run copied from another bench's folder count as the same run."""
     try:
-        done = json.loads((out / "command.json").read_text())
+        json.loads((out / "command.json").read_text())
+        done = json.loads((out / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(done, list) and done[2:] == command[2:]
+    return isinstance(done, dict) and run_identity(done["settings"], done["model"]) == run_identity(*train_config(command))
+
+
+def train_config(command):
+    """(settings, model) of a train.py command as its config.json writes them (JSON: tuples are lists)."""
+    s, model, _ = train.parse(command[2:])
+    return json.loads(json.dumps(asdict(s))), json.loads(json.dumps({**asdict(emo.Config()), **model}))
+
+
+def run_identity(settings, model):
+    """What makes two runs the same run: every setting but where it is written and which file gave it
+    (n_experts is the schedule's, which the settings give)."""
+    ignored = ("out_dir", "config", "resume")
+    return {k: v for k, v in settings.items() if k not in ignored}, {k: v for k, v in model.items() if k != "n_experts"}
 
 
 def repro_row(name, seed, out):
@@ -539,6 +557,7 @@ def print_repro(result, args):
 # ---------------------------------------------------------------------------------------------
 
 FRONTIER_KEEP = (1.0, 0.5, 0.25, 0.125)  # shares of each layer's experts kept (the paper: 128/64/32/16 of 128)
+FRONTIER_TRAINED = "0.5,0.25,0.125"  # the pruned sizes a model may be trained at from scratch (--trained_at)
 # the paper's recipe (EMO-modular sec. 3, at emo's size) as flags over configs/modular.json
 PAPER_MODULAR = ("--router=softmax", "--lb_coef=0.1", "--z_coef=0.001", "--lb_window=1",
                  "--pool_size_range=0.0625,1.0", "--doc_attention=true")
@@ -555,8 +574,8 @@ def frontier_arms(args):
     """{name: (train.py flags, share)}, all on configs/modular.json's recipe (softmax router and its
     balancing, document attention). share None: a standard MoE (pools off), EMO-modular (pools on) and modular
     with progressive growth, all ending at E_max, to be pruned to every share (and EMO-modular with the
-    paper's recipe, where configs/modular.json's differs from it). share s, pools off, trained
-    from scratch to match the model pruned to s: "trained-En" with its shape (n = s * E_max experts, top-k:
+    paper's recipe, where configs/modular.json's differs from it). share s (each of --trained_at), pools off,
+    trained from scratch to match the model pruned to s: "trained-En" with its shape (n = s * E_max experts, top-k:
     the same memory and compute per token), and "dense-n" with the same parameters all active (E = top_k
     routed experts and enough shared ones that the feed-forward width matches)."""
     E = int(args.experts.split(",")[-1])
@@ -567,7 +586,7 @@ def frontier_arms(args):
             "modular-progressive": ([recipe, f"--experts={args.experts}"], None)}
     if not recipe_is_papers():  # the paper's own recipe beside emo's, one flag set away
         arms["modular-paper"] = ([recipe, *PAPER_MODULAR, "--schedule=fixed", f"--experts={E}"], None)
-    for share in FRONTIER_KEEP[1:]:
+    for share in (float(x) for x in args.trained_at.split(",")):
         n = round(share * E)
         if n >= top_k:  # a model needs top_k experts to train
             arms[f"trained-E{n}"] = ([recipe, no_pools, "--schedule=fixed", f"--experts={n}"], share)
@@ -1151,6 +1170,9 @@ def check_args(args):
             values = []
         require(values and min(values) >= lo and len(set(values)) == len(values), f"--{flag}", getattr(args, flag),
                 f"comma-separated integers >= {lo}, each once")
+    trained = args.trained_at.split(",")
+    require(set(trained) <= set(FRONTIER_TRAINED.split(",")) and len(set(trained)) == len(trained), "--trained_at",
+            args.trained_at, f"a comma-separated subset of {FRONTIER_TRAINED}, each once")
     leads = args.leads.split(",")
     require(all(lead in MODULAR_LEADS for lead in leads) and len(set(leads)) == len(leads), "--leads", args.leads,
             f"a comma-separated subset of {','.join(MODULAR_LEADS)}, each once")
@@ -1178,7 +1200,7 @@ def main(argv=None):
     parser.add_argument("--d_expert", type=int, default=256, help="moe: hidden size of one expert")
     parser.add_argument("--top_k", type=int, default=2, help="moe: routed experts per token")
     parser.add_argument("--repeats", type=int, default=5, help="moe, step: timed repeats (the median is reported)")
-    parser.add_argument("--seeds", default=None, help="growth, repro, frontier: comma-separated seeds (default 0; 0,1,2; 0,1)")
+    parser.add_argument("--seeds", default=None, help="growth, repro, frontier, modular: comma-separated seeds (default 0; 0,1,2; 0,1,2; 0,1,2)")
     parser.add_argument("--total_tokens", type=float, default=None,
                         help="growth, repro, frontier: tokens per training run (default 400000, 2500000, 2500000)")
     parser.add_argument("--out_dir", default=None, help="growth, repro, frontier: where the runs' folders go "
@@ -1186,6 +1208,8 @@ def main(argv=None):
     parser.add_argument("--experts", default=None, help="moe, step: E to time (default 8,32,128; 8,16,32,64,128); "
                         "repro, frontier: E per stage of the progressive runs (default 2,4,8,16,32)")
     parser.add_argument("--inits", default="gaussian,copy,silent,upcycle", help="growth: growth inits to run")
+    parser.add_argument("--trained_at", default="0.25", help="frontier: shares of E_max at which MoE and dense "
+                        f"models are trained from scratch, a comma-separated subset of {FRONTIER_TRAINED}")
     parser.add_argument("--train_args", default="", help="step, growth, repro, frontier: train.py flags (model, batch, device, "
                         "compile), e.g. a --config")
     parser.add_argument("--leads", default=",".join(MODULAR_LEADS), help="modular: comma-separated leads to "
@@ -1195,7 +1219,7 @@ def main(argv=None):
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     args.out_dir = args.out_dir or f"runs/{args.what if args.what in ('repro', 'frontier', 'modular', 'gpu') else 'bench'}"
     args.experts = args.experts or {"moe": "8,32,128", "step": "8,16,32,64,128"}.get(args.what, "2,4,8,16,32")
-    args.seeds = args.seeds or {"repro": "0,1,2", "frontier": "0,1", "modular": "0,1,2"}.get(args.what, "0")
+    args.seeds = args.seeds or {"repro": "0,1,2", "frontier": "0,1,2", "modular": "0,1,2"}.get(args.what, "0")
     if args.total_tokens is None:
         args.total_tokens = {"repro": 2_500_000, "frontier": 2_500_000, "modular": 1_000_000}.get(args.what, 400_000)
     runs.keep_freed_memory()

@@ -4,6 +4,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -28,6 +29,8 @@ BENCH_BAD = [
                                     "strictly increasing"),
     (["repro", "--train_args=--top_k=4"], "the progressive arm: --top_k=4 is not allowed"),
     (["growth", "--train_args=--router=softmax"], "the silent growth run: --growth_init='silent' is not allowed"),
+    (["frontier", "--trained_at=0.3"], "--trained_at='0.3' is not allowed: must be a comma-separated subset of "
+                                       "0.5,0.25,0.125, each once"),
     (["repro", "--seeds="], "--seeds= is empty: give a value, or leave the flag out"),
     (["repro", "--train_args=--out_dir=mine"], "--train_args='--out_dir=mine' is not allowed: must be train.py flags "
                                                "other than --out_dir"),
@@ -113,6 +116,22 @@ def test_bench_repro_runs_every_arm_once_and_reuses_finished_runs(corpus, tmp_pa
     assert bench.bench_repro(args)["runs"] == first["runs"] and "running" not in capsys.readouterr().err
 
 
+def test_a_finished_run_is_reused_by_its_settings_not_by_how_its_flags_are_spelled(corpus, tmp_path):
+    """Another folder, another flag order, the same values: the same run. Another value: not."""
+    flags = [a for a in tiny_run(corpus, "x") if a.split("=")[0] not in ("--out_dir", "--total_tokens", "--stages")]
+    args = argparse.Namespace(seeds="0", total_tokens=2048, out_dir=str(tmp_path / "a"), train_args="")
+    out = bench.run_arm("fixed", [*flags, "--schedule=fixed", "--experts=4"], 0, args)
+    copy = tmp_path / "b" / out.name
+    shutil.copytree(out, copy)
+    args.out_dir = str(tmp_path / "b")
+    reordered = bench.arm_command("fixed", ["--experts=4", "--schedule=fixed", *reversed(flags)], 0, args)[1]
+    assert bench.finished(copy, reordered)
+    assert not bench.finished(copy, [*reordered, "--lr=0.001"])
+    assert not bench.finished(copy, [*reordered, "--pool_size_range=0.25,1.0"])
+    (copy / "command.json").unlink()  # command.json is written last: without it the run did not finish
+    assert not bench.finished(copy, reordered)
+
+
 def test_bench_growth_keeps_table_3s_split_so_that_each_growth_has_steps_of_its_own(corpus, tmp_path):
     """The closed loop would move E = 8 and 16 to the steps right after E = 4 (at this scale the run's curve
     moves them: the re-plan test above); bench.py growth turns it off to see each growth apart."""
@@ -142,8 +161,8 @@ def test_bench_never_deletes_a_run_another_process_is_training(corpus, tmp_path)
 
 
 def test_bench_frontier_prunes_each_arm_and_compares_it_with_models_trained_at_the_pruned_sizes(corpus, tmp_path):
-    args = argparse.Namespace(seeds="0", experts="2,4,8", total_tokens=2048, out_dir=str(tmp_path),
-                              train_args=" ".join(a for a in tiny_run(corpus, "x") if a.split("=")[0] not in
+    args = argparse.Namespace(seeds="0", experts="2,4,8", trained_at="0.5,0.25,0.125", total_tokens=2048,
+                              out_dir=str(tmp_path), train_args=" ".join(a for a in tiny_run(corpus, "x") if a.split("=")[0] not in
                                                   ("--out_dir", "--total_tokens", "--stages")))
     result = bench.bench_frontier(args)
     arms = {(a["arm"], a["keep"]): a for a in result["arms"]}
@@ -159,7 +178,7 @@ def test_bench_frontier_prunes_each_arm_and_compares_it_with_models_trained_at_t
 
 
 def test_the_frontier_trains_the_papers_recipe_beside_emos_only_when_they_differ(monkeypatch):
-    args = argparse.Namespace(experts="2,4,8,16,32", train_args="")
+    args = argparse.Namespace(experts="2,4,8,16,32", train_args="", trained_at="0.25")
     assert ("modular-paper" in bench.frontier_arms(args)) != bench.recipe_is_papers()
     monkeypatch.setattr(bench, "recipe_is_papers", lambda: False)
     flags, share = bench.frontier_arms(args)["modular-paper"]
