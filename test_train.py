@@ -260,7 +260,7 @@ def test_the_loss_is_averaged_over_ranks_on_the_training_device(monkeypatch):
 
 
 def test_torchrun_with_two_compiled_processes_grows_stops_and_resumes(corpus, tmp_path):
-    """DDP around a compiled model, as configs/gpu-8x.json runs it (bf16 takes the grouped path a GPU takes).
+    """torch.compile around DDP, as configs/gpu-8x.json runs it (bf16 takes the grouped path a GPU takes).
     A stop saves before any rank exits; each exits 75 (or is ended by torchrun once a peer has, the
     checkpoint already written), which torchrun reports as a failure of the job."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]

@@ -322,7 +322,7 @@ def make_optimizer(raw, s, device):
 
 
 def wrap(raw, s, device):
-    """torch.compile and DDP around the model, done once per stage since growth changes the shapes; or, with
+    """DDP and torch.compile around the model, done once per stage since growth changes the shapes; or, with
     --shard=fsdp under torchrun, FSDP2 in place (shard)."""
     if s.compile:
         # drop the last stage's graphs: dead after growth, and they count toward dynamo's recompile limit
@@ -330,11 +330,13 @@ def wrap(raw, s, device):
         torch._dynamo.reset()
     if dist.is_initialized() and s.shard == "fsdp":
         return shard(raw, s, device)
-    model = torch.compile(raw, dynamic=False) if s.compile else raw
+    model = raw
     if dist.is_initialized():
         # broadcast_buffers=False: each rank keeps its own expert counts until update_router_bias sums them
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-    return model
+        model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    # compile around DDP, not inside it: dynamo then splits the graph at DDP's gradient buckets, so a bucket's
+    # all-reduce overlaps the rest of the backward (inside, the whole backward is one node that DDP waits for)
+    return torch.compile(model, dynamic=False) if s.compile else model
 
 
 def shard(raw, s, device):
@@ -402,7 +404,8 @@ def train_step(model, optimizer, micro_batches, lr, grad_clip, dtype):
         last = i == len(micro_batches) - 1
         if isinstance(model, FSDPModule):  # reduce-scatter the gradients once, after the last micro-batch
             model.set_requires_gradient_sync(last)
-        sync = model.no_sync() if isinstance(model, DDP) and not last else nullcontext()
+        ddp = getattr(model, "_orig_mod", model)  # DDP, compiled or not
+        sync = ddp.no_sync() if isinstance(ddp, DDP) and not last else nullcontext()
         with sync, runs.autocast(x.device, dtype):
             losses = model(x, y)
         (losses["loss"] / len(micro_batches)).backward()
