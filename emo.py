@@ -499,7 +499,8 @@ class Transformer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        expert_seeds = torch.randint(2**62, (cfg.n_layer,)).tolist()  # the routed experts' own streams
+        # the routed experts' own streams (drawn on the CPU also where the model is built as shapes only, on meta)
+        expert_seeds = torch.randint(2**62, (cfg.n_layer,), device="cpu").tolist()
         self.blocks = nn.ModuleList(Block(cfg, seed) for seed in expert_seeds)
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)

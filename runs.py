@@ -280,29 +280,6 @@ def drop_unnamed_shards(out_dir):
             shutil.rmtree(shard)
 
 
-def position_keyed(by_name, raw, optimizer):
-    """An optimizer state keyed by parameter name (FSDP2's full state) keyed by position instead."""
-    position = {name: i for i, name in enumerate(parameter_names(raw, optimizer))}
-    groups = [{**group, "params": [position[name] for name in group["params"]]} for group in by_name["param_groups"]]
-    return {"state": {position[name]: v for name, v in by_name["state"].items()}, "param_groups": groups}
-
-
-def whole_copies(raw, optimizer, make_optimizer):
-    """An FSDP2-sharded model and its optimizer as whole, unsharded copies on every rank (for growth, which
-    changes every expert tensor's shape): each rank helps gather the full state, then loads it. The copies
-    need the whole model's weights and moments in each process's device memory for that moment."""
-    options = StateDictOptions(full_state_dict=True)
-    model_state = get_model_state_dict(raw, options=options)
-    optimizer_state = position_keyed(get_optimizer_state_dict(raw, optimizer, options=options), raw, optimizer)
-    with torch.random.fork_rng(devices=[]):  # a fresh model's init must not move the growth's random draws
-        whole = emo.Transformer(raw.config)
-    whole = whole.to(next(raw.parameters()).device)
-    whole.load_state_dict(model_state)
-    whole_optimizer = make_optimizer(whole)
-    whole_optimizer.load_state_dict(optimizer_state)
-    return whole, whole_optimizer
-
-
 def parameter_names(raw, optimizer):
     """The names of the optimizer's parameters in its order (the positions optimizer.state_dict() keys by)."""
     names = {id(p): name for name, p in raw.named_parameters()}

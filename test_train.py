@@ -2,6 +2,8 @@
 SIGKILL, whatever its log says), torchrun, and its bad settings refused before any work."""
 
 import argparse
+import copy
+import dataclasses
 import json
 import math
 import os
@@ -19,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import emo
@@ -215,6 +218,43 @@ def test_fsdp_with_two_cpu_processes_trains_as_ddp_does_and_its_sharded_checkpoi
     moments = [[s[key] for s in state["optimizer"]["state"].values() for key in ("exp_avg", "exp_avg_sq")]
                for state in states]
     assert len(moments[0]) == len(moments[1]) == 40 and all(close(a, b, 2e-3) for a, b in zip(*moments))
+
+
+@pytest.mark.parametrize("init,mode", [("gaussian", "reset"), ("copy", "keep"), ("silent", "keep"), ("upcycle", "reset")])
+def test_sharded_growth_grows_layer_by_layer_exactly_as_unsharded_growth_does(init, mode):
+    """grow_sharded (one MoE layer gathered at a time) against emo.grow_experts and grow_optimizer on a whole
+    copy: the same weights, buffers and Adam moments, bit for bit, after the same random draws (one gloo
+    process; the two-process tests above split the experts across ranks)."""
+    cfg = emo.Config(vocab_size=256, seq_len=16, n_layer=2, n_head=2, d_model=32, n_experts=2, d_expert=16,
+                     router="softmax" if init in ("gaussian", "copy") else "sigmoid")
+    s = train.Settings(growth_init=init, growth_optimizer=mode)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        whole = emo.Transformer(cfg)
+        sharded = copy.deepcopy(whole)
+        train.wrap(sharded, dataclasses.replace(s, shard="fsdp"), torch.device("cpu"))
+        optimizers = [train.make_optimizer(m, s, torch.device("cpu")) for m in (whole, sharded)]
+        x = torch.randint(0, 256, (2, 16))
+        for model, optimizer in zip((whole, sharded), optimizers):  # one step, so that there are moments
+            model(x, x)["loss"].backward()
+            optimizer.step()
+        torch.manual_seed(1)
+        emo.grow_experts(whole, 4, init=init)
+        emo.grow_optimizer(optimizers[0], mode)
+        torch.manual_seed(1)
+        grown, optimizer, _ = train.grow_sharded(sharded, optimizers[1], 4, dataclasses.replace(s, shard="fsdp"),
+                                                 torch.device("cpu"))
+        local = lambda t: t.full_tensor() if isinstance(t, DTensor) else t
+        assert grown.config == whole.config and grown.lm_head.weight is grown.wte.weight
+        for (name, a), (_, b) in zip(whole.state_dict().items(), grown.state_dict().items()):
+            assert torch.equal(a, local(b)), name
+        ours = [{k: local(v) for k, v in optimizer.state[p].items()} for p in grown.parameters() if p in optimizer.state]
+        theirs = [optimizers[0].state[p] for p in whole.parameters() if p in optimizers[0].state]
+        assert len(ours) == len(theirs) == (0 if mode == "reset" else len(list(whole.parameters())))
+        assert all(torch.equal(a[k], b[k]) for a, b in zip(ours, theirs) for k in a)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_an_fsdp_run_stopped_before_its_growth_resumes_exactly_through_it(corpus, tmp_path):

@@ -21,13 +21,13 @@ import sys
 import time
 import uuid
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import emo
@@ -526,20 +526,18 @@ def train(s, cfg, stages, world, resume, law):
 
 def grow(raw, optimizer, stage, s, run, evaluate_now, x):
     """At the stage's first step: grow every layer's experts (emo.grow_experts), fit the optimizer to them,
-    re-wrap (compile and DDP see new shapes; FSDP2 shards the grown model afresh). Records the val loss right
-    after, and per rank the weights' sum (all drew the same new experts) and its first micro-batch's sum x
+    re-wrap (compile and DDP see new shapes; under FSDP2, grow_sharded). Records the val loss right after, and
+    per rank the sum of the weights it computed (all drew the same new experts) and of its first micro-batch x
     (each reads its own data). Returns (the model, the unwrapped model, the optimizer): under FSDP2 new ones."""
     t0, old, step = time.time(), raw.config.n_experts, stage.start
-    sharded = isinstance(raw, FSDPModule)
-    if sharded:
-        raw, optimizer = runs.whole_copies(raw, optimizer, lambda m: make_optimizer(m, s, run.device))
-    emo.grow_experts(raw, stage.experts, init=s.growth_init)
-    emo.grow_optimizer(optimizer, s.growth_optimizer)
-    weights = sum(p.detach().double().sum().item() for p in raw.parameters())
-    model = wrap(raw, s, run.device)
-    if sharded:  # the grown state into a fresh optimizer over the new shards
-        grown, optimizer = optimizer.state_dict(), make_optimizer(raw, s, run.device)
-        runs.load_optimizer_state(raw, optimizer, grown)
+    if isinstance(raw, FSDPModule):
+        raw, optimizer, weights = grow_sharded(raw, optimizer, stage.experts, s, run.device)
+        model = raw
+    else:
+        emo.grow_experts(raw, stage.experts, init=s.growth_init)
+        emo.grow_optimizer(optimizer, s.growth_optimizer)
+        weights = sum(p.detach().double().sum().item() for p in raw.parameters())
+        model = wrap(raw, s, run.device)
     seconds = time.time() - t0
     val = evaluate_now(model)
     run.log(f"step {step}: grew E {old} -> {stage.experts} ({s.growth_init} init, optimizer {s.growth_optimizer}) "
@@ -548,6 +546,84 @@ def grow(raw, optimizer, stage, s, run, evaluate_now, x):
                seconds=seconds, val_loss=val["loss"], val_bpb=val["bpb"], weights_per_rank=runs.per_rank(weights),
                tokens_per_rank=runs.per_rank(int(x.sum())))
     return model, raw, optimizer
+
+
+def grow_sharded(raw, optimizer, n_experts, s, device):
+    """Growth under FSDP2, one MoE layer at a time. The grown model is made as shapes only (meta), sharded,
+    then filled shard by shard: tensors that keep their shape copy their local shards; each MoE layer is
+    gathered whole, grown by emo.grow_layer exactly as unsharded growth grows it (the same random draws in
+    the same order), and each rank keeps its shard of the result. The optimizer follows as emo.grow_optimizer
+    has it (reset: no state; keep: old rows keep their moments, new rows start at zero). Peak memory is the
+    sharded state plus one layer's whole experts, never the whole model (at EMO-modular's shape, 224 GB of
+    weights and moments). Returns (the grown model, its optimizer, the sum of the grown layers' weights as
+    this rank computed them)."""
+    cfg = raw.config
+    require(n_experts > cfg.n_experts, "grow_experts: n_experts", n_experts, f"an integer > the current {cfg.n_experts}")
+    emo.check_growth_init(s.growth_init, cfg.router)
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # shapes only, no draws
+        grown = emo.Transformer(replace(cfg, n_experts=n_experts))
+    wrap(grown, s, device)
+    grown.to_empty(device=device)
+    new_optimizer = make_optimizer(grown, s, device)
+    keep = s.growth_optimizer == "keep"
+    moments = dict(zip(runs.parameter_names(raw, optimizer), optimizer.state.values())) if keep else {}
+    old_params, old_buffers = dict(raw.named_parameters()), dict(raw.named_buffers())
+    weights = 0.0
+    for i, (moe, new_moe) in enumerate(zip(raw.moe_layers(), grown.moe_layers())):
+        layer = whole_layer(moe, cfg, device)
+        emo.grow_layer(layer, n_experts - cfg.n_experts, s.growth_init)
+        weights += sum(p.detach().double().sum().item() for p in layer.parameters())
+        targets = dict(new_moe.named_parameters())
+        for name, whole in layer.named_parameters():
+            put_shard(targets[name], whole)
+            if f"blocks.{i}.moe.{name}" in moments:  # old experts' rows keep their moments, new rows start at 0
+                new_optimizer.state[targets[name]] = {
+                    key: put_shard(torch.zeros_like(targets[name]), padded(v, whole.shape)) if v.dim() else v.clone()
+                    for key, v in moments[f"blocks.{i}.moe.{name}"].items()}
+        for name, b in new_moe.named_buffers():  # not sharded: whole on every rank
+            b.copy_(dict(layer.named_buffers())[name])
+        new_moe.expert_mask = layer.expert_mask
+    in_moe = tuple(f"blocks.{i}.moe." for i in range(cfg.n_layer))
+    with torch.no_grad():  # the rest keeps its shape, so each rank keeps its own shards
+        for name, p in grown.named_parameters():
+            if not name.startswith(in_moe):
+                p.to_local().copy_(old_params[name].to_local())
+                if name in moments:
+                    new_optimizer.state[p] = {key: v.clone() for key, v in moments[name].items()}
+        for name, b in grown.named_buffers():
+            if not name.startswith(in_moe):
+                b.copy_(old_buffers[name])
+    return grown, new_optimizer, weights
+
+
+def whole_layer(moe, cfg, device):
+    """An unsharded copy of a sharded MoE layer: every rank gathers its parameters (all ranks take part)."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        layer = emo.MoE(cfg)
+    layer.to_empty(device=device)
+    with torch.no_grad():
+        for (_, p), (_, q) in zip(layer.named_parameters(), moe.named_parameters()):
+            p.copy_(q.full_tensor() if isinstance(q, DTensor) else q)
+        for (_, b), (_, c) in zip(layer.named_buffers(), moe.named_buffers()):
+            b.copy_(c)
+    layer.expert_mask = moe.expert_mask
+    return layer
+
+
+@torch.no_grad()
+def put_shard(target, whole):
+    """Copy this rank's shard of `whole` into the sharded tensor target (a DTensor); returns target."""
+    target.to_local().copy_(distribute_tensor(whole, target.device_mesh, target.placements,
+                                              src_data_rank=None).to_local())
+    return target
+
+
+def padded(value, shape):
+    """A grown parameter's whole Adam moment: the old experts' rows, zeros for the new (emo.grow_optimizer)."""
+    whole = value.full_tensor() if isinstance(value, DTensor) else value
+    out = whole.new_zeros(shape)
+    out[tuple(slice(0, n) for n in whole.shape)] = whole
+    return out
 
 
 LOOP_EVALS = 6  # evals the closed loop takes in each stage it re-plans after: enough for the stage's own curve
