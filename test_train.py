@@ -389,6 +389,7 @@ def test_the_paper_modular_recipe_is_emo_modulars_model_sharded_over_eight_gpus(
     assert emo.BYTES_PER_PARAM * total / 8 < 40e9 < emo.BYTES_PER_PARAM * total  # fits 80 GB GPUs only when sharded
 
 
+@pytest.mark.slow  # two train.py processes of ~2.5 GB: ~45 s
 def test_the_memory_estimate_grows_with_the_experts_as_a_runs_measured_peak_does(corpus, tmp_path):
     """Two short runs at E = 8 and E = 64 (a CPU's peak resident set holds the Python and torch runtime too, so
     the check is of the difference): what memory_need adds (weights, gradients, AdamW moments; the activations
