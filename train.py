@@ -565,8 +565,8 @@ def grow_sharded(raw, optimizer, n_experts, s, device):
     wrap(grown, s, device)
     grown.to_empty(device=device)
     new_optimizer = make_optimizer(grown, s, device)
-    keep = s.growth_optimizer == "keep"
-    moments = dict(zip(runs.parameter_names(raw, optimizer), optimizer.state.values())) if keep else {}
+    moments = ({name: optimizer.state[p] for name, p in raw.named_parameters() if p in optimizer.state}
+               if s.growth_optimizer == "keep" else {})
     old_params, old_buffers = dict(raw.named_parameters()), dict(raw.named_buffers())
     weights = 0.0
     for i, (moe, new_moe) in enumerate(zip(raw.moe_layers(), grown.moe_layers())):
