@@ -768,9 +768,14 @@ def grow_optimizer(optimizer, mode="reset"):
             state = optimizer.state.get(p, {})
             for key, value in state.items():
                 if torch.is_tensor(value) and value.dim() and value.shape != p.shape:
-                    padded = torch.zeros_like(p, dtype=value.dtype)
-                    padded[tuple(slice(0, n) for n in value.shape)] = value  # old experts come first
-                    state[key] = padded
+                    state[key] = zero_padded(value, p.shape)
+
+
+def zero_padded(value, shape):
+    """An old moment grown to `shape`: its values where the old experts are (they come first), zeros after."""
+    padded = value.new_zeros(shape)
+    padded[tuple(slice(0, n) for n in value.shape)] = value
+    return padded
 
 
 # 9. Scaling law and stage budgets (EMO-progressive sec. 3): how many tokens each stage gets -----------------

@@ -557,9 +557,7 @@ def grow_sharded(raw, optimizer, n_experts, s, device):
     sharded state plus one layer's whole experts, never the whole model (at EMO-modular's shape, 224 GB of
     weights and moments). Returns (the grown model, its optimizer, the sum of the grown layers' weights as
     this rank computed them)."""
-    cfg = raw.config
-    require(n_experts > cfg.n_experts, "grow_experts: n_experts", n_experts, f"an integer > the current {cfg.n_experts}")
-    emo.check_growth_init(s.growth_init, cfg.router)
+    cfg = raw.config  # the schedule and --growth_init were checked before the run began
     with torch.random.fork_rng(devices=[]), torch.device("meta"):  # shapes only, no draws
         grown = emo.Transformer(replace(cfg, n_experts=n_experts))
     wrap(grown, s, device)
@@ -578,7 +576,8 @@ def grow_sharded(raw, optimizer, n_experts, s, device):
             put_shard(targets[name], whole)
             if f"blocks.{i}.moe.{name}" in moments:  # old experts' rows keep their moments, new rows start at 0
                 new_optimizer.state[targets[name]] = {
-                    key: put_shard(torch.zeros_like(targets[name]), padded(v, whole.shape)) if v.dim() else v.clone()
+                    key: put_shard(torch.zeros_like(targets[name]), emo.zero_padded(v.full_tensor(), whole.shape))
+                    if v.dim() else v.clone()
                     for key, v in moments[f"blocks.{i}.moe.{name}"].items()}
         for name, b in new_moe.named_buffers():  # not sharded: whole on every rank
             b.copy_(dict(layer.named_buffers())[name])
@@ -616,14 +615,6 @@ def put_shard(target, whole):
     target.to_local().copy_(distribute_tensor(whole, target.device_mesh, target.placements,
                                               src_data_rank=None).to_local())
     return target
-
-
-def padded(value, shape):
-    """A grown parameter's whole Adam moment: the old experts' rows, zeros for the new (emo.grow_optimizer)."""
-    whole = value.full_tensor() if isinstance(value, DTensor) else value
-    out = whole.new_zeros(shape)
-    out[tuple(slice(0, n) for n in whole.shape)] = whole
-    return out
 
 
 LOOP_EVALS = 6  # evals the closed loop takes in each stage it re-plans after: enough for the stage's own curve
