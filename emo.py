@@ -844,7 +844,7 @@ class ScalingLaw:
         return math.inf if data_term <= 0 else ((data_term / n) ** (1.0 / nu)).item()
 
 
-def plan_stages(n_active, total_tokens, experts, top_k, law=None, batch_tokens=None):
+def plan_stages(n_active, total_tokens, experts, top_k, law=None, batch_tokens=None, grow_after=0):
     """EMO-progressive's stage budgets: for each stage its E, token range, budget and predicted loss.
 
     The paper states the goal (stage budgets from a sparsity-aware law) but not the rule; this is our
@@ -856,13 +856,18 @@ def plan_stages(n_active, total_tokens, experts, top_k, law=None, batch_tokens=N
     A smaller N saturates a small pool sooner: it grows earlier. With batch_tokens, boundaries are rounded
     to whole optimizer steps; budgets always sum to the total. The predicted loss continues each stage from
     where the last ended (ScalingLaw.tokens_to_reach). Costs (time, memory) are priced by plan.py.
+    grow_after > 0 (emo's own, train.py's default 2): keep the rule's ends up to the end of that stage, then
+    bring every later E at once, one step (batch) apart; a small model's larger pool pays sooner than Table 3,
+    fitted at 100M+ parameters, says (README, RESULTS.md).
     """
     law = law or ScalingLaw()
-    _check_plan(n_active, total_tokens, experts, top_k, batch_tokens)
+    _check_plan(n_active, total_tokens, experts, top_k, batch_tokens, grow_after)
     unit = batch_tokens or 1
     steps = total_tokens // unit
     optimal = [law.optimal_tokens(n_active, E / top_k) for E in experts]
     ends = [round(steps * d / optimal[-1]) * unit for d in optimal[:-1]] + [total_tokens]
+    if 0 < grow_after < len(ends) - 1:
+        ends[grow_after:-1] = [ends[grow_after - 1] + i * unit for i in range(1, len(ends) - grow_after)]
     stages, start, loss = [], 0, None
     for i, (E, end) in enumerate(zip(experts, ends)):
         tokens, e = end - start, E / top_k
@@ -877,7 +882,7 @@ def plan_stages(n_active, total_tokens, experts, top_k, law=None, batch_tokens=N
     return stages
 
 
-def _check_plan(n_active, total_tokens, experts, top_k, batch_tokens):
+def _check_plan(n_active, total_tokens, experts, top_k, batch_tokens, grow_after):
     require(_is_number(n_active) and n_active > 0, "n_active", n_active, "a positive number of active parameters")
     require(_is_int(total_tokens) and total_tokens > 0, "total_tokens", total_tokens, "a positive integer")
     require(experts and all(_is_int(E) and E > 0 for E in experts) and all(b > a for a, b in zip(experts, experts[1:])),
@@ -888,6 +893,7 @@ def _check_plan(n_active, total_tokens, experts, top_k, batch_tokens):
         require(_is_int(batch_tokens) and batch_tokens > 0, "batch_tokens", batch_tokens, "a positive integer")
         require(total_tokens % batch_tokens == 0, "total_tokens", total_tokens, f"a whole number of batches of "
                 f"batch_tokens={batch_tokens} (e.g. {max(total_tokens // batch_tokens, 1) * batch_tokens})")
+    require(_is_int(grow_after) and grow_after >= 0, "grow_after", grow_after, "an integer >= 0")
 
 
 # 10. The closed loop (emo's addition to EMO-progressive): the law refit to a run's own evals ---------------

@@ -5,7 +5,7 @@ python plan.py                                  # configs/gpu-8x.json's run (8 G
 python plan.py --preset=paper                   # the paper's main run: ~1.1B active, 1.92T tokens, 8..128
 python plan.py --n_active=3e8 --total_tokens=2e10 --experts=8,16,32,64 --top_k=8 --batch_tokens=524288
 python plan.py --fit=runs/repro/fixed-2-seed0,runs/repro/fixed-32-seed0 --fit_params=delta --save_law=law.json
-python plan.py --config=configs/paper-modular.json --world_size=8   # a train.py recipe: memory per GPU
+python plan.py --config=configs/paper-modular.json --world_size=8   # a train.py recipe: its stages, memory per GPU
 python plan.py --step_times=step.json           # step time ~ E^rho measured: bench.py step --json > step.json
 python plan.py --json                           # the same as JSON
 """
@@ -62,6 +62,9 @@ def parse_args(argv):
     p.add_argument("--doc_attention", action="store_true", help="attention kept inside documents (a [T, T] mask)")
     p.add_argument("--checkpoint_interval", type=int, default=1000, help="optimizer steps between checkpoints: "
                    "how many a run writes, and how much")
+    p.add_argument("--grow_after", type=int, default=0, help="the law's stage ends up to the end of this stage, "
+                   "then every later E at once, one step apart, as train.py --grow_after plans them (train.py's "
+                   "default is 2; 0, the GPU recipes': the law's own split)")
     p.add_argument("--law", metavar="JSON", help="plan with these coefficients (a --save_law file) instead of "
                    "Table 3's")
     p.add_argument("--fit", metavar="RUN,...", help="refit the law first to train.py runs (folders or their "
@@ -77,9 +80,9 @@ def parse_args(argv):
     p.add_argument("--peak_flops", type=float, default=989e12, help="per GPU, bf16 dense (H100/H200)")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed MFU of the fixed-E run, for GPU-hours")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    defaults = vars(p.parse_args([]))
     args = p.parse_args(argv)
-    explicit = {k for k, v in vars(args).items() if v != defaults[k]}
+    p.set_defaults(**dict.fromkeys(vars(args)))  # parsed again with every default None: what was given, even
+    explicit = {k for k, v in vars(p.parse_args(argv)).items() if v is not None}  # at its default value
     # a preset's or a config file's values replace the defaults, flags given explicitly still win
     for key, value in {**(PRESETS[args.preset] if args.preset else {}),
                        **(config_shape(args.config, args.world_size) if args.config else {})}.items():
@@ -108,7 +111,8 @@ def config_shape(path, world_size):
                 batch_tokens=train.batch_tokens_of(s, cfg, world_size)[1], d_model=cfg.d_model, n_layer=cfg.n_layer,
                 n_head=cfg.n_head, d_expert=cfg.d_expert, n_shared=cfg.n_shared, seq_len=cfg.seq_len,
                 vocab_size=cfg.vocab_size, batch_size=s.batch_size, dtype="fp32" if s.dtype == "fp32" else "bf16",
-                doc_attention=cfg.doc_attention, checkpoint_interval=s.checkpoint_interval)
+                doc_attention=cfg.doc_attention, checkpoint_interval=s.checkpoint_interval,
+                grow_after=s.grow_after)
 
 
 # Step time grows slowly with E at fixed k (more, smaller GEMMs; router; optimizer). The paper measured
@@ -150,6 +154,7 @@ def check_args(args):
             "a finite number > 0")
     require(args.world_size >= 1, "--world_size", args.world_size, "an integer >= 1")
     require(finite(args.gpu_memory) and args.gpu_memory > 0, "--gpu_memory", args.gpu_memory, "GB, a number > 0")
+    require(args.grow_after >= 0, "--grow_after", args.grow_after, "an integer >= 0 (0: the law's own split)")
     require(args.batch_tokens >= 0, "--batch_tokens", args.batch_tokens, "an integer >= 0 (0: no rounding)")
     require(finite(args.peak_flops) and args.peak_flops > 0, "--peak_flops", args.peak_flops, "a finite number > 0")
     require(0 < args.mfu <= 1, "--mfu", args.mfu, "a fraction in (0, 1]")
@@ -192,11 +197,11 @@ def build_plan(args):
         law, fit = fit_with_uncertainty(base, records, args.fit_params, n_law, int(args.total_tokens), experts,
                                         args.top_k, args.batch_tokens or None)
         before = emo.plan_stages(n_law, int(args.total_tokens), experts, args.top_k, law=base,
-                                 batch_tokens=args.batch_tokens or None)
+                                 batch_tokens=args.batch_tokens or None, grow_after=args.grow_after)
     no_split = None
     try:
         stages = emo.plan_stages(n_law, int(args.total_tokens), experts, args.top_k, law=law,
-                                 batch_tokens=args.batch_tokens or None)
+                                 batch_tokens=args.batch_tokens or None, grow_after=args.grow_after)
     except SettingError as err:
         if not args.fit:
             raise
@@ -324,7 +329,9 @@ def print_plan(plan, args):
     stages, fixed = plan["stages"], plan["fixed"]
     print(f"EMO-progressive plan: N={human(plan['n_law'])} for the law ({human(plan['n_active'])} active parameters), "
           f"{human(args.total_tokens)} tokens, "
-          f"top_k={args.top_k}, batch={human(args.batch_tokens or 1)} tokens")
+          f"top_k={args.top_k}, batch={human(args.batch_tokens or 1)} tokens" +
+          (f"; the law's ends to stage {args.grow_after}, then every E at once (--grow_after={args.grow_after})"
+           if 0 < args.grow_after < len(stages) - 1 else ""))
     print(f"{'stage':>5} {'E':>5} {'tokens':>8} {'%':>6} {'steps':>8} {'FLOPs':>9} {'params':>7} "
           f"{'memory':>9} {'step t':>7} {'GPU-h':>9} {'loss':>7}")
     rows = [(str(s["stage"]), s) for s in stages] + [("fixed", dict(fixed, fraction=1, steps=None, step_time=1,

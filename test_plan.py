@@ -27,6 +27,24 @@ def test_plan_py_prints_the_paper_run_as_json(capsys):
     assert abs(out["fixed"]["tokens"] - PAPER_TOKENS) < 8_388_608
 
 
+def test_plan_py_prints_the_stages_train_py_runs_from_the_same_config(tmp_path, capsys):
+    """One schedule: plan.py --config plans with train.py's own settings, --grow_after included (train.py's
+    default 2: the law's ends to stage 2, then every E at once); a flag overrides the config, even one given at
+    plan.py's own default value."""
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"total_tokens": 4_000_000}))
+    for extra in ([], ["--grow_after=0"]):
+        plan.main([f"--config={config}", "--world_size=1", "--json"] + extra)
+        printed = [s["end"] // 2048 for s in json.loads(capsys.readouterr().out)["stages"]]
+        s, model, _ = train.parse([f"--config={config}"] + extra)
+        experts, fractions = train.parse_stages(s)
+        stages = train.plan_schedule(s, emo.Config(**model, n_experts=experts[0]), 2048, experts, fractions)
+        assert printed == [st.end for st in stages]
+        assert printed == ([76, 162, 163, 164, 1953] if not extra else [76, 162, 380, 890, 1953])  # README's steps
+    plan.main([f"--config={config}", "--world_size=1"])
+    assert "the law's ends to stage 2, then every E at once (--grow_after=2)" in capsys.readouterr().out
+
+
 def test_plan_py_bad_flag_exits_with_one_line(capsys):
     with pytest.raises(SystemExit, match="plan.py: experts=\\[16, 8\\] is not allowed: must be positive integers, strictly"):
         plan.main(["--experts=16,8"])

@@ -232,11 +232,8 @@ def plan_schedule(s, cfg, batch_tokens, experts, fractions, law=None):
     else:
         n_active = emo.law_active_params(emo.Config(**{**asdict(cfg), "n_experts": experts[-1]}))
         planned = emo.plan_stages(n_active, total_steps * batch_tokens, experts, cfg.top_k, law=law,
-                                  batch_tokens=batch_tokens)
+                                  batch_tokens=batch_tokens, grow_after=s.grow_after)
         ends = [p["end"] // batch_tokens for p in planned]
-        if 0 < s.grow_after < len(ends) - 1:
-            grown = ends[s.grow_after - 1]
-            ends = ends[:s.grow_after] + [grown + i for i in range(1, len(ends) - s.grow_after)] + ends[-1:]
     if any(e <= b for b, e in zip([0] + ends[:-1], ends)):
         raise SettingError(f"the schedule gives a stage no steps (ends at steps {ends}); give more --total_tokens")
     return stages_at(experts, ends)
