@@ -9,7 +9,7 @@ Read top to bottom, in the order the papers meet the ideas:
   6. Transformer       the decoder and its loss (chunked, so the logits never fill memory), sampling, accounting
   7. Load balancing    the bias update the trainer calls after every optimizer step
   8. Expert growth     EMO-progressive's stage transition: grow_experts, grow_optimizer
-  9. Scaling law       the joint MoE law and the stage-budget rule plan_stages
+  9. Scaling law       the joint MoE law, the stage-budget rule plan_stages, a run's Stages
  10. Closed loop       the law refit to a run's own evals, only what they identify; replan moves later stage ends
  11. Expert subsets    EMO-modular's selective use: select, restrict and prune experts; specialization
  12. Reference         reference_moe: each token routed alone, its experts run one by one (what tests compare to)
@@ -894,6 +894,21 @@ def _check_plan(n_active, total_tokens, experts, top_k, batch_tokens, grow_after
         require(total_tokens % batch_tokens == 0, "total_tokens", total_tokens, f"a whole number of batches of "
                 f"batch_tokens={batch_tokens} (e.g. {max(total_tokens // batch_tokens, 1) * batch_tokens})")
     require(_is_int(grow_after) and grow_after >= 0, "grow_after", grow_after, "an integer >= 0")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a run as train.py trains it and the closed loop re-plans it, in optimizer steps."""
+    index: int  # 1, 2, ...
+    experts: int  # E during the stage
+    start: int  # first optimizer step
+    end: int  # the step after its last
+
+
+def stages_at(experts, ends):
+    """The stages of these E, ending at these steps: each starts where the one before ended
+    (plan_stages' token ends divided by the batch, or replan's)."""
+    return [Stage(i + 1, E, b, e) for i, (E, b, e) in enumerate(zip(experts, [0] + ends[:-1], ends))]
 
 
 # 10. The closed loop (emo's addition to EMO-progressive): the law refit to a run's own evals ---------------

@@ -731,7 +731,7 @@ DEFAULT_ENDS = [76, 162, 380, 890, 1953]  # Table 3's plan for train.py's defaul
 
 def synthetic_evals(truth, transient, noise=0.01, seed=0, n_law=DEFAULT_N, ends=DEFAULT_ENDS,
                     experts=(2, 4, 8, 16, 32), batch=2048, top_k=2, eval_interval=100, done=2):
-    stages = train.stages_at(list(experts), ends)
+    stages = emo.stages_at(list(experts), ends)
     generator, evals = torch.Generator().manual_seed(seed), []
     for st in stages[:done]:
         every = max(1, (st.end - st.start) // train.LOOP_EVALS)

@@ -99,7 +99,7 @@ def test_grow_after_keeps_the_laws_first_stages_then_brings_every_later_e_at_onc
 
 
 def test_the_warmup_runs_its_steps_whatever_the_stages_and_each_growth_re_warms_from_its_own_first_step():
-    stages = train.stages_at([2, 4, 8], [4, 30, 100])
+    stages = emo.stages_at([2, 4, 8], [4, 30, 100])
     stage_of = lambda step: next(st for st in stages if st.start <= step < st.end)
     for rewarm in (0, 10):
         s = train.Settings(lr=1.0, warmup_steps=20, rewarm_steps=rewarm, decay_frac=0.0)

@@ -192,14 +192,6 @@ def check_memory(cfg, s, world):
                                              "(--shard=fsdp)"))
 
 
-@dataclass(frozen=True)
-class Stage:
-    index: int  # 1, 2, ...
-    experts: int  # E during the stage
-    start: int  # first optimizer step
-    end: int  # the step after its last
-
-
 def parse_stages(s):
     """train.py's --stages (E:fraction,...) or --experts (E,...) -> (the E of each stage, fractions or None).
     s: anything with train.py's stages, experts and schedule settings."""
@@ -236,12 +228,7 @@ def plan_schedule(s, cfg, batch_tokens, experts, fractions, law=None):
         ends = [p["end"] // batch_tokens for p in planned]
     if any(e <= b for b, e in zip([0] + ends[:-1], ends)):
         raise SettingError(f"the schedule gives a stage no steps (ends at steps {ends}); give more --total_tokens")
-    return stages_at(experts, ends)
-
-
-def stages_at(experts, ends):
-    """The stages of these E, ending at these steps: each starts where the one before ended."""
-    return [Stage(i + 1, E, b, e) for i, (E, b, e) in enumerate(zip(experts, [0] + ends[:-1], ends))]
+    return emo.stages_at(experts, ends)
 
 
 # --- Learning rate: warmup-stable-decay (or cosine), re-warmed after each growth ----------------------------
@@ -642,7 +629,7 @@ def replan(s, stages, done, run, cfg, batch_tokens, evals, law):
     run.record("replan", step=stages[done - 1].end, **record)
     why = record["unchanged_because"]
     run.log(f"re-planned at the end of stage {done}: ends {record['ends_before']} -> {ends} {why or ''}")
-    return stages_at([st.experts for st in stages], ends)[done:]
+    return emo.stages_at([st.experts for st in stages], ends)[done:]
 
 
 def sample(raw, enc, n_tokens, device, dtype):
@@ -697,7 +684,7 @@ def setup(argv):
         ends = resume.state["ends"]
         require(len(ends) == len(experts) and ends[-1] == stages[-1].end, f"--resume={resume.path}: its stage ends",
                 ends, f"{len(experts)} ends, the last at step {stages[-1].end} (corrupt or edited)")
-        stages = stages_at(experts, ends)
+        stages = emo.stages_at(experts, ends)
         runs.check_resume_step(resume.state["step"], resume.path, cfg.n_experts, stages, s.stop_at)
     return s, cfg, stages, world, resume, law
 
