@@ -195,7 +195,7 @@ def build_plan(args):
     if args.fit:
         records = [r for path in args.fit.split(",") for r in read_fit_records(path)]
         law, fit = fit_with_uncertainty(base, records, args.fit_params, n_law, int(args.total_tokens), experts,
-                                        args.top_k, args.batch_tokens or None)
+                                        args.top_k, args.batch_tokens or None, args.grow_after)
         before = emo.plan_stages(n_law, int(args.total_tokens), experts, args.top_k, law=base,
                                  batch_tokens=args.batch_tokens or None, grow_after=args.grow_after)
     no_split = None
@@ -235,10 +235,11 @@ def build_plan(args):
                 early_memory_saving=1 - sum(s["memory_bytes"] * s["fraction"] for s in stages) / fixed["memory_bytes"])
 
 
-def fit_with_uncertainty(base, records, fit_params, n_law, total_tokens, experts, top_k, batch_tokens):
+def fit_with_uncertainty(base, records, fit_params, n_law, total_tokens, experts, top_k, batch_tokens, grow_after):
     """plan.py --fit: the law refit to the records (fit_params "auto": what they identify, and the transient),
     and what the fit knows: per coefficient its 10-90 % range over bootstrap refits, or that it was held because
-    the runs cannot determine it; the same range for each stage's end. Returns (law, that report)."""
+    the runs cannot determine it; the same range for each stage's end (as --grow_after places it). Returns (law,
+    that report)."""
     free = emo.identified(base, records, emo.LAW_COEFFICIENTS) if fit_params == "auto" else fit_params.split(",")
     law, values = emo.fit_law(base, records, free=free)
     fits = emo.bootstrap_fits(law, values, records, free)
@@ -247,7 +248,7 @@ def fit_with_uncertainty(base, records, fit_params, n_law, total_tokens, experts
     for refit, _ in fits:
         try:
             splits.append([s["end"] for s in emo.plan_stages(n_law, total_tokens, experts, top_k, law=refit,
-                                                              batch_tokens=batch_tokens)])
+                                                              batch_tokens=batch_tokens, grow_after=grow_after)])
         except SettingError:
             pass
     ends = [[emo.quantile([e[i] for e in splits], q) for q in (0.1, 0.9)] for i in range(len(experts))] if splits else None
